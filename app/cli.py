@@ -1,0 +1,269 @@
+"""The ``tarfas`` command line.
+
+  tarfas investigate IMAGE [--policy expert] [--max-tool-calls N] [--json] [--out-dir DIR]
+  tarfas eval MANIFEST [--root DIR] [--policy expert] [--scores-out FILE.csv] [--threshold T | --dev-manifest M]
+  tarfas train experts [--manifest M] [--train-domains nuaa] [--epochs 10] [--out assets/experts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXIT_INPUT = 2  # bad input (unreadable image, no face, bad manifest)
+EXIT_FAILED = 1  # the investigation itself failed
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policy", default="expert", help="policy that investigates (default: expert, the offline ensemble)")
+    p.add_argument("--weights", default=None, help="expert weights folder (default: the shipped assets/experts)")
+    p.add_argument("--max-tool-calls", type=int, default=3, help="tool calls allowed per investigation (paper: 3)")
+    p.add_argument("--tools", default=None, help="comma-separated subset of tools to offer (default: all six)")
+    p.add_argument("--on-no-face", choices=["error", "whole"], default=None, help="when no face is found: stop with an error, or analyse the whole image")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tarfas", description="Forensic face anti-spoofing with tool-augmented reasoning (TAR-FAS).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inv = sub.add_parser("investigate", help="investigate one face image and print the trajectory")
+    inv.add_argument("image")
+    _add_policy_args(inv)
+    inv.add_argument("--json", action="store_true", help="print one JSON object (tool images are written to --out-dir)")
+    inv.add_argument("--out-dir", default=None, help="folder for the crop, tool images and trajectory.json (default: a new temp folder)")
+
+    ev = sub.add_parser("eval", help="score every image of a manifest and print AUC / EER / HTER per domain")
+    ev.add_argument("manifest")
+    ev.add_argument("--root", default=None, help="folder the manifest paths are relative to (default: the manifest's folder)")
+    _add_policy_args(ev)
+    ev.add_argument("--domains", default=None, help="comma-separated domains to keep")
+    ev.add_argument("--split", default=None, help="keep rows of this split only (train/test)")
+    ev.add_argument("--limit", type=int, default=None, help="score at most N images (a seeded sample)")
+    ev.add_argument("--scores-out", default=None, help="write path,label,domain,score_spoof,verdict to this CSV")
+    ev.add_argument("--threshold", type=float, default=None, help="decision threshold on P(spoof), fixed a priori")
+    ev.add_argument("--dev-manifest", default=None, help="fix the threshold at the EER of this dev manifest")
+    ev.add_argument("--json-out", default=None, help="write the metrics as JSON")
+
+    tr = sub.add_parser("train", help="train models")
+    trs = tr.add_subparsers(dest="what", required=True)
+    te = trs.add_parser("experts", help="train the expert ensemble (RGB classifier + one CNN per tool)")
+    from training.experts import ExpertTrainConfig
+
+    _dataclass_args(te, ExpertTrainConfig)
+    return parser
+
+
+def _dataclass_args(p: argparse.ArgumentParser, cls) -> None:
+    """One flag per config field (TRL-style: the dataclass is the single source of defaults)."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, list):
+            p.add_argument(flag, default=default, type=lambda s: [x for x in s.split(",") if x], help=f"comma-separated (default: {','.join(default)})")
+        elif isinstance(default, bool):
+            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
+        elif default is None:
+            p.add_argument(flag, default=None, type=int if f.name.startswith("max_") else str)
+        else:
+            p.add_argument(flag, default=default, type=type(default), help=f"(default: {default})")
+
+
+def _load_policy(args):
+    from core.policies import load_policy
+
+    if args.policy == "expert":
+        return load_policy("expert", weights=args.weights)
+    return load_policy(args.policy)
+
+
+def _experts_for(policy, args):
+    """The expert bank used to annotate tool results (the expert policy's own, else the shipped one)."""
+    bank = getattr(policy, "bank", None)
+    if bank is not None:
+        return bank
+    from core.errors import WeightsError
+    from core.experts import ExpertBank
+
+    try:
+        return ExpertBank.load(args.weights)
+    except WeightsError:
+        return None
+
+
+def _config(args, on_no_face: str):
+    from core.agent import AgentConfig
+
+    tools = [t.strip() for t in args.tools.split(",")] if args.tools else None
+    return AgentConfig(max_tool_calls=args.max_tool_calls, allowed_tools=tools, extra={"on_no_face": on_no_face})
+
+
+def cmd_investigate(args) -> int:
+    from core import agent, faces
+    from core.errors import InputImageError, TarfasError
+
+    t0 = time.perf_counter()
+    on_no_face = args.on_no_face or "error"
+    try:
+        data = Path(args.image).read_bytes() if Path(args.image).is_file() else None
+        if data is None:
+            raise faces.InvalidImageError(f"{args.image}: no such file")
+        rgb = faces.load_image(data, name=str(args.image))
+        t_load = time.perf_counter()
+        face = faces.prepare_face(rgb, on_no_face=on_no_face)
+        t_face = time.perf_counter()
+    except InputImageError as exc:
+        return _input_error(args, exc)
+    try:
+        policy = _load_policy(args)
+        config = _config(args, on_no_face)
+    except (TarfasError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    traj = agent.run(face, policy, config, experts=_experts_for(policy, args), source=str(args.image), image_sha256=faces.sha256_bytes(data))
+    traj.timings_ms = {"load": (t_load - t0) * 1e3, "face": (t_face - t_load) * 1e3, **traj.timings_ms}
+    out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="tarfas-"))
+    traj.save(out_dir)
+    threshold = getattr(policy, "threshold", None)
+    if args.json:
+        print(json.dumps(trajectory_json(traj, out_dir, policy, threshold), indent=2))
+    else:
+        print(render_text(traj, out_dir, policy, threshold))
+    return 0 if traj.status == "completed" else EXIT_FAILED
+
+
+def _input_error(args, exc) -> int:
+    if args.json:
+        print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}, "image": str(args.image)}))
+    print(f"error: {exc}", file=sys.stderr)
+    return EXIT_INPUT
+
+
+def trajectory_json(traj, out_dir: Path, policy, threshold) -> dict:
+    """The stable JSON of ``tarfas investigate --json`` (documented keys; more may be added)."""
+    d = traj.to_dict()
+    fast = traj.fast_answer
+    return {
+        "policy": traj.policy,
+        "policy_version": traj.policy_version,
+        "policy_description": getattr(policy, "description", ""),
+        "image": traj.source,
+        "image_sha256": traj.image_sha256,
+        "status": traj.status,
+        "error": traj.error,
+        "face": d["face"],
+        "crop_path": str(out_dir / traj.crop_path) if traj.crop_path else None,
+        "fast_answer": {"verdict": fast.verdict, "reason": fast.reason, "score_spoof": traj.fast_score} if fast else None,
+        "tool_calls": [
+            {
+                "name": t.tool_result.name,
+                "arguments": t.tool_result.arguments,
+                "image_path": str(out_dir / t.tool_result.image_path),
+                "expert_p_spoof": t.tool_result.expert_p_spoof,
+                "stats": t.tool_result.stats,
+                "elapsed_ms": t.tool_result.elapsed_ms,
+            }
+            for t in traj.tool_turns
+        ],
+        "final": {"verdict": traj.final.verdict, "score_spoof": traj.final.score_spoof, "threshold": threshold, "source": traj.final.source} if traj.final else None,
+        "turns": d["turns"],
+        "timings_ms": traj.timings_ms,
+        "trajectory_path": str(out_dir / "trajectory.json"),
+    }
+
+
+def render_text(traj, out_dir: Path, policy, threshold) -> str:
+    lines = [f"tarfas investigation of {traj.source}", f"policy: {getattr(policy, 'description', traj.policy)} [{traj.policy_version}]"]
+    if traj.face and traj.face.notes:
+        lines += [f"note: {n}" for n in traj.face.notes]
+    for t in traj.turns:
+        head = "fast answer" if t.kind == "fast" else f"turn {t.index}"
+        lines.append(f"\n[{head}] {t.text}")
+        if t.tool_result is not None:
+            r = t.tool_result
+            p = "" if r.expert_p_spoof is None else f"  expert P(spoof trace) = {r.expert_p_spoof:.2f}"
+            lines.append(f"  -> {r.name}{json.dumps(r.arguments) if r.arguments else ''}: {out_dir / r.image_path}{p}")
+        if t.error:
+            lines.append(f"  !! {t.error}")
+    if traj.final:
+        thr = f" (threshold {threshold:.3f})" if threshold is not None else ""
+        fb = " [fallback to the fast answer]" if traj.final.source != "answer" else ""
+        lines.append(f"\nFINAL: {traj.final.verdict.upper()}  P(spoof) = {traj.final.score_spoof:.3f}{thr}{fb}")
+    if traj.error:
+        lines.append(f"error: {traj.error}")
+    lines.append(f"time: {traj.timings_ms.get('total', 0):.0f} ms (+ {traj.timings_ms.get('face', 0):.0f} ms face crop); files: {out_dir}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    import random
+
+    from core import evaluate
+    from core.errors import TarfasError
+    from core.manifest import read_manifest, select
+
+    t0 = time.time()
+    try:
+        rows = read_manifest(args.manifest, args.root)
+        rows = select(rows, args.domains.split(",") if args.domains else None, args.split)
+        if args.limit and len(rows) > args.limit:
+            rows = sorted(random.Random(0).sample(rows, args.limit), key=lambda r: r.rel_path)
+        if not rows:
+            raise TarfasError("no rows left after the --domains/--split filters")
+        policy = _load_policy(args)
+        config = _config(args, args.on_no_face or "whole")
+    except (TarfasError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    experts = _experts_for(policy, args)
+    on_no_face = args.on_no_face or "whole"
+    if args.threshold is not None:
+        threshold, source = args.threshold, "--threshold"
+    elif args.dev_manifest:
+        dev_rows = read_manifest(args.dev_manifest)
+        dev = evaluate.score_rows(dev_rows, policy, config, experts=experts, on_no_face=on_no_face, desc="dev")
+        threshold, source = evaluate.threshold_from_dev(dev), f"EER of {args.dev_manifest}"
+    elif getattr(policy, "threshold", None) is not None:
+        threshold, source = policy.threshold, f"{policy.name} policy's threshold (fixed on its dev data)"
+    else:
+        print("error: this policy ships no threshold; give --threshold or --dev-manifest", file=sys.stderr)
+        return EXIT_INPUT
+    scored = evaluate.score_rows(rows, policy, config, experts=experts, on_no_face=on_no_face)
+    metrics = evaluate.metrics_by_domain(scored, threshold)
+    print(f"policy: {policy.name} [{getattr(policy, 'version', '')}]  threshold {threshold:.4f} ({source})")
+    print(evaluate.format_table(metrics))
+    for s in scored:
+        if s.score_spoof is None:
+            print(f"unreadable: {s.row.rel_path}: {s.error}", file=sys.stderr)
+    extra = evaluate.summarize_scores(scored)
+    print(f"{len(scored)} images in {time.time() - t0:.1f} s; median {extra['median_ms_per_image'] or 0:.1f} ms per image")
+    if args.scores_out:
+        evaluate.write_scores(args.scores_out, scored, threshold)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"policy": policy.name, "policy_version": getattr(policy, "version", ""), "threshold": threshold, "threshold_source": source, "metrics": metrics, **extra}, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.what == "experts":
+        from training.experts import ExpertTrainConfig, train_experts
+
+        cfg = ExpertTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpertTrainConfig)})
+        path = train_experts(cfg)
+        print(f"saved {path}")
+        return 0
+    return EXIT_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"investigate": cmd_investigate, "eval": cmd_eval, "train": cmd_train}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Core speed benchmark: each visual tool, and a whole expert-policy investigation, on one CPU thread.
+
+    .venv/bin/python benchmarks/bench_core.py [--images N] [--repeats R]
+
+Targets (issue: core engine): each tool <= 10 ms median on a 224x224 crop; a whole `expert`
+investigation (face crop + fast answer + 3 tool calls + final) <= 80 ms median per image, model load
+excluded. Prints medians and the ratio to each target (< 1.0 meets it). Uses fas-dev images when
+../shared/data/fas-dev is present, else the public-domain astronaut portrait of scikit-image.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+import cv2  # noqa: E402
+
+cv2.setNumThreads(1)
+
+from core import agent, faces  # noqa: E402
+from core.agent import AgentConfig  # noqa: E402
+from core.policies.expert import ExpertPolicy  # noqa: E402
+from core.registry import ToolRegistry  # noqa: E402
+
+TOOL_TARGET_MS = 10.0
+INVESTIGATION_TARGET_MS = 80.0
+FASDEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "fas-dev"
+
+
+def _images(n: int) -> list[tuple[str, bytes]]:
+    manifest = FASDEV / "manifest.csv"
+    if manifest.exists():
+        from core.manifest import read_manifest
+
+        rows = read_manifest(manifest)
+        rows = random.Random(0).sample(rows, min(n, len(rows)))
+        return [(r.rel_path, r.path.read_bytes()) for r in rows]
+    import io
+
+    import skimage.data
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, format="PNG")
+    return [("astronaut.png", buf.getvalue())] * n
+
+
+def bench_tools(crop, repeats: int) -> dict[str, float]:
+    reg = ToolRegistry()
+    out = {}
+    for name in reg.names:
+        args = {"bbox": [56, 72, 168, 184]} if name == "ZoomInTool" else {}
+        reg.execute(name, args, crop)  # warm-up (caches, lazy imports)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            reg.execute(name, args, crop)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[name] = statistics.median(times)
+    return out
+
+
+def bench_investigations(images, policy) -> dict[str, float]:
+    config = AgentConfig(max_tool_calls=3)
+    total, face_ms, load_ms, tool_calls = [], [], [], []
+    # warm-up: first call loads the cascade and initialises torch kernels
+    rgb = faces.load_image(images[0][1])
+    agent.run(faces.prepare_face(rgb, on_no_face="whole"), policy, config, experts=policy.bank)
+    for name, data in images:
+        t0 = time.perf_counter()
+        rgb = faces.load_image(data, name=name)
+        t1 = time.perf_counter()
+        face = faces.prepare_face(rgb, on_no_face="whole")
+        t2 = time.perf_counter()
+        traj = agent.run(face, policy, config, experts=policy.bank)
+        t3 = time.perf_counter()
+        assert traj.final is not None, traj.error
+        load_ms.append((t1 - t0) * 1e3)
+        face_ms.append((t2 - t1) * 1e3)
+        total.append((t3 - t1) * 1e3)
+        tool_calls.append(traj.tool_calls_used)
+    return {
+        "decode_ms": statistics.median(load_ms),
+        "face_ms": statistics.median(face_ms),
+        "investigation_ms": statistics.median(total),
+        "mean_tool_calls": sum(tool_calls) / len(tool_calls),
+        "n": len(images),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=50)
+    args = ap.parse_args()
+
+    images = _images(args.images)
+    crop = faces.prepare_face(faces.load_image(images[0][1]), on_no_face="whole").crop
+    print(f"one thread (torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}); images from {'fas-dev' if (FASDEV / 'manifest.csv').exists() else 'skimage astronaut'}")
+    print(f"\n{'tool':<24}{'median ms':>10}{'target':>8}{'ratio':>8}")
+    for name, ms in bench_tools(crop, args.repeats).items():
+        print(f"{name:<24}{ms:>10.2f}{TOOL_TARGET_MS:>8.0f}{ms / TOOL_TARGET_MS:>8.2f}")
+
+    t0 = time.perf_counter()
+    policy = ExpertPolicy.load()
+    load_s = time.perf_counter() - t0
+    r = bench_investigations(images, policy)
+    print(f"\nexpert policy [{policy.version}] loaded in {load_s * 1e3:.0f} ms (excluded)")
+    print(f"whole investigation (face crop + fast answer + up to 3 tool calls + final), {r['n']} images:")
+    print(f"  median {r['investigation_ms']:.1f} ms  target {INVESTIGATION_TARGET_MS:.0f} ms  ratio {r['investigation_ms'] / INVESTIGATION_TARGET_MS:.2f}")
+    print(f"  of which face detection + crop {r['face_ms']:.1f} ms; image decode (not counted) {r['decode_ms']:.1f} ms; mean tool calls {r['mean_tool_calls']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

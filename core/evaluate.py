@@ -1,0 +1,128 @@
+"""Score every image of a manifest with a policy and compute metrics per domain and pooled.
+
+The decision threshold is fixed before looking at the test scores: given explicitly, or the EER
+threshold of a dev manifest, or the policy's own threshold shipped with its weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import agent, faces
+from .errors import InputImageError
+from .manifest import ManifestRow
+from .metrics import eer_threshold, summarize
+
+
+@dataclass
+class ScoredImage:
+    row: ManifestRow
+    score_spoof: float | None  # None when the image could not be investigated
+    face_detected: bool | None = None
+    tool_calls: list[str] = field(default_factory=list)
+    fast_score: float | None = None
+    error: str | None = None
+    ms: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    scored: list[ScoredImage]
+    threshold: float
+    threshold_source: str
+    metrics: dict[str, dict]  # domain -> summary; "pooled" for all
+    seconds: float
+
+    @property
+    def failures(self) -> list[ScoredImage]:
+        return [s for s in self.scored if s.score_spoof is None]
+
+
+def score_rows(
+    rows: list[ManifestRow],
+    policy,
+    config: agent.AgentConfig | None = None,
+    *,
+    experts=None,
+    on_no_face: str = "whole",
+    progress: bool = True,
+    desc: str = "investigating",
+) -> list[ScoredImage]:
+    """Investigate each image; unreadable images are recorded with their error, never abort the run."""
+    out = []
+    for row in tqdm(rows, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+        t0 = time.perf_counter()
+        try:
+            face = faces.prepare_face(faces.load_image(row.path), on_no_face=on_no_face)
+        except InputImageError as exc:
+            out.append(ScoredImage(row, None, error=str(exc)))
+            continue
+        traj = agent.run(face, policy, config, experts=experts, source=row.rel_path)
+        ms = (time.perf_counter() - t0) * 1e3
+        if traj.final is None:
+            out.append(ScoredImage(row, None, face.face_detected, error=traj.error or "no verdict", ms=ms))
+            continue
+        out.append(
+            ScoredImage(row, traj.final.score_spoof, face.face_detected, [t.tool_result.name for t in traj.tool_turns], traj.fast_score, ms=ms)
+        )
+    return out
+
+
+def metrics_by_domain(scored: list[ScoredImage], threshold: float) -> dict[str, dict]:
+    by: dict[str, list[ScoredImage]] = defaultdict(list)
+    for s in scored:
+        by[s.row.domain].append(s)
+    result = {}
+    for name, items in sorted(by.items()) + [("pooled", scored)]:
+        ok = [s for s in items if s.score_spoof is not None]
+        m = summarize([s.row.y for s in ok], [s.score_spoof for s in ok], threshold) if ok else {"n": 0}
+        m["unreadable"] = len(items) - len(ok)
+        m["no_face"] = sum(1 for s in ok if s.face_detected is False)
+        result[name] = m
+    return result
+
+
+def threshold_from_dev(scored_dev: list[ScoredImage]) -> float:
+    ok = [s for s in scored_dev if s.score_spoof is not None]
+    return eer_threshold([s.row.y for s in ok], [s.score_spoof for s in ok])
+
+
+def write_scores(path: str | Path, scored: list[ScoredImage], threshold: float) -> None:
+    """CSV ``path,label,domain,score_spoof,verdict`` (+ error); unreadable images have empty scores."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "domain", "score_spoof", "verdict", "error"])
+        for s in scored:
+            if s.score_spoof is None:
+                w.writerow([s.row.rel_path, s.row.label, s.row.domain, "", "", s.error or ""])
+            else:
+                verdict = "spoof" if s.score_spoof >= threshold else "real"
+                w.writerow([s.row.rel_path, s.row.label, s.row.domain, f"{s.score_spoof:.6f}", verdict, ""])
+
+
+def format_table(metrics: dict[str, dict]) -> str:
+    def pct(v):
+        return "   -  " if v is None else f"{100 * v:6.2f}"
+
+    lines = [f"{'domain':<14}{'n':>6}{'real':>6}{'spoof':>6}{'AUC%':>8}{'EER%':>8}{'HTER%':>8}{'APCER%':>8}{'BPCER%':>8}{'unread':>8}{'noface':>8}"]
+    for name, m in metrics.items():
+        if not m.get("n"):
+            lines.append(f"{name:<14}{0:>6}{'':>6}{'':>6}{'no readable images':>24}{m.get('unreadable', 0):>24}")
+            continue
+        lines.append(
+            f"{name:<14}{m['n']:>6}{m['n_real']:>6}{m['n_spoof']:>6}  {pct(m['auc'])}  {pct(m['eer'])}  {pct(m['hter'])}  "
+            f"{pct(m['apcer'])}  {pct(m['bpcer'])}{m['unreadable']:>8}{m['no_face']:>8}"
+        )
+    return "\n".join(lines)
+
+
+def summarize_scores(scored: list[ScoredImage]) -> dict:
+    ms = [s.ms for s in scored if s.score_spoof is not None]
+    return {"median_ms_per_image": float(np.median(ms)) if ms else None}

@@ -1,0 +1,263 @@
+"""The CoT-VT protocol of TAR-FAS (paper §3 and App. B): every prompt, every output format, and the
+parsers for them. Nothing else in tarfas writes or reads model text.
+
+Turn layout:
+  system     ROLE_AND_MISSION + Hermes tool block (JSON Schemas)
+  user       <face image> FIRST_ROUND_QUERY
+  assistant  <Real|Spoof><reason>...</reason>                         (fast answer)
+  user       TOOL_GUIDANCE + FORMAT_DECLARATION
+  assistant  <think>...</think><tool_call>{"name":..,"arguments":..}</tool_call>
+  user       <tool image> FORMAT_DECLARATION                          (tool result as a user turn)
+  ...
+  assistant  <think>...</think><answer><Spoof>|<Real></answer>
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import ProtocolParseError
+
+Verdict = Literal["real", "spoof"]
+
+# --- prompts (App. B.1, verbatim) ----------------------------------------------------------------
+ROLE_AND_MISSION = (
+    "## Role & Mission\n"
+    "You are a face forensics expert. Your mission is to classify an image as either 'Real' or 'Spoof' by "
+    "analyzing evidence strictly within the **facial region**, focusing only on physical presentation attack."
+)
+FIRST_ROUND_QUERY = "Is this photo of a real person? (Do not use any tools)"
+TOOL_GUIDANCE = "Wait, you should re-examine the image and give the final answer (use tools if needed)."
+FORMAT_DECLARATION = (
+    "Think first, call tools if needed, then answer. Format strictly as: "
+    "<think></think> <tool_call></tool_call> (if tools needed) <answer>(<Spoof>/<Real>)</answer>"
+)
+
+# The Hermes tool block of Qwen2.5's chat template, so that a stock Qwen2.5-VL sees what it was trained on.
+_HERMES_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+# The annotator's system prompt (Fig. S8, App. A.2), used by the annotation pipeline.
+ANNOTATOR_SYSTEM_PROMPT = (
+    "## Role & Mission\nYou are a face forensics expert. Your mission is to classify an image as either 'real' or "
+    "'spoof' by analyzing evidence strictly within the **facial region**, focusing **only on physical presentation "
+    "attacks** (e.g., printed photos, screen displays). You will be given a hint early in the conversation. Do not "
+    "mention the hint when making your decision. Your final classification must match the hint, and be supported by "
+    "image evidence and tool-based analysis.\n"
+    "## Core Principle\nConcentrate solely on **physical attack artifacts**. These include:\n"
+    "- **Semantic clues**: unnatural flatness, rigid expressions, lack of 3D structure, unnatural reflections.\n"
+    "- **Pixel-level clues**: print texture, Moire patterns, screen glare, paper/screen surface noise.\n"
+    "Since input images are cropped and aligned, **do not consider black borders and compression artifacts as "
+    "spoof clues**.\n"
+    "## Workflow & Behavioral Rules\n"
+    "1. Begin with a brief visual scan of the **facial region**. **Ignore black borders and all context outside "
+    "the face.**\n"
+    "2. If needed, call **ONE tool at a time** to test a specific hypothesis, either to look for signs of physical "
+    "attack, or to confirm their absence.\n"
+    "   - Each tool request must include a clear expectation (what you're testing for).\n"
+    "3. When you receive tool results, you may receive an **Expert Judgment** on the result.\n"
+    "   - You may consider the expert's interpretation as a reference, but **must perform your own independent "
+    "analysis**.\n"
+    "   - Your reasoning should not blindly follow the expert; only adopt it when it aligns with your observations.\n"
+    "4. When you are confident, provide your conclusion.\n"
+    "## Available Tools\n"
+    "- **ZoomInTool**: Inspect local details for physical (print/screen) or digital (blending) artifacts.\n"
+    "- **FFTTool (Fast Fourier Transform):** Visualizes the image's frequency domain. Used to detect periodic "
+    "patterns like screen Moire effects or subtle artifacts from digital generation.\n"
+    "- **EdgeDetectionTool**: Find inconsistent edges from cutouts or digital blending.\n"
+    "- **LBPTool**: Analyze skin texture for unnatural or synthetic patterns.\n"
+    "- **WaveletTransformTool**: Find subtle digital tampering or noise mismatches via multi-scale analysis.\n"
+    "- **HOGTool**: Check facial structure gradients, which are often disrupted in physical attacks.\n"
+    "## Final Conclusion\nYour conclusion must be 'Real' or 'Spoof'."
+)
+
+
+def system_prompt(tool_schemas: list[dict]) -> str:
+    """Role & Mission (App. B.1) followed by the tools as JSON Schema in the Hermes layout."""
+    if not tool_schemas:
+        return ROLE_AND_MISSION
+    listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas)
+    return ROLE_AND_MISSION + "\n\n" + _HERMES_TOOLS.format(tools=listing)
+
+
+def second_round_prompt(error: str | None = None) -> str:
+    """Tool guidance + format declaration; prefixed by the error when the fast answer was malformed
+    and its retries are used up."""
+    text = TOOL_GUIDANCE + " " + FORMAT_DECLARATION
+    return f"Error: {error}\n{text}" if error else text
+
+
+def tool_result_prompt(tool_name: str | None = None) -> str:
+    """Text beside a tool's output image. The paper's inference prompt is the format declaration only."""
+    return FORMAT_DECLARATION
+
+
+def expert_guidance(tool_name: str, p_spoof: float) -> str:
+    """Expert-model guidance of eq. 5 / §3.1.2, e.g. "This is the result of FFTTool. The expert predicts
+    87% there's spoof trace"."""
+    return f"This is the result of {tool_name}. The expert predicts {round(100 * p_spoof)}% there's spoof trace"
+
+
+def error_feedback(message: str) -> str:
+    """User turn sent back after a malformed reasoning turn or an invalid tool call."""
+    return f"Error: {message}\n{FORMAT_DECLARATION}"
+
+
+def fast_answer_feedback(message: str) -> str:
+    """User turn sent back after a malformed fast answer."""
+    return f"Error: {message}\nAnswer strictly as <Real><reason>one line</reason> or <Spoof><reason>one line</reason>."
+
+
+TOOL_LIMIT_MESSAGE = "the maximum number of tool calls is reached; give your final <answer> now"
+
+
+# --- parsed turns --------------------------------------------------------------------------------
+@dataclass
+class FastAnswer:
+    verdict: Verdict
+    reason: str
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReasoningTurn:
+    """One later assistant turn: a thought and either a tool call or the final answer."""
+
+    think: str
+    tool_call: ToolCall | None = None
+    answer: Verdict | None = None
+
+
+_CLS = {"<real>": "real", "<spoof>": "spoof"}
+_FAST_RE = re.compile(r"^\s*<(Real|Spoof)>\s*<reason>(.*?)</reason>\s*$", re.S | re.I)
+_TAG_RE = re.compile(r"<(/?)(think|tool_call|answer|reason)>", re.I)
+
+
+def format_fast_answer(verdict: Verdict, reason: str) -> str:
+    return f"<{verdict.capitalize()}><reason>{_one_line(reason)}</reason>"
+
+
+def format_tool_call_turn(think: str, call: ToolCall) -> str:
+    payload = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"<think>{think.strip()}</think>\n<tool_call>\n{payload}\n</tool_call>"
+
+
+def format_answer_turn(think: str, verdict: Verdict) -> str:
+    return f"<think>{think.strip()}</think>\n<answer><{verdict.capitalize()}></answer>"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def parse_fast_answer(text: str) -> FastAnswer:
+    """Parse ``<Real|Spoof><reason>...</reason>``; anything else raises ProtocolParseError."""
+    if not isinstance(text, str) or not text.strip():
+        raise ProtocolParseError("empty fast answer; expected <Real><reason>...</reason> or <Spoof><reason>...</reason>")
+    m = _FAST_RE.match(text)
+    if not m:
+        raise ProtocolParseError(
+            "fast answer must be exactly <Real><reason>...</reason> or <Spoof><reason>...</reason>, got "
+            + _preview(text)
+        )
+    reason = m.group(2).strip()
+    if not reason:
+        raise ProtocolParseError("fast answer has an empty <reason></reason>")
+    if _TAG_RE.search(reason):
+        raise ProtocolParseError("the <reason> of a fast answer must not contain other tags")
+    return FastAnswer(_CLS["<" + m.group(1).lower() + ">"], reason)
+
+
+def parse_reasoning_turn(text: str) -> ReasoningTurn:
+    """Parse ``<think>..</think><tool_call>{json}</tool_call>`` or ``<think>..</think><answer><CLS></answer>``.
+
+    Exactly one think block followed by exactly one tool call or one answer; only whitespace between
+    and around them. Raises ProtocolParseError with a message that tells the model what to fix.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ProtocolParseError("empty reply; " + FORMAT_DECLARATION)
+    blocks = _blocks(text)
+    kinds = [k for k, _ in blocks]
+    if kinds not in (["think", "tool_call"], ["think", "answer"]):
+        found = " + ".join(f"<{k}>" for k in kinds) or "no tags"
+        raise ProtocolParseError(
+            f"expected <think></think> followed by one <tool_call></tool_call> or one <answer></answer>, found {found}"
+        )
+    think = blocks[0][1].strip()
+    if not think:
+        raise ProtocolParseError("<think></think> is empty; say what you are testing for")
+    body = blocks[1][1].strip()
+    if kinds[1] == "answer":
+        verdict = _CLS.get(body.lower())
+        if verdict is None:
+            raise ProtocolParseError(f"<answer> must hold <Spoof> or <Real>, got {_preview(body)}")
+        return ReasoningTurn(think, answer=verdict)
+    return ReasoningTurn(think, tool_call=parse_tool_call(body))
+
+
+def parse_tool_call(body: str) -> ToolCall:
+    """Parse the Hermes JSON inside <tool_call>: ``{"name": str, "arguments": {...}}``."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise ProtocolParseError(f"<tool_call> is not valid JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolParseError('<tool_call> must be a JSON object {"name": ..., "arguments": {...}}')
+    name, args = obj.get("name"), obj.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise ProtocolParseError('<tool_call> needs a "name" string')
+    if isinstance(args, str):  # some models double-encode the arguments
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise ProtocolParseError('"arguments" must be a JSON object') from None
+    if not isinstance(args, dict):
+        raise ProtocolParseError('"arguments" must be a JSON object')
+    extra = set(obj) - {"name", "arguments"}
+    if extra:
+        raise ProtocolParseError(f"<tool_call> has unexpected keys {sorted(extra)}")
+    return ToolCall(name, args)
+
+
+def _blocks(text: str) -> list[tuple[str, str]]:
+    """Split text into top-level tagged blocks; raise on text outside blocks, nesting or open tags."""
+    blocks, pos = [], 0
+    while pos < len(text):
+        m = _TAG_RE.search(text, pos)
+        if not m:
+            if text[pos:].strip():
+                raise ProtocolParseError(f"text outside the tags: {_preview(text[pos:])}")
+            break
+        if text[pos : m.start()].strip():
+            raise ProtocolParseError(f"text outside the tags: {_preview(text[pos:m.start()])}")
+        closing, tag = m.group(1), m.group(2).lower()
+        if closing or tag == "reason":
+            raise ProtocolParseError(f"unexpected <{m.group(1)}{m.group(2)}>")
+        end = re.compile(rf"</{tag}>", re.I).search(text, m.end())
+        if not end:
+            raise ProtocolParseError(f"<{tag}> is never closed")
+        inner = text[m.end() : end.start()]
+        nested = _TAG_RE.search(inner)
+        if nested:
+            raise ProtocolParseError(f"<{nested.group(1)}{nested.group(2)}> inside <{tag}>")
+        blocks.append((tag, inner))
+        pos = end.end()
+    return blocks
+
+
+def _preview(text: str, n: int = 80) -> str:
+    text = _one_line(text)
+    return repr(text if len(text) <= n else text[:n] + "...")
