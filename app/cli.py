@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train models")
     trs = tr.add_subparsers(dest="what", required=True)
     te = trs.add_parser("experts", help="train the expert ensemble (RGB classifier + one CNN per tool)")
-    from training.experts import ExpertTrainConfig
+    from training.configs import ExpertTrainConfig
 
     _dataclass_args(te, ExpertTrainConfig)
     return parser
@@ -97,8 +97,10 @@ def _experts_for(policy, args):
 
 def _config(args, on_no_face: str):
     from core.agent import AgentConfig
+    from core.registry import ToolRegistry
 
     tools = [t.strip() for t in args.tools.split(",")] if args.tools else None
+    ToolRegistry(tools)  # unknown names -> ValueError with the known ones, before any work is done
     return AgentConfig(max_tool_calls=args.max_tool_calls, allowed_tools=tools, extra={"on_no_face": on_no_face})
 
 
@@ -224,9 +226,13 @@ def cmd_eval(args) -> int:
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"
     elif args.dev_manifest:
-        dev_rows = read_manifest(args.dev_manifest)
-        dev = evaluate.score_rows(dev_rows, policy, config, experts=experts, on_no_face=on_no_face, desc="dev")
-        threshold, source = evaluate.threshold_from_dev(dev), f"EER of {args.dev_manifest}"
+        try:
+            dev_rows = read_manifest(args.dev_manifest)
+            dev = evaluate.score_rows(dev_rows, policy, config, experts=experts, on_no_face=on_no_face, desc="dev")
+            threshold, source = evaluate.threshold_from_dev(dev), f"EER of {args.dev_manifest}"
+        except (TarfasError, ValueError) as exc:
+            print(f"error: --dev-manifest: {exc}", file=sys.stderr)
+            return EXIT_INPUT
     elif getattr(policy, "threshold", None) is not None:
         threshold, source = policy.threshold, f"{policy.name} policy's threshold (fixed on its dev data)"
     else:
@@ -250,7 +256,8 @@ def cmd_eval(args) -> int:
 
 def cmd_train(args) -> int:
     if args.what == "experts":
-        from training.experts import ExpertTrainConfig, train_experts
+        from training.configs import ExpertTrainConfig
+        from training.experts import train_experts
 
         cfg = ExpertTrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ExpertTrainConfig)})
         path = train_experts(cfg)
@@ -259,8 +266,20 @@ def cmd_train(args) -> int:
     return EXIT_INPUT
 
 
+def _single_thread_inference() -> None:
+    """Per-image networks are tiny: one thread is fastest, and on a busy machine torch's default
+    (one thread per core) oversubscribes and runs ~50x slower. TARFAS_THREADS overrides."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TARFAS_THREADS", "1")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("investigate", "eval"):
+        _single_thread_inference()
     handlers = {"investigate": cmd_investigate, "eval": cmd_eval, "train": cmd_train}
     return handlers[args.command](args)
 

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
@@ -90,16 +91,24 @@ class ExpertBank:
         meta_path = folder / "experts.json"
         if not meta_path.exists():
             raise WeightsError(f"no expert weights at {folder} (missing experts.json); train them with `tarfas train experts`")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            networks = meta["networks"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise WeightsError(f"{meta_path} is not a valid experts.json ({type(exc).__name__}: {exc})") from exc
         nets, cal, digest = {}, {}, hashlib.sha256()
-        for key, spec in meta["networks"].items():
+        for key, spec in networks.items():
             path = folder / spec["file"]
             if not path.exists():
                 raise WeightsError(f"missing weights file {path}")
             digest.update(path.read_bytes())
             net = ExpertCNN(**spec["arch"])
             try:
-                net.load_state_dict(load_file(str(path)))
+                state = load_file(str(path))
+            except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
+                raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from exc
+            try:
+                net.load_state_dict(state)
             except RuntimeError as exc:
                 raise WeightsError(f"{path} does not match the {key} network: {exc}") from exc
             net.arch = spec["arch"]
@@ -124,19 +133,14 @@ class ExpertBank:
 
     # --- inference --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def logit(self, key: str, image: np.ndarray) -> float:
-        """Calibrated logit of P(spoof) for one image (tool output for a tool key, RGB crop for RGB)."""
+    def logit(self, key: str, image: np.ndarray, calibration: Calibration | None = None) -> float:
+        """Calibrated, clipped logit of P(spoof) for one image (tool output for a tool key, RGB crop for
+        RGB). ``calibration`` overrides the network's own (the policy's zoomed RGB view has its own)."""
         if key not in self.nets:
             raise KeyError(f"no expert for {key!r}")
-        x = to_tensor(_fit(image, self.nets[key])[None])
-        raw = float(self.nets[key](x)[0])
-        c = self.calibration[key]
+        raw = float(self.nets[key](to_tensor(_fit(image, self.nets[key])[None]))[0])
+        c = calibration or self.calibration[key]
         return float(np.clip(c.a * raw + c.b, -LOGIT_CLIP, LOGIT_CLIP))
-
-    def raw_logit(self, key: str, image: np.ndarray) -> float:
-        """The network's uncalibrated logit."""
-        with torch.inference_mode():
-            return float(self.nets[key](to_tensor(_fit(image, self.nets[key])[None]))[0])
 
     def p_spoof(self, key: str, image: np.ndarray) -> float | None:
         """Calibrated P(spoof trace); None for tools without an expert (ZoomInTool)."""
@@ -147,8 +151,6 @@ class ExpertBank:
 
 def _fit(image: np.ndarray, net: ExpertCNN) -> np.ndarray:
     """Resize to the network's input size and match its channel count."""
-    import cv2
-
     want_rgb = net.features[0].in_channels == 3
     if image.ndim == 3 and not want_rgb:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)

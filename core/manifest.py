@@ -48,7 +48,7 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> list[Mani
         raise ManifestError(f"manifest {path} not found")
     base = Path(root) if root else path.parent
     rows = []
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a byte-order mark
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
         if missing:

@@ -12,12 +12,13 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def _check(y, scores) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y, dtype=int)
+    y = np.asarray(y)
     s = np.asarray(scores, dtype=float)
     if y.shape != s.shape or y.ndim != 1:
         raise ValueError(f"labels {y.shape} and scores {s.shape} must be 1-D of the same length")
-    if not np.isin(y, (0, 1)).all():
+    if not np.isin(y, (0, 1)).all():  # checked before the cast, so 0.7 is refused rather than truncated
         raise ValueError("labels must be 0 (real) or 1 (spoof)")
+    y = y.astype(int)
     if not np.isfinite(s).all():
         raise ValueError("scores must be finite")
     return y, s

@@ -154,11 +154,6 @@ def test_string_labels_raise_value_error():
         summarize(["real", "spoof"], [0.1, 0.9], 0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: core.metrics._check casts labels with np.asarray(y, dtype=int), which truncates 0.7 to 0 "
-    "instead of rejecting a label that is not 0 or 1",
-)
 def test_fractional_labels_raise_value_error():
     with pytest.raises(ValueError):
         summarize([0.7, 1.0], [0.1, 0.9], 0.5)

@@ -19,8 +19,9 @@ import hashlib
 import json
 import platform
 import random
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -35,31 +36,9 @@ from core.experts import EXPERT_TOOLS, LOGIT_CLIP, RGB, Calibration, ExpertBank,
 from core.manifest import ManifestRow, read_manifest, select
 from core.registry import ToolRegistry
 
+from .configs import ExpertTrainConfig
+
 ZOOM_BOX = (56, 72, 168, 184)  # cheeks-nose region of the 224 crop, used by the policy's ZoomInTool
-
-
-@dataclass
-class ExpertTrainConfig:
-    """Configuration of ``tarfas train experts``; defaults are the shipped recipe."""
-
-    # data
-    manifest: str = "../shared/data/fas-dev/manifest.csv"
-    train_domains: list[str] = field(default_factory=lambda: ["nuaa"])
-    train_split: str = "train"
-    dev_fraction: float = 0.25  # share of capture groups held out for calibration and the threshold
-    max_images: int | None = None  # cap (for smoke runs)
-    # augmentation
-    views: int = 3  # augmented copies per training image (plus the original)
-    # optimisation (paper App. A.3)
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 32
-    weight_decay: float = 1e-4
-    threads: int = 2
-    seed: int = 0
-    # output
-    out: str = "assets/experts"
-    calibrate_only: bool = False  # keep the networks in `out`; redo calibration and the threshold
 
 
 def augment(crop: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -99,6 +78,18 @@ def augment(crop: np.ndarray, rng: random.Random) -> np.ndarray:
         ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, rng.randint(40, 95)])
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     return np.ascontiguousarray(img)
+
+
+def split_dev(rows: list[ManifestRow], cfg: ExpertTrainConfig) -> tuple[list[ManifestRow], list[ManifestRow]]:
+    """Train/dev split: by ``dev_pattern`` when it matches anything, else by capture groups."""
+    if cfg.dev_pattern:
+        pattern = re.compile(cfg.dev_pattern)
+        dev = [r for r in rows if pattern.search(r.rel_path)]
+        train = [r for r in rows if not pattern.search(r.rel_path)]
+        if {r.y for r in dev} == {0, 1} and {r.y for r in train} == {0, 1}:
+            return train, dev
+        print(f"dev_pattern {cfg.dev_pattern!r} does not leave both classes on each side; holding out capture groups instead")
+    return split_groups(rows, cfg.dev_fraction, cfg.seed)
 
 
 def split_groups(rows: list[ManifestRow], dev_fraction: float, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:
@@ -203,8 +194,8 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
         rows = random.Random(cfg.seed).sample(rows, cfg.max_images)
     if not rows:
         raise ValueError(f"no manifest rows for domains {cfg.train_domains} split {cfg.train_split!r}")
-    train_rows, dev_rows = split_groups(rows, cfg.dev_fraction, cfg.seed)
-    print(f"train: {len(train_rows)} images, dev: {len(dev_rows)} images ({len({r.group for r in dev_rows})} held-out groups)")
+    train_rows, dev_rows = split_dev(rows, cfg)
+    print(f"train: {len(train_rows)} images, dev: {len(dev_rows)} images")
 
     registry = ToolRegistry()
     keys = [RGB] + EXPERT_TOOLS

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from .. import protocol
-from ..experts import LOGIT_CLIP, RGB, Calibration, ExpertBank
+from ..experts import RGB, Calibration, ExpertBank
 from ..faces import FaceCrop
 from ..registry import TOOL_FAMILIES
 from ..trajectory import Trajectory
@@ -125,9 +125,9 @@ class ExpertPolicy:
             if r is None or r.image is None:
                 continue
             if r.name == "ZoomInTool":
-                def zoom_logit(img=r.image):
-                    raw = self.bank.raw_logit(RGB, cv2.resize(img, (224, 224), interpolation=cv2.INTER_CUBIC))
-                    return float(np.clip(self.zoom_cal.a * raw + self.zoom_cal.b, -LOGIT_CLIP, LOGIT_CLIP))
+                def zoom_logit(img=r.image):  # the RGB network on the enlarged region, with its own calibration
+                    return self.bank.logit(RGB, cv2.resize(img, (224, 224), interpolation=cv2.INTER_CUBIC), self.zoom_cal)
+
                 ev.append(self._cached(traj, t.index, r.name, zoom_logit))
             elif r.expert_p_spoof is not None:
                 p = min(max(r.expert_p_spoof, 1e-6), 1 - 1e-6)
