@@ -43,7 +43,7 @@ def test_default_policy_investigates_the_demo_samples(name, tmp_path):
 
 @pytest.mark.data
 def test_cross_session_quality_on_nuaa_test_is_kept(fasdev):
-    """Measured at training time: AUC 0.81 on all 2,266 nuaa-test images (unseen subjects/sessions).
+    """Measured for the shipped weights: AUC 0.894 on all 2,266 nuaa-test images (unseen session).
     A 120-image seeded sample must stay well above chance."""
     from sklearn.metrics import roc_auc_score
 
@@ -56,4 +56,4 @@ def test_cross_session_quality_on_nuaa_test_is_kept(fasdev):
         scores.append(agent.run(face, policy, experts=policy.bank).final.score_spoof)
         labels.append(r.y)
     assert np.isfinite(scores).all()
-    assert roc_auc_score(labels, scores) > 0.7
+    assert roc_auc_score(labels, scores) > 0.8

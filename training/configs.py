@@ -25,7 +25,7 @@ class ExpertTrainConfig:
     # augmentation
     views: int = 3  # augmented copies per training image (plus the original)
     # optimisation (paper App. A.3)
-    epochs: int = 10
+    epochs: int = 4  # the paper uses 10; 4 won on the held-out-session dev split (AUC 0.994 vs 0.981)
     lr: float = 1e-3
     batch_size: int = 32
     weight_decay: float = 1e-4

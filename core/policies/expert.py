@@ -27,7 +27,6 @@ from ..registry import TOOL_FAMILIES
 from ..trajectory import Trajectory
 from .base import Conversation, PolicyOutput
 
-MIN_TOOL_CALLS = 1  # always look at least once: the point of the protocol is to check the first impression
 DECISIVE = 0.97  # then stop once P(spoof) is outside [1 - DECISIVE, DECISIVE] ...
 MIN_GAIN_BITS = 0.005  # ... or when no tool is expected to tell us anything more
 
@@ -95,8 +94,11 @@ class ExpertPolicy:
         "information gain, and the reasoning text is written from the measured evidence."
     )
 
-    def __init__(self, bank: ExpertBank, threshold: float | None = None):
+    def __init__(self, bank: ExpertBank, threshold: float | None = None, min_tool_calls: int = 1):
+        """``min_tool_calls``: tools looked at before the policy may stop early (default 1: the point
+        of the protocol is to check the first impression)."""
         self.bank = bank
+        self.min_tool_calls = min_tool_calls
         self.version = bank.version
         shipped = bank.meta.get("policy", {}).get("threshold")
         self.threshold = float(threshold if threshold is not None else (shipped if shipped is not None else 0.5))
@@ -107,8 +109,8 @@ class ExpertPolicy:
         self._cache: dict[tuple[str, int], Evidence] = {}
 
     @classmethod
-    def load(cls, weights: str | Path | None = None, threshold: float | None = None) -> ExpertPolicy:
-        return cls(ExpertBank.load(weights), threshold)
+    def load(cls, weights: str | Path | None = None, threshold: float | None = None, min_tool_calls: int = 1) -> ExpertPolicy:
+        return cls(ExpertBank.load(weights), threshold, min_tool_calls)
 
     # --- evidence ---------------------------------------------------------------------------------
     def _cal(self, key: str) -> Calibration:
@@ -161,7 +163,7 @@ class ExpertPolicy:
         candidates = [n for n in conv.registry.names if n not in used and (n == "ZoomInTool" or n in self.bank.nets)]
         gains = {n: expected_gain(p, self._cal(n)) for n in candidates}
         best = max(gains, key=gains.get) if gains else None
-        looked = len(used) >= MIN_TOOL_CALLS
+        looked = len(used) >= self.min_tool_calls
         decisive = looked and (p >= DECISIVE or p <= 1 - DECISIVE or (best is not None and gains[best] < MIN_GAIN_BITS))
         notes = {"p_spoof_so_far": p, "evidence": {e.key: round(e.p, 4) for e in evidence}, "expected_gain_bits": {k: round(v, 4) for k, v in gains.items()}}
         if best is None or conv.tool_calls_left <= 0 or decisive:
