@@ -189,6 +189,16 @@ def test_no_rows_for_the_domain(tiny_config, tmp_path):
 
 
 def test_config_defaults_are_the_shipped_recipe():
+    """`tarfas train experts` with no flags reproduces the recipe recorded with the shipped weights
+    (only where it wrote its files and how many threads it used may differ)."""
     cfg = ExpertTrainConfig()
-    assert (cfg.epochs, cfg.lr) == (10, 1e-3)  # paper App. A.3
-    assert cfg.train_domains == ["nuaa"] and cfg.out == "assets/experts" and cfg.calibrate_only is False
+    assert cfg.lr == 1e-3  # paper App. A.3
+    assert cfg.out == "assets/experts" and cfg.calibrate_only is False
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "experts" / "experts.json"
+    if not shipped.exists():
+        pytest.skip("no shipped weights")
+    recipe = json.loads(shipped.read_text())["recipe"]
+    ours = dataclasses.asdict(cfg)
+    for key in ("out", "threads"):
+        recipe.pop(key), ours.pop(key)
+    assert ours == recipe
