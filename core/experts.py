@@ -96,7 +96,8 @@ class ExpertBank:
             networks = meta["networks"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise WeightsError(f"{meta_path} is not a valid experts.json ({type(exc).__name__}: {exc})") from exc
-        nets, cal, digest = {}, {}, hashlib.sha256()
+        nets, cal = {}, {}
+        digest = hashlib.sha256(meta_path.read_bytes())  # calibration and threshold are part of the version
         for key, spec in networks.items():
             path = folder / spec["file"]
             if not path.exists():

@@ -14,7 +14,7 @@ from core.agent import AgentConfig, run
 from core.errors import WeightsError
 from core.experts import EXPERT_TOOLS, RGB, Calibration, ExpertBank
 from core.policies import load_policy
-from core.policies.expert import ExpertPolicy, expected_gain
+from core.policies.expert import EvidenceModel, ExpertPolicy, expected_gain
 from core.registry import TOOL_NAMES, ToolRegistry
 
 
@@ -259,13 +259,12 @@ def test_score_crop(policy, crop, face):
 # --- tool choice ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_expected_gain_of_an_uninformative_expert_is_zero(p):
-    cal = Calibration(mu=(0.5, 0.5), sigma=(1.2, 1.2))
-    assert expected_gain(p, cal) == pytest.approx(0.0, abs=1e-9)
+    assert expected_gain(p, (0.5, 0.5), (1.2, 1.2)) == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_expected_gain_grows_with_separation(p):
-    gains = [expected_gain(p, Calibration(mu=(-d, d), sigma=(1.0, 1.0))) for d in (0.25, 1.0, 2.0, 4.0)]
+    gains = [expected_gain(p, (-d, d), (1.0, 1.0)) for d in (0.25, 1.0, 2.0, 4.0)]
     assert gains[0] > 0
     assert gains == sorted(gains) and len(set(gains)) == len(gains)
     # never more than what is still unknown about the class
@@ -274,10 +273,37 @@ def test_expected_gain_grows_with_separation(p):
     # well separated classes: almost all of it is learned
     assert gains[-1] == pytest.approx(h, rel=0.02)
     # a noisier expert with the same means tells less
-    assert expected_gain(p, Calibration(mu=(-1, 1), sigma=(3.0, 3.0))) < gains[1]
+    assert expected_gain(p, (-1, 1), (3.0, 3.0)) < gains[1]
 
 
 def test_expected_gain_is_zero_when_already_certain():
-    cal = Calibration(mu=(-2, 2), sigma=(1, 1))
-    assert expected_gain(1e-12, cal) == pytest.approx(0.0, abs=1e-6)
-    assert expected_gain(0.5, cal) > expected_gain(0.95, cal) > expected_gain(0.999, cal)
+    mu, sd = (-2, 2), (1, 1)
+    assert expected_gain(1e-12, mu, sd) == pytest.approx(0.0, abs=1e-6)
+    assert expected_gain(0.5, mu, sd) > expected_gain(0.95, mu, sd) > expected_gain(0.999, mu, sd)
+
+
+# --- conditioning on the evidence seen so far -----------------------------------------------------
+def _model(rho: float) -> "EvidenceModel":
+    """Two evidence keys A and B, equally informative alone, correlated rho within each class."""
+    cov = [[1.0, rho], [rho, 1.0]]
+    return EvidenceModel({"keys": ["A", "B"], "mean": [[-2.0, -2.0], [2.0, 2.0]], "cov": [cov, cov]})
+
+
+def test_a_tool_that_repeats_known_evidence_is_worth_less():
+    p = 0.5
+    alone = expected_gain(p, *_model(0.9).predictive("B", {}))
+    after_a_redundant = expected_gain(p, *_model(0.9).predictive("B", {"A": 0.0}))
+    after_a_independent = expected_gain(p, *_model(0.0).predictive("B", {"A": 0.0}))
+    assert after_a_redundant < after_a_independent == pytest.approx(alone)
+
+
+def test_conditional_prediction_follows_the_observed_value():
+    (m0, m1), (s0, s1) = _model(0.8).predictive("B", {"A": 3.0})
+    assert m0 == pytest.approx(-2.0 + 0.8 * 5.0) and m1 == pytest.approx(2.0 + 0.8 * 1.0)
+    assert s0 == pytest.approx(0.6) and s1 == pytest.approx(0.6)  # sqrt(1 - 0.8^2)
+
+
+def test_shipped_style_weights_carry_an_evidence_model(tiny_weights):
+    policy = ExpertPolicy.load(tiny_weights)
+    assert policy.evidence_model is not None
+    assert set(policy.evidence_model.keys) == {RGB, *EXPERT_TOOLS, "ZoomInTool"}

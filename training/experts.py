@@ -179,6 +179,22 @@ def _calibrate(raw: np.ndarray, y: np.ndarray) -> Calibration:
     return Calibration(a, b, mu, sigma, float(roc_auc_score(y, raw)))
 
 
+def _evidence_model(cal: dict[str, Calibration], raw: dict[str, np.ndarray], y: np.ndarray) -> dict:
+    """Per-class joint Gaussian of all calibrated logits on dev (Ledoit-Wolf shrunk covariance). The
+    policy conditions it on the evidence seen so far to value the next tool: a tool that would only
+    repeat what is already known (e.g. ZoomIn after the RGB view) is worth little."""
+    from sklearn.covariance import LedoitWolf
+
+    keys = list(raw)
+    x = np.stack([np.clip(cal[k].a * raw[k] + cal[k].b, -LOGIT_CLIP, LOGIT_CLIP) for k in keys], axis=1)
+    model = {"keys": keys, "mean": [], "cov": []}
+    for c in (0, 1):
+        lw = LedoitWolf().fit(x[y == c])
+        model["mean"].append(lw.location_.tolist())
+        model["cov"].append((lw.covariance_ + 0.05 * np.eye(len(keys))).tolist())  # floor: no exact certainties
+    return model
+
+
 def _file_digest(rows: list[ManifestRow]) -> str:
     h = hashlib.sha256()
     for r in sorted(rows, key=lambda r: r.rel_path):
@@ -223,14 +239,17 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
                 progress.update(1)
         train_seconds = round(time.time() - t0, 1)
         recipe = asdict(cfg)
-    cal = {}
+    cal, dev_raw = {}, {}
     for key in keys:
-        cal[key] = _calibrate(_logits(nets[key], dev_inputs[key]), y_dev)
+        dev_raw[key] = _logits(nets[key], dev_inputs[key])
+        cal[key] = _calibrate(dev_raw[key], y_dev)
         print(f"  {key:22s} dev AUC {cal[key].dev_auc:.4f}")
     # The policy's ZoomInTool evidence is the RGB network on the zoomed region: calibrate that view too.
     zoom_x = np.stack([cv2.resize(z, (224, 224), interpolation=cv2.INTER_CUBIC) for z in dev_inputs["ZoomInTool"]])
-    zoom_cal = _calibrate(_logits(nets[RGB], zoom_x), y_dev)
+    dev_raw["ZoomInTool"] = _logits(nets[RGB], zoom_x)
+    zoom_cal = _calibrate(dev_raw["ZoomInTool"], y_dev)
     print(f"  {'RGB on ZoomInTool':22s} dev AUC {zoom_cal.dev_auc:.4f}")
+    evidence_model = _evidence_model({**cal, "ZoomInTool": zoom_cal}, dev_raw, y_dev)
 
     meta = {
         "format": 1,
@@ -246,6 +265,7 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
             "skipped": skipped + skipped_dev,
         },
         "zoom": {"bbox": list(ZOOM_BOX), "calibration": asdict(zoom_cal)},
+        "evidence_model": evidence_model,
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
         "train_seconds": train_seconds,
     }

@@ -2,8 +2,10 @@
 
 - Fast answer: the RGB face network's calibrated P(spoof).
 - Tool choice: the tool with the largest expected information gain about real/spoof given the
-  current belief, from each expert's per-class logit statistics on dev data (so the choice depends on
-  what is still uncertain); stop early once the evidence is decisive, or at the tool-call limit.
+  current belief and the evidence seen so far (a per-class joint Gaussian of all experts' logits on
+  dev data, conditioned on what was observed), so the choice depends on what is still uncertain and
+  a tool that would repeat known evidence is passed over; stop early once the evidence is decisive,
+  or at the tool-call limit.
 - Evidence: each tool's expert network (paper Fig. S9) on the tool image; ZoomInTool's evidence is the
   RGB network on the enlarged region.
 - Final score: reliability-weighted mean of calibrated logits (weights = dev AUC - 0.5), compared with
@@ -61,10 +63,10 @@ def _entropy(p: np.ndarray | float) -> np.ndarray:
     return -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
 
 
-def expected_gain(p: float, cal: Calibration, points: int = 81) -> float:
+def expected_gain(p: float, mu: tuple[float, float], sigma: tuple[float, float], points: int = 81) -> float:
     """Expected information gain (bits) about the class from observing one expert's calibrated logit,
-    modelled per class as a Gaussian fitted on dev data, when the current belief is P(spoof) = p."""
-    (m0, m1), (s0, s1) = cal.mu, cal.sigma
+    distributed per class as N(mu[c], sigma[c]^2), when the current belief is P(spoof) = p."""
+    (m0, m1), (s0, s1) = mu, sigma
     lo, hi = min(m0 - 4 * s0, m1 - 4 * s1), max(m0 + 4 * s0, m1 + 4 * s1)
     x = np.linspace(lo, hi, points)
     f0 = np.exp(-0.5 * ((x - m0) / s0) ** 2) / s0
@@ -73,6 +75,34 @@ def expected_gain(p: float, cal: Calibration, points: int = 81) -> float:
     post = p * f1 / np.maximum(mix, 1e-300)
     w = mix / mix.sum()
     return float(_entropy(p) - (w * _entropy(post)).sum())
+
+
+class EvidenceModel:
+    """Per-class joint Gaussian of the calibrated logits (fitted on dev, stored in experts.json). Gives
+    the distribution of a not-yet-called tool's logit under each class *given* what was observed."""
+
+    def __init__(self, spec: dict):
+        self.keys = list(spec["keys"])
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.mean = [np.asarray(m, float) for m in spec["mean"]]
+        self.cov = [np.asarray(c, float) for c in spec["cov"]]
+
+    def predictive(self, key: str, observed: dict[str, float]) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((mu_real, mu_spoof), (sd_real, sd_spoof)) of ``key``'s logit, conditioned on ``observed``."""
+        k = self.index[key]
+        obs = [self.index[o] for o in observed if o in self.index]
+        x = np.array([observed[o] for o in observed if o in self.index])
+        mus, sds = [], []
+        for m, c in zip(self.mean, self.cov):
+            if obs:
+                w = np.linalg.solve(c[np.ix_(obs, obs)], c[obs, k])
+                mu = m[k] + w @ (x - m[obs])
+                var = c[k, k] - c[k, obs] @ w
+            else:
+                mu, var = m[k], c[k, k]
+            mus.append(float(mu))
+            sds.append(float(np.sqrt(max(var, 1e-3))))
+        return (mus[0], mus[1]), (sds[0], sds[1])
 
 
 @dataclass
@@ -106,6 +136,8 @@ class ExpertPolicy:
         self.zoom_box = list(zoom.get("bbox", [56, 72, 168, 184]))
         zc = zoom.get("calibration", {})
         self.zoom_cal = Calibration(zc.get("a", 1.0), zc.get("b", 0.0), tuple(zc.get("mu", (-2, 2))), tuple(zc.get("sigma", (1.5, 1.5))), zc.get("dev_auc"))
+        spec = bank.meta.get("evidence_model")
+        self.evidence_model = EvidenceModel(spec) if spec else None
         self._cache: dict[tuple[str, int], Evidence] = {}
 
     @classmethod
@@ -146,6 +178,16 @@ class ExpertPolicy:
             self._cache[ck] = Evidence(key, float(compute()), self._weight(key))
         return self._cache[ck]
 
+    def _gain(self, key: str, p: float, evidence: list[Evidence]) -> float:
+        """Expected information from calling ``key`` now: conditioned on the evidence so far when the
+        weights ship a joint model, else from the tool's own per-class statistics."""
+        if self.evidence_model is not None and key in self.evidence_model.index:
+            mu, sd = self.evidence_model.predictive(key, {e.key: e.logit for e in evidence})
+        else:
+            cal = self._cal(key)
+            mu, sd = cal.mu, cal.sigma
+        return expected_gain(p, mu, sd)
+
     @staticmethod
     def fuse(evidence: list[Evidence]) -> float:
         """Reliability-weighted mean of calibrated logits -> P(spoof)."""
@@ -161,7 +203,7 @@ class ExpertPolicy:
         p = self.fuse(evidence)
         used = {t.tool_result.name for t in traj.turns if t.tool_result is not None}
         candidates = [n for n in conv.registry.names if n not in used and (n == "ZoomInTool" or n in self.bank.nets)]
-        gains = {n: expected_gain(p, self._cal(n)) for n in candidates}
+        gains = {n: self._gain(n, p, evidence) for n in candidates}
         best = max(gains, key=gains.get) if gains else None
         looked = len(used) >= self.min_tool_calls
         decisive = looked and (p >= DECISIVE or p <= 1 - DECISIVE or (best is not None and gains[best] < MIN_GAIN_BITS))
