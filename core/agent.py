@@ -84,7 +84,7 @@ def investigate(
     except Exception as exc:  # the policy (model, server, weights) failed: keep what we have
         traj.status = "failed"
         traj.error = f"{type(exc).__name__}: {exc}"
-        traj.params["traceback"] = traceback.format_exc(limit=3)
+        traj.error_traceback = traceback.format_exc(limit=3)
     traj.timings_ms["total"] = (time.perf_counter() - t_start) * 1e3
     yield InvestigationFinished(traj)
 

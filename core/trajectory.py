@@ -7,6 +7,7 @@ images come back as user turns), using only the texts of :mod:`core.protocol`.
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,7 @@ class Trajectory:
     final: Final | None = None
     status: Status = "running"
     error: str | None = None
+    error_traceback: str | None = None  # where a failed policy broke, for whoever debugs it
     label: Verdict | None = None  # ground truth when known (datasets, analyst corrections)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -165,8 +167,6 @@ class Trajectory:
 
 def _without_arrays(traj: Trajectory) -> Trajectory:
     """A shallow copy whose arrays are None, so that asdict() does not deep-copy images."""
-    import copy
-
     t2 = copy.copy(traj)
     t2.crop = None
     t2.turns = []
