@@ -1,0 +1,97 @@
+"""Opening the database: SQLite in the data directory by default, any SQLAlchemy URL for a team.
+
+The schema is made by Alembic (``init_db``), never by ``create_all``, so a database created today can
+be upgraded by the migrations of tomorrow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import audit  # noqa: F401  (registers the guard that keeps the audit log append-only)
+from .filestore import FileStore
+
+DB_FILENAME = "tarfas.db"
+FILES_DIRNAME = "files"
+BUSY_TIMEOUT_MS = 5000  # a writer waits this long for another (e.g. the CLI beside the app) to finish
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def sqlite_url(data_dir: str | Path) -> str:
+    return f"sqlite:///{Path(data_dir).resolve() / DB_FILENAME}"
+
+
+def make_engine(url: str | None = None, *, data_dir: str | Path | None = None) -> Engine:
+    """An engine for ``url``, or for ``<data_dir>/tarfas.db`` when no URL is given.
+
+    SQLite connections get WAL (readers do not block the writer, and a killed process loses at most
+    the transaction in flight), foreign keys (off by default in SQLite) and a busy timeout.
+    """
+    if url is None:
+        if data_dir is None:
+            raise ValueError("give a database URL or a data directory")
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        url = sqlite_url(data_dir)
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.close()
+
+
+def alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def init_db(engine: Engine) -> None:
+    """Create or upgrade the schema to the newest migration (idempotent)."""
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        # Hand Alembic our connection so that it runs with the PRAGMAs above.
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    # expire_on_commit=False: rows stay readable after commit (the UI shows what it just saved).
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@dataclass
+class Storage:
+    """Everything the app and the CLI need to persist: the engine, sessions and the file store."""
+
+    engine: Engine
+    sessions: sessionmaker[Session]
+    files: FileStore
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_storage(data_dir: str | Path, url: str | None = None) -> Storage:
+    """Open (and migrate) the database and the file store under ``data_dir``.
+
+    ``url`` replaces the default SQLite file (e.g. ``postgresql+psycopg://...`` for a team); the files
+    stay under ``<data_dir>/files``.
+    """
+    engine = make_engine(url, data_dir=data_dir)
+    init_db(engine)
+    return Storage(engine, session_factory(engine), FileStore(Path(data_dir) / FILES_DIRNAME))
+

@@ -1,0 +1,33 @@
+"""Typed errors of the storage layer. Each says what happened and what the person can do about it."""
+
+from __future__ import annotations
+
+from core.errors import TarfasError
+
+
+class StorageError(TarfasError):
+    """Base class of storage errors."""
+
+
+class NotFoundError(StorageError, LookupError):
+    """A case, investigation, review or stored file that does not exist."""
+
+
+class TamperedFileError(StorageError):
+    """A stored file's bytes no longer hash to the name it was stored under: the evidence changed on disk."""
+
+
+class ConcurrentReviewError(StorageError):
+    """Someone else saved the review after this analyst loaded it; nothing was overwritten."""
+
+
+class InvalidReviewError(StorageError, ValueError):
+    """A review with an unknown verdict, flag or turn."""
+
+
+class AuditLogImmutableError(StorageError):
+    """An attempt to change or delete an audit event. The audit log is append-only."""
+
+
+class InvestigationStateError(StorageError):
+    """Events arrived in an order the recorder cannot store (e.g. a turn before its investigation)."""

@@ -1,0 +1,208 @@
+"""Database tables (SQLAlchemy 2.x). The schema itself is created and changed only by the Alembic
+migrations in ``storage/migrations``; a test checks that they and these models agree.
+
+Images are never stored in the database: rows hold the SHA-256 of a file in the :class:`FileStore`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Named constraints: SQLite can only change them in Alembic batch mode, which needs their names.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+INVESTIGATION_STATUSES = ("running", "completed", "failed", "interrupted")
+REVIEW_VERDICTS = ("real", "spoof", "unsure")
+TURN_FLAGS = ("wrong_tool", "wrong_reasoning", "good_step")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Case(Base):
+    """One uploaded image. The bytes live once in the file store; uploading them again makes a new case
+    (a new intake: who, when, under what name) that points to the same file."""
+
+    __tablename__ = "cases"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    filename: Mapped[str | None] = mapped_column(String(255))
+    byte_size: Mapped[int] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    investigations: Mapped[list[Investigation]] = relationship(back_populates="case", order_by="Investigation.started_at")
+
+
+class Investigation(Base):
+    """One run of a policy on a case; its id is the trajectory id."""
+
+    __tablename__ = "investigations"
+    __table_args__ = (CheckConstraint(f"status IN ({_in(INVESTIGATION_STATUSES)})", name="status"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    rerun_of: Mapped[str | None] = mapped_column(ForeignKey("investigations.id"))
+    policy: Mapped[str] = mapped_column(String(64))
+    policy_version: Mapped[str] = mapped_column(String(128), default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    tools: Mapped[list[str]] = mapped_column(JSON, default=list)
+    source: Mapped[str | None] = mapped_column(String(1024))  # the file name or path the analyst gave
+    face: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # core.trajectory.FaceInfo as a dict
+    crop_sha256: Mapped[str | None] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    score_spoof: Mapped[float | None] = mapped_column(Float)
+    final_source: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    error_traceback: Mapped[str | None] = mapped_column(Text)
+    timings_ms: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    started_by: Mapped[str] = mapped_column(String(128))
+    runner: Mapped[str | None] = mapped_column(String(255))  # "host:pid" that records it; used to spot dead runs
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    case: Mapped[Case] = relationship(back_populates="investigations")
+    turns: Mapped[list[Turn]] = relationship(back_populates="investigation", order_by="Turn.index")
+    review: Mapped[Review | None] = relationship(back_populates="investigation")
+
+
+class Turn(Base):
+    """One assistant turn, committed as soon as the agent loop completes it."""
+
+    __tablename__ = "turns"
+    __table_args__ = (UniqueConstraint("investigation_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    investigation_id: Mapped[str] = mapped_column(ForeignKey("investigations.id"))
+    index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    fast: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # core.protocol.FastAnswer as a dict
+    think: Mapped[str | None] = mapped_column(Text)
+    tool_call: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # core.protocol.ToolCall as a dict
+    answer: Mapped[str | None] = mapped_column(String(16))
+    parse_error: Mapped[str | None] = mapped_column(Text)
+    tool_error: Mapped[str | None] = mapped_column(Text)
+    score_spoof: Mapped[float | None] = mapped_column(Float)
+    elapsed_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    notes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    investigation: Mapped[Investigation] = relationship(back_populates="turns")
+    tool_result: Mapped[ToolResult | None] = relationship(back_populates="turn")
+
+
+class ToolResult(Base):
+    """What a tool returned in a turn; its image is a file in the store."""
+
+    __tablename__ = "tool_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id"), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    stats: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    expert_p_spoof: Mapped[float | None] = mapped_column(Float)
+    elapsed_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+
+    turn: Mapped[Turn] = relationship(back_populates="tool_result")
+
+
+class Review(Base):
+    """The analyst review of an investigation: one current state, guarded by ``version`` so two analysts
+    cannot overwrite each other; every saved state is in the audit log."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (CheckConstraint(f"verdict IN ({_in(REVIEW_VERDICTS)})", name="verdict"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    investigation_id: Mapped[str] = mapped_column(ForeignKey("investigations.id"), unique=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+    notes: Mapped[str] = mapped_column(Text, default="")
+    corrected_answer: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(128))  # who saved the current state
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    version: Mapped[int] = mapped_column(Integer)
+
+    investigation: Mapped[Investigation] = relationship(back_populates="review")
+    flags: Mapped[list[TurnFlag]] = relationship(back_populates="review", cascade="all, delete-orphan", order_by="TurnFlag.id")
+
+    # Optimistic locking: UPDATE ... WHERE version = <the version this session loaded>.
+    __mapper_args__ = {"version_id_col": version}
+
+
+class TurnFlag(Base):
+    """A reviewer's mark on one turn: wrong tool, wrong reasoning or a good step."""
+
+    __tablename__ = "turn_flags"
+    __table_args__ = (
+        UniqueConstraint("review_id", "turn_id", "flag"),
+        CheckConstraint(f"flag IN ({_in(TURN_FLAGS)})", name="flag"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id"), index=True)
+    turn_id: Mapped[int] = mapped_column(ForeignKey("turns.id"))
+    flag: Mapped[str] = mapped_column(String(32))
+
+    review: Mapped[Review] = relationship(back_populates="flags")
+    turn: Mapped[Turn] = relationship()
+
+
+class Export(Base):
+    """A report or bundle handed out of the workbench; the exported bytes are kept in the file store."""
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    investigation_id: Mapped[str] = mapped_column(ForeignKey("investigations.id"), index=True)
+    format: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str | None] = mapped_column(String(255))
+    file_sha256: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what, when, with the state before and after. Append-only (see :mod:`storage.audit`)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_entity", "entity", "entity_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    entity: Mapped[str] = mapped_column(String(32))
+    entity_id: Mapped[str] = mapped_column(String(64))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
