@@ -2,6 +2,7 @@
 
   tarfas investigate IMAGE [--policy expert] [--max-tool-calls N] [--json] [--out-dir DIR]
   tarfas eval MANIFEST [--root DIR] [--policy expert] [--scores-out FILE.csv] [--threshold T | --dev-manifest M]
+  tarfas eval MANIFEST|PROTOCOL.yaml --report DIR [--analyses fast,tools,tool-use,max-calls|all] [--bootstrap N]
   tarfas train experts [--manifest M] [--train-domains nuaa] [--epochs 10] [--out assets/experts]
 """
 
@@ -37,8 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--json", action="store_true", help="print one JSON object (tool images are written to --out-dir)")
     inv.add_argument("--out-dir", default=None, help="folder for the crop, tool images and trajectory.json (default: a new temp folder)")
 
-    ev = sub.add_parser("eval", help="score every image of a manifest and print AUC / EER / HTER per domain")
-    ev.add_argument("manifest")
+    ev = sub.add_parser(
+        "eval",
+        help="score every image of a manifest (or run a protocol file) and print AUC / EER / HTER per domain",
+        description="With a manifest CSV: score it and print per-domain metrics. With a protocol file (.yaml/.yml/.json, "
+        "see docs/evaluation.md and protocols/): run the protocol. --report DIR writes report.md/report.json with ROC/DET plots.",
+    )
+    ev.add_argument("manifest", help="manifest CSV, or an evaluation protocol file (.yaml/.yml/.json)")
     ev.add_argument("--root", default=None, help="folder the manifest paths are relative to (default: the manifest's folder)")
     _add_policy_args(ev)
     ev.add_argument("--domains", default=None, help="comma-separated domains to keep")
@@ -48,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threshold", type=float, default=None, help="decision threshold on P(spoof), fixed a priori")
     ev.add_argument("--dev-manifest", default=None, help="fix the threshold at the EER of this dev manifest")
     ev.add_argument("--json-out", default=None, help="write the metrics as JSON")
+    ev.add_argument("--report", default=None, metavar="DIR", help="write report.md, report.json, roc.png, det.png and scores.csv to DIR")
+    ev.add_argument("--analyses", default=None, help="comma-separated: fast,tools,tool-use,max-calls (or 'all'); implies the report runner")
+    ev.add_argument("--max-calls-grid", default="1,2,3,4", help="tool-call limits of the max-calls analysis (default: 1,2,3,4)")
+    ev.add_argument("--limit-per-domain", type=int, default=None, help="at most N images per domain/split selection (a seeded sample)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the samples and of the bootstrap (default: 0)")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals; 0 = none (default: 1000)")
 
     tr = sub.add_parser("train", help="train models")
     trs = tr.add_subparsers(dest="what", required=True)
@@ -206,8 +218,11 @@ def cmd_eval(args) -> int:
 
     from core import evaluate
     from core.errors import TarfasError
+    from core.eval_protocols import is_protocol_file
     from core.manifest import read_manifest, select
 
+    if is_protocol_file(args.manifest) or args.report or args.analyses:
+        return _cmd_eval_report(args)
     t0 = time.time()
     try:
         rows = read_manifest(args.manifest, args.root)
@@ -252,6 +267,73 @@ def cmd_eval(args) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"policy": policy.name, "policy_version": getattr(policy, "version", ""), "threshold": threshold, "threshold_source": source, "metrics": metrics, **extra}, indent=2))
     return 0
+
+
+def _cmd_eval_report(args) -> int:
+    """`tarfas eval` with a protocol file, --report or --analyses: core.analysis runs it, core.report writes it."""
+    from core import analysis, report
+    from core.errors import TarfasError
+    from core.eval_protocols import is_protocol_file, load_protocol, manifest_protocol
+
+    try:
+        if args.limit:
+            raise TarfasError("--limit is for plain runs; with a protocol or --report use --limit-per-domain")
+        if is_protocol_file(args.manifest):
+            if args.domains or args.split or args.dev_manifest or args.root:
+                raise TarfasError("--domains/--split/--dev-manifest/--root belong in the protocol file, not on the command line")
+            protocol = load_protocol(args.manifest)
+            if args.threshold is not None:
+                protocol.threshold = float(args.threshold)
+        else:
+            threshold = float(args.threshold) if args.threshold is not None else "policy"
+            protocol = manifest_protocol(args.manifest, args.root, domains=args.domains.split(",") if args.domains else None, split=args.split, threshold=threshold, dev_manifest=args.dev_manifest)
+        if args.limit_per_domain is not None:
+            protocol.limit_per_domain = args.limit_per_domain
+        names = [a.strip() for a in (args.analyses or "").split(",") if a.strip()]
+        analyses = list(analysis.ANALYSES) if names == ["all"] else names
+        grid = tuple(int(x) for x in args.max_calls_grid.split(",") if x.strip())
+        policy = _load_policy(args)
+        config = _config(args, args.on_no_face or "whole")
+        result = analysis.run_evaluation(
+            protocol, policy, experts=_experts_for(policy, args), tools=tuple(config.allowed_tools) if config.allowed_tools else None,
+            max_tool_calls=config.max_tool_calls, analyses=analyses, max_calls_grid=grid, seed=args.seed, n_boot=args.bootstrap,
+            on_no_face=args.on_no_face or "whole", progress=sys.stderr.isatty() or bool(args.report),
+        )
+    except (TarfasError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"protocol {protocol.name} ({protocol.kind}); policy: {result.policy} [{result.policy_version}]; {result.images} images in {result.seconds:.1f} s")
+    for f in result.folds:
+        print(f"\n{f.fold}: threshold {f.threshold:.4f} ({f.threshold_source})")
+        print(report.metrics_table(f))
+    if result.fast is not None:
+        print("\nfast answer vs reasoning answer (paper Table S6)\n" + report.compact_table([("Fast answer", result.fast), ("Reasoning answer", result.folds)]))
+    if result.ablation:
+        print("\ntools offered (paper Table 2)\n" + report.compact_table([(v.variant.name, v.folds) for v in result.ablation], {v.variant.name: f"{v.mean_calls:.2f}" for v in result.ablation}, "mean tool calls"))
+    if result.max_calls:
+        print("\nmax tool calls (paper Fig. S11)\n" + report.compact_table([(v.variant.name, v.folds) for v in result.max_calls], {v.variant.name: f"{v.mean_calls:.2f}" for v in result.max_calls}, "mean tool calls"))
+    for s in result.scores.values():
+        if s.score_spoof is None:
+            print(f"unreadable: {s.row.rel_path}: {s.error}", file=sys.stderr)
+    if args.report:
+        from core.experts import DEFAULT_DIR
+
+        weights = args.weights or (DEFAULT_DIR if getattr(policy, "bank", None) is not None else None)
+        path = report.write_report(result, args.report, report.run_info(result, _eval_command(args), weights))
+        print(f"\nreport: {path}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"policy": result.policy, "policy_version": result.policy_version, "results": [f.to_dict() for f in result.folds]}, indent=2))
+    return 0
+
+
+def _eval_command(args) -> list[str]:
+    """The command line that reproduces this run (every option spelled out, defaults included)."""
+    parts = ["tarfas", "eval", str(args.manifest)]
+    for k, v in vars(args).items():
+        if k in ("command", "manifest") or v is None or v is False:
+            continue
+        parts += ["--" + k.replace("_", "-")] + ([] if v is True else [str(v)])
+    return parts
 
 
 def cmd_train(args) -> int:
