@@ -26,9 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import agent, faces
-from .errors import InputImageError
 from .eval_protocols import Fold, Protocol, ProtocolError, Selection
-from .evaluate import ScoredImage
+from .evaluate import ScoredImage, load_face, score_face
 from .manifest import ManifestRow
 from .metrics import FasMetrics, attack_type_key, eer_threshold, fas_metrics
 from .registry import TOOL_FAMILIES, TOOL_NAMES
@@ -75,10 +74,7 @@ class FaceCache:
 
     def get(self, row: ManifestRow) -> faces.FaceCrop | str:
         if row.path not in self._faces:
-            try:
-                self._faces[row.path] = faces.prepare_face(faces.load_image(row.path), on_no_face=self.on_no_face)
-            except InputImageError as exc:
-                self._faces[row.path] = str(exc)
+            self._faces[row.path] = load_face(row, self.on_no_face)
         return self._faces[row.path]
 
     def prepare(self, rows: list[ManifestRow], progress: bool = True) -> None:
@@ -89,20 +85,8 @@ class FaceCache:
 def score_variant(rows, face_cache: FaceCache, policy, variant: Variant, *, experts=None, progress: bool = True) -> dict[Path, ScoredImage]:
     """Investigate every row with one variant; unreadable images are recorded, never abort the run."""
     config = variant.config(face_cache.on_no_face)
-    out = {}
-    for row in tqdm(rows, desc=variant.name, unit="img", disable=not progress, dynamic_ncols=True):
-        face = face_cache.get(row)
-        if isinstance(face, str):
-            out[row.path] = ScoredImage(row, None, error=face)
-            continue
-        t0 = time.perf_counter()
-        traj = agent.run(face, policy, config, experts=experts, source=row.rel_path)
-        ms = (time.perf_counter() - t0) * 1e3
-        if traj.final is None:
-            out[row.path] = ScoredImage(row, None, face.face_detected, error=traj.error or "no verdict", ms=ms)
-        else:
-            out[row.path] = ScoredImage(row, traj.final.score_spoof, face.face_detected, [t.tool_result.name for t in traj.tool_turns], traj.fast_score, ms=ms)
-    return out
+    rows = tqdm(rows, desc=variant.name, unit="img", disable=not progress, dynamic_ncols=True)
+    return {row.path: score_face(row, face_cache.get(row), policy, config, experts=experts) for row in rows}
 
 
 # --- fold metrics --------------------------------------------------------------------------------

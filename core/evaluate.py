@@ -45,6 +45,27 @@ class EvalResult:
         return [s for s in self.scored if s.score_spoof is None]
 
 
+def load_face(row: ManifestRow, on_no_face: str = "whole") -> faces.FaceCrop | str:
+    """The row's 224x224 face crop, or the message of why it could not be made."""
+    try:
+        return faces.prepare_face(faces.load_image(row.path), on_no_face=on_no_face)
+    except InputImageError as exc:
+        return str(exc)
+
+
+def score_face(row: ManifestRow, face: faces.FaceCrop | str, policy, config=None, *, experts=None, t0: float | None = None) -> ScoredImage:
+    """Investigate one prepared face (or record the error that replaced it). ``ms`` runs from ``t0``
+    (default: now), so callers choose whether face preparation counts."""
+    if isinstance(face, str):
+        return ScoredImage(row, None, error=face)
+    t0 = time.perf_counter() if t0 is None else t0
+    traj = agent.run(face, policy, config, experts=experts, source=row.rel_path)
+    ms = (time.perf_counter() - t0) * 1e3
+    if traj.final is None:
+        return ScoredImage(row, None, face.face_detected, error=traj.error or "no verdict", ms=ms)
+    return ScoredImage(row, traj.final.score_spoof, face.face_detected, [t.tool_result.name for t in traj.tool_turns], traj.fast_score, ms=ms)
+
+
 def score_rows(
     rows: list[ManifestRow],
     policy,
@@ -59,19 +80,7 @@ def score_rows(
     out = []
     for row in tqdm(rows, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
         t0 = time.perf_counter()
-        try:
-            face = faces.prepare_face(faces.load_image(row.path), on_no_face=on_no_face)
-        except InputImageError as exc:
-            out.append(ScoredImage(row, None, error=str(exc)))
-            continue
-        traj = agent.run(face, policy, config, experts=experts, source=row.rel_path)
-        ms = (time.perf_counter() - t0) * 1e3
-        if traj.final is None:
-            out.append(ScoredImage(row, None, face.face_detected, error=traj.error or "no verdict", ms=ms))
-            continue
-        out.append(
-            ScoredImage(row, traj.final.score_spoof, face.face_detected, [t.tool_result.name for t in traj.tool_turns], traj.fast_score, ms=ms)
-        )
+        out.append(score_face(row, load_face(row, on_no_face), policy, config, experts=experts, t0=t0))
     return out
 
 
