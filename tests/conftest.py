@@ -125,3 +125,13 @@ def tiny_weights(tiny_config) -> Path:
     path = train_experts(tiny_config)
     assert path.name == "experts.json" and path.is_file()
     return path.parent
+
+
+@pytest.fixture
+def storage(tmp_path):
+    """A fresh, migrated SQLite store (database + file store) in a temporary data directory."""
+    from storage.db import open_storage
+
+    st = open_storage(tmp_path)
+    yield st
+    st.close()

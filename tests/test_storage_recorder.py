@@ -12,17 +12,10 @@ from core.agent import investigate
 from core.events import InvestigationFinished, InvestigationStarted, TurnCompleted
 from core.policies import ScriptedPolicy
 from storage.cases import cases_with_image, create_case, record_export
-from storage.db import make_engine, open_storage, session_factory
+from storage.db import make_engine, session_factory
 from storage.errors import InvestigationStateError, NotFoundError
 from storage.investigations import InvestigationRecorder, face_of, load_trajectory
 from storage.models import AuditEvent, Case, Export, Investigation, ToolResult, Turn
-
-
-@pytest.fixture
-def storage(tmp_path):
-    st = open_storage(tmp_path)
-    yield st
-    st.close()
 
 
 @pytest.fixture

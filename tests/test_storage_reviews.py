@@ -12,18 +12,11 @@ from storage_support import ANSWER_SPOOF, FAST_SPOOF, FFT, ZOOM, astronaut_png
 from core.agent import investigate
 from core.policies import ScriptedPolicy
 from storage.cases import create_case
-from storage.db import make_engine, open_storage, session_factory
+from storage.db import make_engine, session_factory
 from storage.errors import AuditLogImmutableError, ConcurrentReviewError, InvalidReviewError
 from storage.investigations import InvestigationRecorder
 from storage.models import AuditEvent, Review, TurnFlag
 from storage.reviews import NO_REVIEW, load_review, submit_review
-
-
-@pytest.fixture
-def storage(tmp_path):
-    st = open_storage(tmp_path)
-    yield st
-    st.close()
 
 
 @pytest.fixture
