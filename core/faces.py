@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,17 +117,20 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-_CASCADE: cv2.CascadeClassifier | None = None
+# One cascade per thread: a CascadeClassifier shared by threads returns different boxes for the same
+# image when detections overlap (seen with 3 threads: 5 of 8 crops differed from a sequential run).
+_CASCADES = threading.local()
 
 
 def _cascade() -> cv2.CascadeClassifier:
-    global _CASCADE
-    if _CASCADE is None:
+    cascade = getattr(_CASCADES, "cascade", None)
+    if cascade is None:
         path = Path(cv2.data.haarcascades) / "haarcascade_frontalface_alt2.xml"
-        _CASCADE = cv2.CascadeClassifier(str(path))
-        if _CASCADE.empty():
+        cascade = cv2.CascadeClassifier(str(path))
+        if cascade.empty():
             raise RuntimeError(f"OpenCV Haar cascade missing at {path}; install opencv-python-headless 4.x")
-    return _CASCADE
+        _CASCADES.cascade = cascade
+    return cascade
 
 
 def detect_faces(rgb: np.ndarray) -> list[tuple[int, int, int, int]]:

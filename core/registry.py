@@ -183,14 +183,14 @@ class ToolRegistry:
         """Check a call against its schema and the image; return the normalised arguments."""
         if not isinstance(name, str):
             raise UnknownToolError(f"tool name must be a string, got {type(name).__name__}")
-        spec = self.spec(name)
+        self.spec(name)  # raises UnknownToolError for a name not offered
         if arguments is None:
             arguments = {}
-        try:
-            jsonschema.validate(arguments, spec.parameters)
-        except jsonschema.ValidationError as exc:
+        # Same error as jsonschema.validate(), without re-checking the schema on every call (2.5 ms).
+        exc = jsonschema.exceptions.best_match(_VALIDATORS[name].iter_errors(arguments))
+        if exc is not None:
             where = "/".join(str(p) for p in exc.absolute_path) or "arguments"
-            raise InvalidToolArgumentsError(f"{name}: invalid {where}: {exc.message}") from None
+            raise InvalidToolArgumentsError(f"{name}: invalid {where}: {exc.message}")
         check = self._specs[name][1]
         return check(image, arguments) if check else dict(arguments)
 
@@ -202,5 +202,12 @@ class ToolRegistry:
         return ToolExecution(name, args, output, (time.perf_counter() - t0) * 1e3)
 
 
+def _validator(schema: dict):
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+_VALIDATORS = {spec.name: _validator(spec.parameters) for spec, _ in _SPECS}
 TOOL_NAMES = [spec.name for spec, _ in _SPECS]
 TOOL_FAMILIES = {spec.name: spec.family for spec, _ in _SPECS}

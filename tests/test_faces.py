@@ -288,3 +288,21 @@ def test_dev_images_load_and_crop(fasdev):
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
         fc = prepare_face(rgb, on_no_face="whole")
         assert fc.crop.shape == (CROP_SIZE, CROP_SIZE, 3)
+
+
+def test_detection_gives_the_same_boxes_from_concurrent_threads():
+    """OpenCV's CascadeClassifier is not safe to share between threads (the app and the annotator
+    detect in worker threads): each thread must get its own, so boxes match a sequential run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.samples import live_portrait, simulate_print, simulate_replay
+
+    import skimage.data
+
+    base = skimage.data.astronaut()
+    images = [base, live_portrait(), simulate_print(live_portrait()), simulate_replay(live_portrait()),
+              base[::-1, ::-1].copy(), np.ascontiguousarray(base[:, ::-1])] * 2
+    sequential = [detect_faces(im) for im in images]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(detect_faces, images)) == sequential

@@ -16,7 +16,9 @@ from storage.db import DB_FILENAME, alembic_config, init_db, make_engine, open_s
 from storage.cases import create_case
 from storage.models import Base, Case, Turn
 
-TABLES = {"cases", "investigations", "turns", "tool_results", "reviews", "turn_flags", "exports", "audit_events"}
+TABLES = {"cases", "investigations", "turns", "tool_results", "reviews", "turn_flags", "exports", "audit_events",
+          "dataset_exports", "dataset_export_items"}
+HEAD = "0002"  # the newest migration in storage/migrations/versions
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def test_open_storage_creates_a_sqlite_file_in_the_data_directory(storage, tmp_p
     assert storage.engine.url.database == str(tmp_path / DB_FILENAME)
     assert TABLES <= set(inspect(storage.engine).get_table_names())
     with storage.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
 
 
 def test_the_migrations_match_the_models(storage):
@@ -54,6 +56,7 @@ def test_init_db_is_idempotent_and_migrations_go_down_and_up(storage):
 def test_sqlite_runs_in_wal_mode_with_foreign_keys_and_a_busy_timeout(storage):
     with storage.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL: safe through a process kill
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 5000
 
