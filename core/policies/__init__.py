@@ -3,7 +3,7 @@
 from .base import Conversation, Policy, PolicyOutput
 from .scripted import ScriptedPolicy
 
-POLICY_NAMES = ["expert"]
+POLICY_NAMES = ["expert", "hf", "vllm"]
 
 
 def load_policy(name: str = "expert", **kwargs) -> Policy:
@@ -12,6 +12,14 @@ def load_policy(name: str = "expert", **kwargs) -> Policy:
         from .expert import ExpertPolicy
 
         return ExpertPolicy.load(**kwargs)
+    if name == "hf":  # HFPolicy.load(model=DIR, adapter=None, device=None, dtype=None, max_new_tokens=512, ...)
+        from .hf import HFPolicy
+
+        return HFPolicy.load(**kwargs)
+    if name == "vllm":  # OpenAIChatPolicy(base_url=URL, model=NAME, api_key_env=None, max_new_tokens=512, ...)
+        from .openai_chat import OpenAIChatPolicy
+
+        return OpenAIChatPolicy(**kwargs)
     raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICY_NAMES)}")
 
 

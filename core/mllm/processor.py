@@ -1,0 +1,125 @@
+"""Load a Qwen2.5-VL or InternVL3 checkpoint folder (real or nano) with a processor that needs no
+torchvision, and the tarfas chat template attached."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import WeightsError
+from .processing_tarfas import TarfasInternVLProcessor, TarfasQwen2_5_VLProcessor
+from .template import attach_chat_template
+
+_PROCESSORS = {"qwen2_5_vl": TarfasQwen2_5_VLProcessor, "internvl": TarfasInternVLProcessor}
+_MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
+
+
+def make_processor(arch: str, image_processor, tokenizer, image_seq_length: int | None = None):
+    """Assemble the torchvision-free processor of ``arch`` from its image processor and tokenizer."""
+    if arch == "internvl":
+        return TarfasInternVLProcessor(image_processor, tokenizer, image_seq_length=image_seq_length or 256)
+    return TarfasQwen2_5_VLProcessor(image_processor, tokenizer)
+
+
+def detect_arch(model_dir: str | Path) -> str:
+    """"qwen2_5_vl" or "internvl", from the folder's config.json."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{model_dir} is not a model folder (no config.json)")
+    model_type = json.loads(path.read_text()).get("model_type")
+    for arch, mt in _MODEL_TYPES.items():
+        if model_type == mt:
+            return arch
+    raise WeightsError(
+        f"{model_dir}: model_type {model_type!r} is not supported; expected Qwen2.5-VL (qwen2_5_vl) or InternVL3 in "
+        "transformers format (internvl, e.g. OpenGVLab/InternVL3-8B-hf)"
+    )
+
+
+def load_processor(model_dir: str | Path, arch: str | None = None, *, chat_template: bool = True):
+    """The image-only processor of a checkpoint folder. Sub-components load from the folder's own
+    files (tokenizer, preprocessor_config.json); without torchvision, transformers picks the PIL image
+    processor. ``chat_template=True`` attaches the tarfas template (what training and the policies use)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    arch = arch or detect_arch(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    seq = None
+    if arch == "internvl":
+        cfg = json.loads((model_dir / "config.json").read_text())
+        seq = cfg.get("image_seq_length", 256)
+    processor = make_processor(arch, image_processor, tokenizer, image_seq_length=seq)
+    if chat_template:
+        attach_chat_template(processor, arch)
+    return processor
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers *ForConditionalGeneration in eval mode
+    processor: object
+    arch: str
+    device: str
+    dtype: str
+    adapter: str | None = None
+
+
+def pick_device_dtype(device: str | None = None, dtype: str | None = None) -> tuple[str, str]:
+    """CUDA when present; bfloat16 on GPUs that support it, float32 on CPU (CPU bf16 matmuls are slow
+    and lose the precision the class-token score needs)."""
+    import torch
+
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None or dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    return device, dtype
+
+
+def load_model_and_processor(
+    model_dir: str | Path, *, adapter: str | Path | None = None, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
+    """Load a Qwen2.5-VL / InternVL3 (transformers format) folder offline, optionally with a PEFT LoRA
+    adapter folder, on ``device`` (default: CUDA if available, else CPU)."""
+    import torch
+
+    model_dir = Path(model_dir)
+    arch = detect_arch(model_dir)
+    device, dtype = pick_device_dtype(device, dtype)
+    if arch == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    else:
+        from transformers import InternVLForConditionalGeneration as cls
+    try:
+        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True)
+    except OSError as exc:
+        raise WeightsError(f"cannot load model weights from {model_dir}: {exc}") from exc
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise WeightsError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(device).eval()
+    return LoadedModel(model, load_processor(model_dir, arch), arch, device, dtype, str(adapter) if adapter else None)
+
+
+def install_remote_code(model_dir: str | Path, arch: str) -> None:
+    """Copy the image-only processor into ``model_dir`` and point ``auto_map`` at it, so that
+    ``AutoProcessor.from_pretrained(DIR, trust_remote_code=True)`` and ``transformers serve
+    --trust-remote-code`` build a processor that handles images without torchvision."""
+    model_dir = Path(model_dir)
+    shutil.copyfile(Path(__file__).with_name("processing_tarfas.py"), model_dir / "processing_tarfas.py")
+    path = model_dir / "processor_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cls = _PROCESSORS[arch].__name__
+    cfg["processor_class"] = cls
+    cfg["auto_map"] = {"AutoProcessor": f"processing_tarfas.{cls}"}
+    path.write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,98 @@
+"""The class-token score of TAR-FAS: "we preserve the original logits of the classification token in
+the final answer". P(spoof) is the softmax over the two logits of the first token where the answer
+``<Spoof>`` and ``<Real>`` differ, at the answer position (works with any tokenizer: with Qwen's,
+both class strings are several tokens). Computed from a forward pass, never from sampled text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+CLASS_STRINGS = {"spoof": "<Spoof>", "real": "<Real>"}
+
+# Where the class token sits in an assistant turn: the start of a fast answer (<Spoof><reason>..) or
+# right after <answer>. Only locates the position; core.protocol still parses the turn.
+_FAST_CLASS = re.compile(r"^\s*<(?:Spoof|Real)>", re.I)
+_ANSWER_CLASS = re.compile(r"<answer>\s*<(?:Spoof|Real)>", re.I)
+
+
+def class_position(text: str) -> int | None:
+    """Character offset of the class tag in an assistant turn, or None when the turn has no verdict."""
+    m = _ANSWER_CLASS.search(text) or _FAST_CLASS.match(text)
+    return m.start() + m.group(0).rfind("<") if m else None
+
+
+@dataclass
+class ClassTokenScore:
+    p_spoof: float
+    position: int  # index in the input ids of the first token where the class strings differ
+    spoof_token: int
+    real_token: int
+    logits: tuple[float, float]  # (spoof, real) raw logits
+
+
+def split_point(ids_spoof: list[int], ids_real: list[int]) -> int:
+    """Index of the first token where the two tokenizations differ."""
+    for k, (a, b) in enumerate(zip(ids_spoof, ids_real)):
+        if a != b:
+            return k
+    raise ValueError("the <Spoof> and <Real> continuations tokenize identically")
+
+
+def class_token_score(model, processor, prompt_text: str, images, assistant_prefix: str) -> ClassTokenScore:
+    """P(spoof) at the class position after ``prompt_text + assistant_prefix`` (one forward pass over
+    the shared prefix, images included)."""
+    import torch
+
+    def enc(cls):
+        return processor(text=[prompt_text + assistant_prefix + CLASS_STRINGS[cls]], images=images or None, return_tensors="pt")
+
+    es, er = enc("spoof"), enc("real")
+    ids_s, ids_r = es["input_ids"][0].tolist(), er["input_ids"][0].tolist()
+    k = split_point(ids_s, ids_r)
+    n = len(ids_s)
+    inputs = {key: (v[:, :k] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (1, n) else v) for key, v in es.items()}
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    inputs = {key: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v.to(device) if torch.is_tensor(v) else v) for key, v in inputs.items()}
+    with torch.no_grad():
+        logits = model(**inputs, logits_to_keep=1).logits[0, -1].float()
+    pair = torch.stack([logits[ids_s[k]], logits[ids_r[k]]])
+    p = torch.softmax(pair, dim=0)[0].item()
+    return ClassTokenScore(p, k, ids_s[k], ids_r[k], (pair[0].item(), pair[1].item()))
+
+
+def score_from_top_logprobs(text: str, tokens: list[dict]) -> tuple[float | None, str]:
+    """P(spoof) from an OpenAI-style ``logprobs.content`` list (``token``, ``logprob``,
+    ``top_logprobs``) of the generated ``text``: at the token that covers the first character where
+    ``<Spoof>`` and ``<Real>`` differ, sum the probabilities of the top alternatives consistent with
+    each class. Returns (score or None, how it was obtained)."""
+    pos = class_position(text)
+    if pos is None:
+        return None, "no class token in the turn"
+    diff = pos + 1  # "<S..." vs "<R...": they differ right after "<"
+    offset = 0
+    for entry in tokens:
+        tok = entry.get("token") or ""
+        if offset + len(tok) > diff:
+            lead = text[offset:pos]  # part of this token before the class tag (e.g. ">" merged with "<")
+            mass = {"spoof": 0.0, "real": 0.0}
+            for alt in entry.get("top_logprobs") or []:
+                t = alt.get("token") or ""
+                if len(t) <= diff - offset:
+                    continue  # ends before the differing character: says nothing about the class
+                for cls, s in CLASS_STRINGS.items():
+                    full = lead + s[max(0, offset - pos) :]  # this class's text from the token's start
+                    if full.startswith(t) or t.startswith(full):
+                        mass[cls] += math.exp(alt["logprob"])
+            total = mass["spoof"] + mass["real"]
+            if total == 0.0:
+                return None, "class tokens not among the returned top_logprobs"
+            how = "class_token_logprobs"
+            if mass["spoof"] == 0.0 or mass["real"] == 0.0:
+                how += " (one class below the returned top_logprobs)"
+            return mass["spoof"] / total, how
+        offset += len(tok)
+    return None, "logprobs do not cover the class token"

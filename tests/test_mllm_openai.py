@@ -1,0 +1,137 @@
+"""The vllm policy (OpenAI Chat Completions client) against a real OpenAI-compatible server on
+loopback: `transformers serve` running the nano Qwen2.5-VL. vLLM itself needs a GPU; the client is
+protocol-level, so the same requests go to `vllm serve` (docs/models.md)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import agent, protocol
+from core.mllm.messages import encode, to_processor_inputs
+from core.mllm.nano import build_nano
+from core.mllm.processor import load_processor
+from core.mllm.scoring import score_from_top_logprobs
+from core.policies import ScriptedPolicy, load_policy
+from core.policies.openai_chat import OpenAIChatPolicy, _with_closing_tag
+from core.registry import ToolRegistry
+from core.trajectory import to_messages
+
+FAST = protocol.format_fast_answer("real", "Natural skin.")
+CALL = protocol.format_tool_call_turn("Check for moire.", protocol.ToolCall("FFTTool", {}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`transformers serve` on 127.0.0.1:<free port> with the nano model, offline; always stopped."""
+    torch.set_num_threads(1)
+    model_dir = build_nano(tmp_path_factory.mktemp("nano") / "qwen", "qwen2_5_vl")
+    port = _free_port()
+    exe = Path(sys.executable).with_name("transformers")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path_factory.mktemp("hf")))
+    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [str(exe), "serve", str(model_dir), "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"transformers serve did not start:\n{log.read()[-3000:]}")
+                time.sleep(0.5)
+        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(model_dir), "dir": model_dir}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+class ScriptThen:
+    """Forced turns first (an untrained model never calls a tool), then the real client."""
+
+    def __init__(self, script, policy):
+        self.script, self.policy = ScriptedPolicy(script), policy
+        self.name, self.version, self.description = policy.name, policy.version, policy.description
+
+    def next_turn(self, conversation):
+        if self.script.calls < len(self.script._replies):
+            return self.script.next_turn(conversation)
+        return self.policy.next_turn(conversation)
+
+
+def test_investigation_through_a_real_openai_compatible_server(server, face):
+    client = load_policy("vllm", base_url=server["url"], model=server["model"], max_new_tokens=8)
+    traj = agent.run(face, ScriptThen([FAST, CALL], client))
+    assert traj.turns[1].tool_result is not None  # the FFT image went to the server as an image_url part
+    served = traj.turns[2:]
+    assert served and all(t.notes["finish_reason"] in ("length", "stop") for t in served)
+    assert all(t.notes["new_tokens"] <= 8 for t in served)
+    # no logprobs from this server: the score is left to the verdict text, and the notes say so
+    assert all(t.notes["score_source"] == "verdict text (the server returned no logprobs)" and t.score_spoof is None for t in served)
+    # the server saw both images: its prompt token count equals the local processor's, image tokens included
+    system = protocol.system_prompt(ToolRegistry(None).schemas())
+    before = type(traj)(policy="vllm", crop=traj.crop)
+    before.turns = traj.turns[:2]
+    local = encode(load_processor(server["dir"]), to_processor_inputs(to_messages(before, system=system, next_prompt=True), load_processor(server["dir"])))
+    assert served[0].notes["prompt_tokens"] == local["input_ids"].shape[1]
+    assert (local["input_ids"] == load_processor(server["dir"]).image_token_id).sum().item() == 128
+    assert traj.status in ("completed", "failed") and traj.turns  # untrained text is recorded, never crashes the loop
+
+
+def test_unreachable_server_fails_the_investigation_with_a_clear_error(face):
+    policy = OpenAIChatPolicy(f"http://127.0.0.1:{_free_port()}/v1", "nano", timeout_s=5)
+    traj = agent.run(face, policy)
+    assert traj.status == "failed" and traj.error.startswith("ModelServerError: cannot reach")
+
+
+def test_missing_api_key_env_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TARFAS_TEST_KEY", raising=False)
+    with pytest.raises(ValueError, match="TARFAS_TEST_KEY"):
+        OpenAIChatPolicy("http://127.0.0.1:1/v1", "m", api_key_env="TARFAS_TEST_KEY")
+
+
+def test_score_from_vllm_style_top_logprobs():
+    import math
+
+    text = "<think>flat</think>\n<answer><Spoof></answer>"
+    toks = ["<think>", "flat", "</think>", "\n", "<answer>", "<", "Sp", "oof", "></", "answer", ">"]
+    entries = [{"token": t, "logprob": -0.1, "top_logprobs": [{"token": t, "logprob": -0.1}]} for t in toks]
+    entries[6]["top_logprobs"] = [{"token": "Sp", "logprob": math.log(0.6)}, {"token": "Real", "logprob": math.log(0.3)}, {"token": "x", "logprob": math.log(0.1)}]
+    score, how = score_from_top_logprobs(text, entries)
+    assert score == pytest.approx(0.6 / 0.9) and how == "class_token_logprobs"
+    # a tokenizer that merges "<" into the class token: "<Real" vs "<Sp"
+    toks2 = ["<think>", "flat", "</think>", "\n", "<answer>", "<Sp", "oof", "></answer>"]
+    entries2 = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in toks2]
+    entries2[5]["top_logprobs"] = [{"token": "<Sp", "logprob": math.log(0.2)}, {"token": "<Real", "logprob": math.log(0.8)}]
+    assert score_from_top_logprobs(text, entries2)[0] == pytest.approx(0.2)
+    assert score_from_top_logprobs("<think>x</think><tool_call>{}</tool_call>", entries)[0] is None
+
+
+def test_stop_string_dropped_by_the_server_is_restored():
+    assert _with_closing_tag("<think>a</think>\n<answer><Real>", "stop", "</answer>") == "<think>a</think>\n<answer><Real></answer>"
+    assert _with_closing_tag('<think>a</think>\n<tool_call>\n{"name": "FFTTool"}\n', "stop", None).endswith("</tool_call>")
+    assert _with_closing_tag("<think>a</think>\n<answer><Real>", "length", None) == "<think>a</think>\n<answer><Real>"
