@@ -31,3 +31,7 @@ class AuditLogImmutableError(StorageError):
 
 class InvestigationStateError(StorageError):
     """Events arrived in an order the recorder cannot store (e.g. a turn before its investigation)."""
+
+
+class InvalidCaseError(StorageError, ValueError):
+    """A case field set to a value it cannot take (e.g. an unknown attack type)."""

@@ -25,6 +25,7 @@ NAMING = {
 INVESTIGATION_STATUSES = ("running", "completed", "failed", "interrupted")
 REVIEW_VERDICTS = ("real", "spoof", "unsure")
 TURN_FLAGS = ("wrong_tool", "wrong_reasoning", "good_step")
+ATTACK_TYPES = ("print", "replay", "mask", "other", "unknown")  # a case's presentation attack type (None: not set)
 
 
 def utcnow() -> datetime:
@@ -54,7 +55,9 @@ class Case(Base):
     filename: Mapped[str | None] = mapped_column(String(255))
     byte_size: Mapped[int] = mapped_column(Integer)
     created_by: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)  # the queue's order
+    # Set by the analyst (storage.cases.set_attack_type, audited); the queue filters on it and exports carry it.
+    attack_type: Mapped[str | None] = mapped_column(String(32), index=True)
 
     investigations: Mapped[list[Investigation]] = relationship(back_populates="case", order_by="Investigation.started_at")
 
@@ -190,6 +193,40 @@ class Export(Base):
     file_sha256: Mapped[str] = mapped_column(String(64))
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DatasetExport(Base):
+    """A training dataset folder written from reviewed investigations (app.export): who, when, where,
+    and the SHA-256 of its manifest (kept in the file store) and of every file the manifest lists."""
+
+    __tablename__ = "dataset_exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    folder: Mapped[str] = mapped_column(String(1024))
+    format: Mapped[str] = mapped_column(String(64))  # core.dataset.FORMAT + version, e.g. "tarfas-trajectories/1"
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    files: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # file name -> SHA-256, from the manifest
+    counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)  # records written and skipped
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    items: Mapped[list[DatasetExportItem]] = relationship(back_populates="export", cascade="all, delete-orphan", order_by="DatasetExportItem.id")
+
+
+class DatasetExportItem(Base):
+    """One investigation in a dataset export, with the review version that was exported (a later review
+    change shows as a newer version than the one exported)."""
+
+    __tablename__ = "dataset_export_items"
+    __table_args__ = (UniqueConstraint("dataset_export_id", "investigation_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset_export_id: Mapped[int] = mapped_column(ForeignKey("dataset_exports.id"))
+    investigation_id: Mapped[str] = mapped_column(ForeignKey("investigations.id"), index=True)
+    review_version: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(16))
+
+    export: Mapped[DatasetExport] = relationship(back_populates="items")
 
 
 class AuditEvent(Base):

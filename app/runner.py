@@ -1,0 +1,268 @@
+"""The background investigation queue of the workbench.
+
+A bounded pool of worker threads runs investigations while the UI stays responsive. Each job reads
+the upload, prepares the face, opens the case and runs :func:`core.agent.investigate` inside a
+:class:`storage.investigations.InvestigationRecorder`, so every turn is committed as it happens. Its
+events are kept on the :class:`Job` and fanned out to any number of readers (a UI stream, a test, a
+benchmark), each of which sees every event from the start.
+
+Bad input (not an image, too large, no face) ends the job with a clear message before anything is
+written. At startup, runs left ``running`` by a dead process are marked ``interrupted``; they and
+failed runs can be re-run on exactly the same crop with :meth:`Runner.rerun`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from core import faces
+from core.agent import AgentConfig, investigate
+from core.errors import NoFaceError, TarfasError
+from core.events import Event, InvestigationFinished
+from core.policies import load_policy
+from storage.cases import create_case
+from storage.db import Storage
+from storage.investigations import InvestigationRecorder, face_of, get_investigation, load_trajectory, mark_interrupted
+
+DEFAULT_CONCURRENCY = 2  # investigations at once; one per core on the reference machine
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the analyst chose in the settings: the policy by name (plus its keyword arguments, e.g.
+    ``model``/``adapter``/``base_url`` for language-model policies) and the agent's limits."""
+
+    policy: str = "expert"
+    policy_kwargs: tuple[tuple[str, Any], ...] = ()  # hashable: it keys the policy cache
+    max_tool_calls: int = 3
+    tools: tuple[str, ...] | None = None  # None = all six tools
+    on_no_face: str = "error"  # or "whole": analyse the whole image when no face is found
+
+    @classmethod
+    def make(cls, policy: str = "expert", policy_kwargs: dict | None = None, **kw) -> RunSettings:
+        kwargs = tuple(sorted((k, v) for k, v in (policy_kwargs or {}).items() if v not in (None, "")))
+        if kw.get("tools") is not None:
+            kw["tools"] = tuple(kw["tools"])
+        return cls(policy, kwargs, **kw)
+
+    def agent_config(self) -> AgentConfig:
+        return AgentConfig(
+            max_tool_calls=self.max_tool_calls,
+            allowed_tools=list(self.tools) if self.tools else None,
+            extra={"on_no_face": self.on_no_face},
+        )
+
+
+class Job:
+    """One investigation in the queue. Readers call :meth:`stream` to get every event, from the first,
+    as it happens; the job keeps them, so a reader that comes late misses nothing."""
+
+    def __init__(self, *, filename: str | None, user: str, settings: RunSettings):
+        self.id = uuid.uuid4().hex
+        self.filename = filename
+        self.user = user
+        self.settings = settings
+        self.state = "queued"  # queued -> running -> done | error
+        self.error: str | None = None  # a message for the analyst (bad input, storage failure)
+        self.error_type: str | None = None
+        self.case_id: str | None = None
+        self.investigation_id: str | None = None
+        self.submitted_at = time.perf_counter()
+        self.events: list[Event] = []
+        self._cond = threading.Condition()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "error")
+
+    @property
+    def trajectory(self):
+        """The finished trajectory (None until the investigation ended, or when the job failed early)."""
+        last = self.events[-1] if self.events else None
+        return last.trajectory if isinstance(last, InvestigationFinished) else None
+
+    def stream(self, timeout: float | None = None) -> Iterator[Event]:
+        """Every event of the job, blocking until the next one arrives; ends when the job ends.
+        ``timeout``: give up (TimeoutError) when nothing happened for this many seconds."""
+        for batch in self.stream_batches(timeout):
+            yield from batch
+
+    def stream_batches(self, timeout: float | None = None) -> Iterator[list[Event]]:
+        """Like :meth:`stream`, but each item is every event that has arrived since the last one: a UI
+        redraws once per batch instead of once per event when the policy is faster than the screen."""
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self.events) and not self.finished:
+                    if not self._cond.wait(timeout):
+                        raise TimeoutError(f"no news from job {self.id} for {timeout} s")
+                new, done = self.events[i:], self.finished
+            if new:
+                yield new
+            i += len(new)
+            if done:
+                return
+
+    def wait(self, timeout: float | None = None) -> Job:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finished, timeout):
+                raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+        return self
+
+    def _push(self, event: Event) -> None:
+        with self._cond:
+            self.events.append(event)
+            self._cond.notify_all()
+
+    def _set(self, **fields) -> None:
+        with self._cond:
+            for k, v in fields.items():
+                setattr(self, k, v)
+            self._cond.notify_all()
+
+
+PolicyLoader = Callable[..., Any]
+
+
+class Runner:
+    """A bounded worker pool for investigations, with loaded policies cached by name and arguments.
+
+    ``policy_loader`` builds a policy from its name and keyword arguments (default
+    :func:`core.policies.load_policy`); each distinct (name, kwargs) is loaded once and shared.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        policy_loader: PolicyLoader = load_policy,
+        max_bytes: int = faces.DEFAULT_MAX_BYTES,
+        max_pixels: int = faces.DEFAULT_MAX_PIXELS,
+    ):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.storage = storage
+        self.concurrency = concurrency
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        self._loader = policy_loader
+        self._policies: dict[tuple, Any] = {}
+        self._policy_lock = threading.Lock()
+        self._experts = None
+        # Jobs are not kept here: each belongs to whoever submitted it (a UI stream), so the events and
+        # images of finished investigations are freed with it in a long-running server.
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tarfas-investigation")
+        # Runs left 'running' by a process that is gone (crash, kill) are marked now, before new work.
+        with storage.sessions.begin() as s:
+            self.recovered = mark_interrupted(s)
+
+    # --- policies -----------------------------------------------------------------------------
+    def policy(self, settings: RunSettings):
+        key = (settings.policy, settings.policy_kwargs)
+        with self._policy_lock:
+            if key not in self._policies:
+                self._policies[key] = self._loader(settings.policy, **dict(settings.policy_kwargs))
+            return self._policies[key]
+
+    def experts_for(self, policy):
+        """The expert bank that annotates tool results: the expert policy's own, else the shipped one
+        (None when no weights are installed: tool results then carry no expert reading)."""
+        bank = getattr(policy, "bank", None)
+        if bank is not None:
+            return bank
+        with self._policy_lock:
+            if self._experts is None:
+                from core.errors import WeightsError
+                from core.experts import ExpertBank
+
+                try:
+                    self._experts = ExpertBank.load()
+                except WeightsError:
+                    self._experts = False
+            return self._experts or None
+
+    # --- jobs ---------------------------------------------------------------------------------
+    def submit(self, data: bytes, *, filename: str | None, user: str, settings: RunSettings | None = None) -> Job:
+        """Queue an investigation of uploaded image bytes; returns at once."""
+        job = Job(filename=filename, user=user, settings=settings or RunSettings())
+        self._pool.submit(self._run_upload, job, bytes(data))
+        return job
+
+    def rerun(self, investigation_id: str, *, user: str, settings: RunSettings | None = None) -> Job:
+        """Queue a new investigation of the same crop as ``investigation_id`` (e.g. one that was
+        interrupted or failed); the new run points back to the old one. Default settings: the old
+        run's policy and limits."""
+        with self.storage.sessions() as s:
+            inv = get_investigation(s, investigation_id)
+            case_id, source = inv.case_id, inv.source
+            if settings is None:
+                params = dict(inv.params or {})
+                settings = RunSettings.make(
+                    # A scripted run (tests, replays) has spent its replies: re-run it with the default.
+                    inv.policy if inv.policy != "scripted" else "expert",
+                    max_tool_calls=int(params.get("max_tool_calls", 3)),
+                    tools=params.get("allowed_tools"),
+                    on_no_face=params.get("on_no_face", "error"),
+                )
+        job = Job(filename=source, user=user, settings=settings)
+        job.case_id = case_id
+        self._pool.submit(self._run_rerun, job, investigation_id)
+        return job
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    # --- workers ------------------------------------------------------------------------------
+    def _run_upload(self, job: Job, data: bytes) -> None:
+        job._set(state="running")
+        try:
+            # Everything that can refuse the input runs before anything is written.
+            rgb = faces.load_image(data, name=job.filename or "the upload", max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            face = faces.prepare_face(rgb, on_no_face=job.settings.on_no_face)
+            policy = self.policy(job.settings)
+            config = job.settings.agent_config()
+            with self.storage.sessions.begin() as s:
+                case = create_case(s, self.storage.files, data, filename=job.filename, user=job.user)
+            job._set(case_id=case.id)
+            self._investigate(job, face, policy, config, case.image_sha256)
+        except Exception as exc:  # noqa: BLE001 (every failure becomes a message on the job)
+            self._fail(job, exc)
+
+    def _run_rerun(self, job: Job, investigation_id: str) -> None:
+        job._set(state="running")
+        try:
+            with self.storage.sessions() as s:
+                old = load_trajectory(s, self.storage.files, investigation_id)
+            policy = self.policy(job.settings)
+            self._investigate(job, face_of(old), policy, job.settings.agent_config(), old.image_sha256, rerun_of=investigation_id, source=old.source)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(job, exc)
+
+    def _investigate(self, job: Job, face, policy, config, image_sha: str, *, rerun_of: str | None = None, source: str | None = None) -> None:
+        recorder = InvestigationRecorder(self.storage.sessions, self.storage.files, job.case_id, user=job.user, rerun_of=rerun_of)
+        events = investigate(face, policy, config, experts=self.experts_for(policy), source=source or job.filename, image_sha256=image_sha)
+        for event in recorder.record(events):
+            if job.investigation_id is None:
+                job.investigation_id = recorder.investigation_id
+            job._push(event)
+        job._set(state="done")
+
+    @staticmethod
+    def _fail(job: Job, exc: Exception) -> None:
+        if isinstance(exc, (TarfasError, ValueError)):
+            message = str(exc)
+        else:
+            message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, NoFaceError):
+            message += " Tick 'analyse the whole image when no face is found' to investigate it anyway."
+        job._set(state="error", error=message, error_type=type(exc).__name__)
+
+
+__all__ = ["DEFAULT_CONCURRENCY", "Job", "RunSettings", "Runner"]

@@ -1,0 +1,103 @@
+"""``tarfas app``: open the case store, start the background runner and serve the workbench.
+
+Serving beyond localhost without logins is refused (:func:`app.ui.auth.check_exposure`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.runner import DEFAULT_CONCURRENCY, Runner, RunSettings
+from core.policies import POLICY_NAMES, load_policy
+from storage.db import Storage, open_storage
+
+DEFAULT_DATA_DIR = Path("tarfas-data")
+
+
+@dataclass
+class Workbench:
+    """A running workbench: close it to stop the server and the runner."""
+
+    demo: object  # gr.Blocks
+    runner: Runner
+    storage: Storage
+    url: str
+    png_dir: Path | None = None
+
+    def close(self) -> None:
+        self.demo.close()
+        self.runner.shutdown(wait=False)
+        self.storage.close()
+        if self.png_dir is not None:
+            shutil.rmtree(self.png_dir, ignore_errors=True)  # rendered copies only; the evidence is in the store
+
+
+def build(
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    *,
+    db_url: str | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    max_file_mb: int = 20,
+    policy_loader=load_policy,
+):
+    """The storage, runner and Blocks of a workbench, not yet serving (tests and benchmarks use it)."""
+    from app.ui import build_app
+    from app.ui.context import AppContext
+    from app.ui.render import PngCache
+
+    data_dir = Path(data_dir)
+    storage = open_storage(data_dir, db_url)
+    runner = Runner(storage, concurrency=concurrency, policy_loader=policy_loader, max_bytes=max_file_mb * 2**20)
+    try:
+        runner.policy(RunSettings())  # load the default policy now, not in the first analyst's wait
+    except Exception as exc:  # noqa: BLE001 (e.g. no weights installed: investigations will say so)
+        print(f"warning: the default policy could not be loaded: {exc}")
+    png = PngCache(Path(tempfile.mkdtemp(prefix="tarfas-ui-")))
+    ctx = AppContext(storage, runner, data_dir, png, max_file_bytes=max_file_mb * 2**20, policy_names=list(POLICY_NAMES))
+    return ctx, build_app(ctx)
+
+
+def serve(
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    *,
+    db_url: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    users=None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    max_file_mb: int = 20,
+    block: bool = True,
+    policy_loader=load_policy,
+) -> Workbench:
+    """Launch the workbench. ``users``: an :class:`app.ui.auth.Users` (None or empty: no login,
+    which is only allowed on localhost). ``block=False`` returns once the server is up."""
+    from app.ui.auth import Users, check_exposure
+    from app.ui.shortcuts import HEAD
+
+    users = users or Users([])
+    check_exposure(host, users)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    ctx, demo = build(data_dir, db_url=db_url, concurrency=concurrency, max_file_mb=max_file_mb, policy_loader=policy_loader)
+    # Gradio's own queue only waits on the runner for streaming events; the runner bounds the work.
+    demo.queue(default_concurrency_limit=8)
+    _, url, _ = demo.launch(
+        server_name=host,
+        server_port=port,
+        auth=users.check if users else None,
+        auth_message="tarfas workbench: log in with your analyst account",
+        max_file_size=f"{max_file_mb}mb",
+        allowed_paths=[str(ctx.png.root), str(Path(data_dir).resolve() / "reports"), str(ctx.exports_dir.resolve())],
+        head=HEAD,
+        prevent_thread_lock=not block,
+        quiet=True,
+        show_error=True,
+        ssr_mode=False,
+    )
+    wb = Workbench(demo, ctx.runner, ctx.storage, url, ctx.png.root)
+    if block:
+        wb.close()
+    return wb

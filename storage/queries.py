@@ -1,0 +1,180 @@
+"""The case queue: every case with its latest investigation and that investigation's review, filtered
+and paged in ONE query (a correlated subquery picks each case's latest investigation; no N+1).
+
+A case's row shows its latest investigation (a re-run replaces the one shown); the analyst verdict is
+the review of that investigation. "Disagreement" means the analyst said real or spoof and the model
+said the other; "uncertain" means the model's P(spoof) lies within ``band`` of the decision
+``threshold`` (pass the policy's own threshold, e.g. ``ExpertPolicy.threshold``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from .models import ATTACK_TYPES, INVESTIGATION_STATUSES, Case, Investigation, Review
+
+DEFAULT_THRESHOLD = 0.5  # P(spoof) decision threshold when the caller does not give the policy's own
+DEFAULT_BAND = 0.1
+
+
+@dataclass
+class CaseFilter:
+    """What the queue shows. Every condition given must hold (AND)."""
+
+    unreviewed_only: bool = False  # the latest investigation has no review yet
+    disagreement_only: bool = False  # analyst real/spoof differs from the model's verdict
+    uncertain_only: bool = False  # |P(spoof) - threshold| <= band
+    threshold: float = DEFAULT_THRESHOLD
+    band: float = DEFAULT_BAND
+    attack_type: str | None = None  # one of storage.models.ATTACK_TYPES
+    status: str | None = None  # status of the latest investigation (storage.models.INVESTIGATION_STATUSES)
+    text: str | None = None  # case-insensitive part of the file name, or a prefix of the image SHA-256 / case id
+    limit: int | None = 200
+    offset: int = 0
+
+    def __post_init__(self):
+        if self.band < 0:
+            raise ValueError(f"band must be >= 0, got {self.band}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a P(spoof) in [0, 1], got {self.threshold}")
+        if self.attack_type is not None and self.attack_type not in ATTACK_TYPES:
+            raise ValueError(f"attack_type must be one of {', '.join(ATTACK_TYPES)}, not {self.attack_type!r}")
+        if self.status is not None and self.status not in INVESTIGATION_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(INVESTIGATION_STATUSES)}, not {self.status!r}")
+        if self.limit is not None and self.limit < 0 or self.offset < 0:
+            raise ValueError("limit and offset must be >= 0")
+
+
+@dataclass
+class CaseRow:
+    """One line of the queue."""
+
+    case_id: str
+    filename: str | None
+    image_sha256: str
+    created_at: datetime
+    created_by: str
+    attack_type: str | None
+    investigation_id: str | None  # None: the case was never investigated
+    status: str | None
+    verdict: str | None  # the model's final verdict
+    score_spoof: float | None
+    policy: str | None
+    policy_version: str | None
+    started_at: datetime | None
+    investigations: int  # how many runs the case has (re-runs included)
+    analyst_verdict: str | None  # real / spoof / unsure; None: not reviewed
+    reviewer: str | None
+    review_version: int | None
+    disagreement: bool
+
+
+def list_cases(session: Session, *, filters: CaseFilter | None = None) -> list[CaseRow]:
+    """The queue, newest case first."""
+    f = filters or CaseFilter()
+    stmt = _filtered(_queue_select(), f).order_by(Case.created_at.desc(), Case.id.desc()).offset(f.offset)
+    if f.limit is not None:
+        stmt = stmt.limit(f.limit)
+    return [_row(r) for r in session.execute(stmt)]
+
+
+def count_cases(session: Session, *, filters: CaseFilter | None = None) -> int:
+    """How many cases match (ignoring limit/offset), for paging."""
+    f = filters or CaseFilter()
+    return session.scalar(select(func.count()).select_from(_filtered(_queue_select(), f).subquery()))
+
+
+# --- the query ------------------------------------------------------------------------------------
+def _queue_select() -> Select:
+    # The latest run of each case, found by a correlated subquery on ix_investigations_case_id. Within
+    # one second (started_at has whole seconds: it is the trajectory's created_at) the run still going,
+    # then the one that finished last, is the latest.
+    inner = aliased(Investigation)
+    latest_id = (
+        select(inner.id)
+        .where(inner.case_id == Case.id)
+        .order_by(inner.started_at.desc(), inner.finished_at.desc().nulls_first(), inner.id.desc())
+        .limit(1)
+        .correlate(Case)
+        .scalar_subquery()
+    )
+    runs = select(func.count(inner.id)).where(inner.case_id == Case.id).correlate(Case).scalar_subquery()
+    latest = Investigation
+    disagree = and_(Review.verdict.in_(("real", "spoof")), latest.verdict.is_not(None), Review.verdict != latest.verdict)
+    return (
+        select(
+            Case.id, Case.filename, Case.image_sha256, Case.created_at, Case.created_by, Case.attack_type,
+            latest.id.label("investigation_id"), latest.status, latest.verdict, latest.score_spoof,
+            latest.policy, latest.policy_version, latest.started_at, runs.label("runs"),
+            Review.verdict.label("analyst_verdict"), Review.reviewer, Review.version.label("review_version"),
+            func.coalesce(disagree, False).label("disagreement"),
+        )
+        .select_from(Case)
+        .outerjoin(latest, latest.id == latest_id)
+        .outerjoin(Review, Review.investigation_id == latest.id)
+    )
+
+
+def _filtered(stmt: Select, f: CaseFilter) -> Select:
+    cols = stmt.selected_columns
+    if f.unreviewed_only:
+        stmt = stmt.where(cols.investigation_id.is_not(None), cols.analyst_verdict.is_(None))
+    if f.disagreement_only:
+        stmt = stmt.where(cols.analyst_verdict.in_(("real", "spoof")), cols.verdict.is_not(None), cols.analyst_verdict != cols.verdict)
+    if f.uncertain_only:
+        stmt = stmt.where(cols.score_spoof.between(f.threshold - f.band, f.threshold + f.band))
+    if f.attack_type is not None:
+        stmt = stmt.where(Case.attack_type == f.attack_type)
+    if f.status is not None:
+        stmt = stmt.where(cols.status == f.status)
+    text = (f.text or "").strip()
+    if text:
+        like = "%" + _escape_like(text.lower()) + "%"
+        prefix = _escape_like(text.lower()) + "%"
+        stmt = stmt.where(
+            or_(
+                func.lower(Case.filename).like(like, escape="\\"),
+                Case.image_sha256.like(prefix, escape="\\"),
+                Case.id.like(prefix, escape="\\"),
+            )
+        )
+    return stmt
+
+
+def _escape_like(text: str) -> str:
+    # A "%" or "_" typed by the analyst is a character to find, not a wildcard.
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _row(r) -> CaseRow:
+    return CaseRow(
+        case_id=r.id,
+        filename=r.filename,
+        image_sha256=r.image_sha256,
+        created_at=_utc(r.created_at),
+        created_by=r.created_by,
+        attack_type=r.attack_type,
+        investigation_id=r.investigation_id,
+        status=r.status,
+        verdict=r.verdict,
+        score_spoof=r.score_spoof,
+        policy=r.policy,
+        policy_version=r.policy_version,
+        started_at=_utc(r.started_at),
+        investigations=int(r.runs or 0),
+        analyst_verdict=r.analyst_verdict,
+        reviewer=r.reviewer,
+        review_version=r.review_version,
+        disagreement=bool(r.disagreement),
+    )
+
+
+def _utc(dt: datetime | None) -> datetime | None:
+    # SQLite gives back naive datetimes; everything stored is UTC.
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
