@@ -1,9 +1,15 @@
 """The ``tarfas`` command line.
 
   tarfas investigate IMAGE [--policy expert] [--max-tool-calls N] [--json] [--out-dir DIR]
+      --policy hf --model DIR [--adapter DIR] | --policy vllm --base-url URL --model NAME [--api-key-env VAR]
+  tarfas model init-nano OUT [--arch qwen2_5_vl|internvl] [--seed 0]
   tarfas eval MANIFEST [--root DIR] [--policy expert] [--scores-out FILE.csv] [--threshold T | --dev-manifest M]
   tarfas eval MANIFEST|PROTOCOL.yaml --report DIR [--analyses fast,tools,tool-use,max-calls|all] [--bootstrap N]
+  tarfas app [--data-dir DIR] [--db URL] [--host H] [--port P] [--auth USER:PASS ...] [--users-file F]
   tarfas train experts [--manifest M] [--train-domains nuaa] [--epochs 10] [--out assets/experts]
+  tarfas train sft --stage kt|fi --model DIR --data EXPORT_DIR[,MANIFEST.csv] [--adapter DIR] --out OUT
+  tarfas train grpo --model DIR [--adapter DIR] --data EXPORT_DIR --out OUT [--reward dt|st]
+  tarfas annotate MANIFEST --out DIR [--annotator expert|openai --model M --base-url URL] [--queue-into DATA_DIR]
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ EXIT_FAILED = 1  # the investigation itself failed
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="expert", help="policy that investigates (default: expert, the offline ensemble)")
     p.add_argument("--weights", default=None, help="expert weights folder (default: the shipped assets/experts)")
+    p.add_argument("--model", default=None, help="hf: checkpoint folder (Qwen2.5-VL / InternVL3-hf); vllm: served model name")
+    p.add_argument("--adapter", default=None, help="hf: PEFT LoRA adapter folder")
+    p.add_argument("--base-url", default=None, help="vllm: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key-env", default=None, help="vllm: environment variable that holds the API key")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="hf/vllm: token budget of one assistant turn (default: 512)")
     p.add_argument("--max-tool-calls", type=int, default=3, help="tool calls allowed per investigation (paper: 3)")
     p.add_argument("--tools", default=None, help="comma-separated subset of tools to offer (default: all six)")
     p.add_argument("--on-no-face", choices=["error", "whole"], default=None, help="when no face is found: stop with an error, or analyse the whole image")
@@ -61,12 +72,69 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="seed of the samples and of the bootstrap (default: 0)")
     ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals; 0 = none (default: 1000)")
 
+    ap = sub.add_parser("app", help="serve the analyst workbench (Gradio): investigate, review, queue, export, metrics")
+    ap.add_argument("--data-dir", default="tarfas-data", help="case store folder: tarfas.db and the evidence files (default: ./tarfas-data)")
+    ap.add_argument("--db", default=None, metavar="URL", help="SQLAlchemy database URL instead of <data-dir>/tarfas.db")
+    ap.add_argument("--host", default="127.0.0.1", help="address to serve on (beyond localhost needs --auth or --users-file)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--auth", action="append", default=[], metavar="USER:PASS", help="an analyst login (repeatable)")
+    ap.add_argument("--users-file", default=None, help="file of user:password lines (chmod 600)")
+    ap.add_argument("--concurrency", type=int, default=2, help="investigations run at once (default: 2)")
+    ap.add_argument("--max-file-mb", type=int, default=20, help="upload size limit in MiB (default: 20)")
+
     tr = sub.add_parser("train", help="train models")
     trs = tr.add_subparsers(dest="what", required=True)
     te = trs.add_parser("experts", help="train the expert ensemble (RGB classifier + one CNN per tool)")
     from training.configs import ExpertTrainConfig
 
     _dataclass_args(te, ExpertTrainConfig)
+    from training.configs import GRPOConfig, SFTConfig
+
+    ts = trs.add_parser("sft", help="supervised fine-tuning of an MLLM policy: --stage kt (fast answers) or fi (multi-turn trajectories)",
+                        description="TRL SFTTrainer + LoRA (paper §3.2.1-3.2.2). --data takes dataset folders (app export, annotation) "
+                        "and/or manifest CSVs, comma-separated. Writes OUT/adapter (or OUT/model) with tarfas_lineage.json. See docs/training.md.")
+    _dataclass_args(ts, SFTConfig)
+    tg = trs.add_parser("grpo", help="DT-GRPO with real tool rollouts (or the ST-GRPO baseline with --reward st)",
+                        description="TRL GRPOTrainer whose rollouts run tarfas's agent loop and tools (paper §3.2.3). "
+                        "Writes OUT/model (or OUT/adapter with --use-lora) with tarfas_lineage.json. See docs/training.md.")
+    _dataclass_args(tg, GRPOConfig)
+
+    mo = sub.add_parser("model", help="model folders for the hf / vllm policies")
+    mos = mo.add_subparsers(dest="what", required=True)
+    nano = mos.add_parser("init-nano", help="build a tiny offline Qwen2.5-VL or InternVL3 (real architecture, local tokenizer) into OUT")
+    nano.add_argument("out")
+    nano.add_argument("--arch", choices=["qwen2_5_vl", "internvl"], default="qwen2_5_vl")
+    nano.add_argument("--seed", type=int, default=0)
+
+    an = sub.add_parser(
+        "annotate",
+        help="build a ToolFAS-style trajectory dataset from a manifest with an annotator guided by the tool experts",
+        description="Multi-turn tool-augmented annotation (TAR-FAS §3.1): verified, re-annotated once on failure, "
+        "resumable. Writes a dataset folder that `tarfas train sft` reads. See docs/annotation.md.",
+    )
+    an.add_argument("manifest", help="manifest CSV (path,label,attack_type,domain,split)")
+    an.add_argument("--out", required=True, help="dataset folder (created, or resumed if it holds an earlier annotation run)")
+    an.add_argument("--annotator", default="expert", help="'expert' (offline, the expert ensemble) or 'openai' (an OpenAI-compatible endpoint)")
+    an.add_argument("--model", default=None, help="model name served by the endpoint (--annotator openai)")
+    an.add_argument("--base-url", default=None, help="endpoint base URL, e.g. http://127.0.0.1:8000/v1 (--annotator openai)")
+    an.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key (default: OPENAI_API_KEY)")
+    an.add_argument("--structured", choices=["auto", "on", "off"], default="auto", help="JSON-schema replies: auto = when the endpoint accepts them")
+    an.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: 120)")
+    an.add_argument("--retries", type=int, default=3, help="retries per request on timeouts, 5xx/429 and malformed replies (default: 3)")
+    an.add_argument("--temperature", type=float, default=0.7)
+    an.add_argument("--concurrency", type=int, default=None, help="annotations in flight (default: 1 for expert, 4 for openai)")
+    an.add_argument("--weights", default=None, help="expert weights folder for the guidance (default: the shipped assets/experts)")
+    an.add_argument("--root", default=None, help="folder the manifest paths are relative to (default: the manifest's folder)")
+    an.add_argument("--domains", default=None, help="comma-separated domains to keep")
+    an.add_argument("--split", default=None, help="keep rows of this split only")
+    an.add_argument("--limit", type=int, default=None, help="annotate a seeded random sample of N rows")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--max-turns", type=int, default=6, help="L_max: reasoning turns per annotation (paper: 6)")
+    an.add_argument("--tools", default=None, help="comma-separated subset of tools to offer (default: all six)")
+    an.add_argument("--review-rate", type=float, default=0.05, help="share of accepted samples drawn for manual verification (default: 0.05)")
+    an.add_argument("--on-no-face", choices=["whole", "error"], default="whole", help="no face found: annotate the whole image, or reject the sample")
+    an.add_argument("--queue-into", default=None, metavar="DATA_DIR", help="afterwards, import the review queue into this workbench case store")
+    an.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -90,6 +158,14 @@ def _load_policy(args):
 
     if args.policy == "expert":
         return load_policy("expert", weights=args.weights)
+    if args.policy == "hf":
+        if not args.model:
+            raise ValueError("--policy hf needs --model DIR (a Qwen2.5-VL or InternVL3-hf checkpoint folder)")
+        return load_policy("hf", model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens)
+    if args.policy == "vllm":
+        if not args.base_url or not args.model:
+            raise ValueError("--policy vllm needs --base-url URL and --model NAME")
+        return load_policy("vllm", base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, max_new_tokens=args.max_new_tokens)
     return load_policy(args.policy)
 
 
@@ -345,7 +421,38 @@ def cmd_train(args) -> int:
         path = train_experts(cfg)
         print(f"saved {path}")
         return 0
+    if args.what in ("sft", "grpo"):
+        from core.errors import TarfasError
+        from training.configs import GRPOConfig, SFTConfig
+
+        cls = SFTConfig if args.what == "sft" else GRPOConfig
+        cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        try:
+            if args.what == "sft":
+                from training.sft import train_sft as train
+            else:
+                from training.grpo import train_grpo as train
+            path = train(cfg)
+        except (TarfasError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_INPUT
+        print(f"saved {path}")
+        return 0
     return EXIT_INPUT
+
+
+def cmd_app(args) -> int:
+    from app.server import serve
+    from app.ui.auth import AuthConfigError, load_users
+
+    try:
+        users = load_users(args.auth, args.users_file)
+        serve(args.data_dir, db_url=args.db, host=args.host, port=args.port, users=users,
+              concurrency=args.concurrency, max_file_mb=args.max_file_mb)
+    except AuthConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    return 0
 
 
 def _single_thread_inference() -> None:
@@ -358,11 +465,65 @@ def _single_thread_inference() -> None:
     torch.set_num_threads(int(os.environ.get("TARFAS_THREADS", "1")))
 
 
+def cmd_model(args) -> int:
+    from core.mllm.nano import NanoSpec, build_nano
+
+    t0 = time.perf_counter()
+    out = build_nano(args.out, args.arch, NanoSpec(seed=args.seed))
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"nano {args.arch} model written to {out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_annotate(args) -> int:
+    from core.errors import TarfasError
+    from core.experts import ExpertBank
+    from training.annotate import AnnotateConfig, describe, import_review_queue, load_rows, run_annotation
+
+    try:
+        rows = load_rows(args.manifest, root=args.root, domains=args.domains.split(",") if args.domains else None,
+                         split=args.split, limit=args.limit, seed=args.seed)
+        config = AnnotateConfig(max_turns=args.max_turns, tools=[t.strip() for t in args.tools.split(",")] if args.tools else None,
+                                concurrency=args.concurrency or (1 if args.annotator == "expert" else 4),
+                                review_rate=args.review_rate, on_no_face=args.on_no_face, progress=not args.no_progress)
+        if args.annotator == "expert":
+            from training.annotators import ExpertAnnotator
+
+            annotator = ExpertAnnotator.load(args.weights)
+            experts = annotator.policy.bank
+        elif args.annotator == "openai":
+            from training.annotators import OpenAIAnnotator
+
+            if not args.model or not args.base_url:
+                raise ValueError("--annotator openai needs --model and --base-url")
+            annotator = OpenAIAnnotator(args.model, args.base_url, api_key_env=args.api_key_env, timeout=args.timeout,
+                                        retries=args.retries, structured=args.structured, temperature=args.temperature)
+            experts = ExpertBank.load(args.weights)
+        else:
+            raise ValueError(f"unknown annotator {args.annotator!r}; use 'expert' or 'openai'")
+        summary = run_annotation(rows, annotator, args.out, experts=experts, config=config)
+    except (TarfasError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(describe(summary))
+    if args.queue_into:
+        from storage.db import open_storage
+
+        storage = open_storage(args.queue_into)
+        try:
+            ids = import_review_queue(args.out, storage)
+        finally:
+            storage.close()
+        print(f"review queue: {len(ids)} new investigations in {args.queue_into}")
+    return EXIT_FAILED if summary.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("investigate", "eval"):
+    if args.command in ("investigate", "eval", "app", "annotate"):
         _single_thread_inference()
-    handlers = {"investigate": cmd_investigate, "eval": cmd_eval, "train": cmd_train}
+    handlers = {"investigate": cmd_investigate, "eval": cmd_eval, "train": cmd_train, "app": cmd_app, "model": cmd_model,
+                "annotate": cmd_annotate}
     return handlers[args.command](args)
 
 

@@ -106,6 +106,101 @@ def expert_guidance(tool_name: str, p_spoof: float) -> str:
     return f"This is the result of {tool_name}. The expert predicts {round(100 * p_spoof)}% there's spoof trace"
 
 
+# --- annotation prompts (§3.1.2, eqs. 4-5; used by training/annotate.py) ---------------------------
+# The annotator sees the Fig. S8 system prompt plus the tool schemas and the reply format; its first
+# user turn is image + ANNOTATION_QUERY + hint (eq. 4), preceded here by a request for the one-line
+# first impression that the inference format's fast answer needs; later turns are tool image + expert
+# guidance (eq. 5). None of this text reaches the training conversation.
+ANNOTATION_QUERY = "This is the image you need to investigate."
+ANNOTATION_FAST_REQUEST = (
+    "Begin with a brief visual scan of the facial region, without tools, and give your first impression in one "
+    "line, exactly as <Real><reason>...</reason> or <Spoof><reason>...</reason>."
+)
+ANNOTATION_REPLY_FORMAT = (
+    "## Reply Format\n"
+    "- First reply (no tools): <Real><reason>one line</reason> or <Spoof><reason>one line</reason>.\n"
+    "- Every later reply: <think>your analysis and what you test next</think> followed by exactly one of "
+    '<tool_call>{"name": <tool>, "arguments": {...}}</tool_call> or <answer><Real></answer> / <answer><Spoof></answer>.\n'
+    "- Write the analysis in your own words: never mention the hint, the expert, or any probability or percentage."
+)
+# In structured-output mode the same turns are requested as JSON objects, then rendered in the text
+# format above (format_fast_answer / format_tool_call_turn / format_answer_turn) before parsing.
+ANNOTATION_JSON_FAST = 'Reply with a JSON object {"verdict": "Real" or "Spoof", "reason": "one line"}.'
+ANNOTATION_JSON_REASONING = (
+    'Reply with a JSON object {"think": "...", "action": "tool_call" or "answer", '
+    '"tool_name": <tool> (for tool_call), "arguments": {...} (for tool_call), "answer": "Real" or "Spoof" (for answer)}.'
+)
+_HINT_ATTACKS = {
+    "print": "print attack (a printed photo)",
+    "replay": "replay attack (a face shown on a screen)",
+    "mask": "mask attack",
+    "": "presentation attack",
+    "unknown": "presentation attack of unknown type",
+}
+
+
+def render_structured(kind: Literal["fast", "reasoning"], content: str) -> str:
+    """Render a structured (JSON) reply in the protocol's text format, so that it is parsed and
+    trained on exactly like a text reply. Raises ProtocolParseError for JSON that does not fit."""
+    content = content.strip()
+    if content.startswith("```"):  # some hosted models fence JSON even in JSON mode
+        content = content.strip("`").removeprefix("json").strip()
+    try:
+        obj = json.loads(content)
+    except json.JSONDecodeError as exc:
+        raise ProtocolParseError(f"structured reply is not JSON ({exc.msg} at char {exc.pos})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolParseError("structured reply must be a JSON object")
+    if kind == "fast":
+        verdict, reason = str(obj.get("verdict", "")).lower(), obj.get("reason")
+        if verdict not in ("real", "spoof") or not isinstance(reason, str) or not reason.strip():
+            raise ProtocolParseError('structured fast answer needs "verdict" (Real/Spoof) and a non-empty "reason"')
+        return format_fast_answer(verdict, reason)
+    think, action = obj.get("think"), obj.get("action")
+    if not isinstance(think, str) or not think.strip():
+        raise ProtocolParseError('structured reply needs a non-empty "think"')
+    if action == "tool_call":
+        name, args = obj.get("tool_name"), obj.get("arguments") or {}
+        if not isinstance(name, str) or not name or not isinstance(args, dict):
+            raise ProtocolParseError('a structured tool call needs "tool_name" and an "arguments" object')
+        return format_tool_call_turn(think, ToolCall(name, args))
+    if action == "answer":
+        answer = str(obj.get("answer", "")).lower()
+        if answer not in ("real", "spoof"):
+            raise ProtocolParseError('a structured answer needs "answer": "Real" or "Spoof"')
+        return format_answer_turn(think, answer)
+    raise ProtocolParseError(f'"action" must be "tool_call" or "answer", got {action!r}')
+
+
+def annotator_system_prompt(tool_schemas: list[dict]) -> str:
+    """Fig. S8 followed by the reply format and the tools as JSON Schema (Hermes layout)."""
+    text = ANNOTATOR_SYSTEM_PROMPT + "\n" + ANNOTATION_REPLY_FORMAT
+    if tool_schemas:
+        listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas)
+        text += "\n\n" + _HERMES_TOOLS.format(tools=listing)
+    return text
+
+
+def annotation_hint(label: Verdict, attack_type: str | None = None) -> str:
+    """The hint H(I) of eq. 4: the label and, for spoofs, the attack type."""
+    if label == "real":
+        return "Hint: this is a real face (bona fide)."
+    kind = _HINT_ATTACKS.get((attack_type or "").strip().lower(), f"{attack_type} attack")
+    return f"Hint: this is a spoof face, {kind}."
+
+
+def annotation_first_prompt(hint: str) -> str:
+    """Text of the first user turn (eq. 4: Q + H), beside the face image."""
+    return f"{ANNOTATION_QUERY} {hint}\n{ANNOTATION_FAST_REQUEST}"
+
+
+def annotation_tool_prompt(tool_name: str, p_spoof: float | None) -> str:
+    """Text beside a tool's output image in annotation (eq. 5): the expert guidance (none for
+    ZoomInTool, which has no expert) and the format declaration."""
+    guidance = expert_guidance(tool_name, p_spoof) + "." if p_spoof is not None else f"This is the result of {tool_name}."
+    return f"{guidance}\n{FORMAT_DECLARATION}"
+
+
 def error_feedback(message: str) -> str:
     """User turn sent back after a malformed reasoning turn or an invalid tool call."""
     return f"Error: {message}\n{FORMAT_DECLARATION}"

@@ -8,7 +8,6 @@ protocol file's hash, and where each decision threshold came from.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dataset import sha256_file
 from .analysis import EvaluationResult, FoldResult, fold_mean, headline_columns
 from .metrics import FasMetrics
 
@@ -60,14 +60,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def shown_path(path: str | Path) -> str:
     """A path as the report shows it: relative to the working directory when it is below or beside
     it (so that reports do not carry one machine's absolute paths), else absolute."""
@@ -83,9 +75,9 @@ def run_info(result: EvaluationResult, command: list[str] | None = None, weights
     info = RunInfo(command or ["tarfas", *sys.argv[1:]], result.seed, versions=package_versions())
     if weights_dir is not None and Path(weights_dir).is_dir():
         info.weights_dir = shown_path(weights_dir)
-        info.weights_sha256 = {p.name: _sha256(p) for p in sorted(Path(weights_dir).iterdir()) if p.is_file()}
+        info.weights_sha256 = {p.name: sha256_file(p) for p in sorted(Path(weights_dir).iterdir()) if p.is_file()}
     info.protocol_sha256 = result.protocol.file_sha256()
-    info.manifests_sha256 = {shown_path(m): _sha256(m) for m, _ in result.protocol.manifests if m.is_file()}
+    info.manifests_sha256 = {shown_path(m): sha256_file(m) for m, _ in result.protocol.manifests if m.is_file()}
     info.limit_per_domain = result.protocol.limit_per_domain
     info.max_tool_calls = result.main.max_tool_calls
     info.tools = list(result.main.tools) if result.main.tools else None

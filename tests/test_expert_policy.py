@@ -12,7 +12,7 @@ import pytest
 from core import protocol
 from core.agent import AgentConfig, run
 from core.errors import WeightsError
-from core.experts import EXPERT_TOOLS, RGB, Calibration, ExpertBank
+from core.experts import EXPERT_TOOLS, RGB, ExpertBank
 from core.policies import load_policy
 from core.policies.expert import EvidenceModel, ExpertPolicy, expected_gain
 from core.registry import TOOL_NAMES, ToolRegistry

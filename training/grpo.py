@@ -1,0 +1,195 @@
+"""``tarfas train grpo``: DT-GRPO (paper §3.2.3) on TRL's GRPOTrainer, with rollouts that run the real tools.
+
+Why a subclass that replaces the generation step. TRL's own tool loop (``GRPOTrainer(tools=[...])``)
+cannot express the CoT-VT protocol exactly:
+
+- after turn 1 (the fast answer, which calls no tool) the environment must answer with the *re-examine*
+  user prompt, not end the episode, and TRL only continues after a tool call;
+- tool results here are user turns holding the tool image and the format declaration, produced by
+  core.trajectory; TRL appends ``role: tool`` messages whose rendering it owns;
+- malformed turns and invalid calls must be fed back as error turns and recorded (parse_error /
+  tool_error), which is what the format reward reads; TRL parses calls with the tokenizer's response
+  schema, not with core.protocol, and has no notion of a fast answer or of an ``<answer>``;
+- ``rollout_func`` would do it, but it drops images, so it cannot serve a VLM.
+
+So :meth:`DTGRPOTrainer._generate` runs core.agent's loop once per completion with the model being trained
+as the policy (training/rollout.py). The loops run side by side and their turns are sampled in lockstep
+batches through TRL's own ``_generate_single_turn`` (transformers ``generate`` on CPU, vLLM on GPUs):
+one sampling call per turn for the whole generation batch. The rewards are computed from the resulting
+Trajectory (training/rewards.py) and the loss covers the sampled tokens only (``tool_mask`` = 0 on
+prompts and tool images). Everything else (grouping into G completions per query, advantages, the clipped
+GRPO loss, the optimizer, logging, accelerate/DeepSpeed) is TRL's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from trl import GRPOTrainer
+
+from core.agent import AgentConfig
+from core.registry import ToolRegistry
+
+from .configs import GRPOConfig
+from .datasets import grpo_queries, to_hf_dataset
+from .lineage import write_lineage
+from .rewards import RewardConfig, fast_format, final_answer, make_reward_funcs, reasoning_format
+from .rollout import TokenPolicy, face_from_image, run_rollouts
+from .sft import load_data, load_policy_model, precision_flags
+
+_SUPPRESS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<IMG_CONTEXT>", "<img>", "</img>", "<video>")
+
+
+class DTGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer whose completions are whole CoT-VT investigations (see the module docstring)."""
+
+    def __init__(self, *args, agent_config: AgentConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.agent_config = agent_config
+        # TRL builds the forward pass over tool images (image processor on every image of a completion,
+        # mm_token_type_ids from the image pad tokens) only when `self.tools` is set. Our tools run inside
+        # the agent loop, so `tools` stays out of __init__ (no TRL tool loop) and is set here to the schemas.
+        self.tools = ToolRegistry(agent_config.allowed_tools).schemas()
+
+    # --- the next turn of several rollouts, through TRL's generation backends ---------------------------
+    def _generate_turns(self, ids: list, images: list, fields: list):
+        """One batched sampling call (TRL's _generate_single_turn: transformers generate or vLLM)."""
+        merged = {}
+        for key in ("pixel_values", "image_grid_thw"):
+            parts = [f[key] for f in fields if key in f]
+            if parts:
+                merged[key] = torch.cat(parts, dim=0).to(self.accelerator.device)
+        completion_ids, logprobs = self._generate_single_turn(ids, images, merged, num_generations=1, has_tool_images="image_grid_thw" in merged)
+        return [(c, logprobs[i] if logprobs is not None else None) for i, c in enumerate(completion_ids)]
+
+    def _generate(self, prompts: list):
+        mode = "train" if self.model.training else "eval"
+        max_tokens = self.max_completion_length
+        faces = [
+            face_from_image(next(p["image"] for m in prompt if m["role"] == "user" for p in m["content"] if p.get("type") == "image"))
+            for prompt in prompts
+        ]
+        t0 = time.perf_counter()
+        rollouts, sampler = run_rollouts(faces, lambda gen: TokenPolicy(gen, self.processing_class, max_tokens), self._generate_turns, self.agent_config)
+        wall = time.perf_counter() - t0
+
+        # What TRL's _generate returns: ids, the env mask (as tool_mask), completions as messages (logged),
+        # sampling log-probs, extra columns for the reward functions, and every image of each completion.
+        prompt_ids = [r.prompt_ids for r in rollouts]
+        completion_ids = [r.completion_ids for r in rollouts]
+        masks = [r.mask for r in rollouts]
+        logprobs = None if any(r.logprobs is None for r in rollouts) else [r.logprobs for r in rollouts]
+        completions = [[{"role": "assistant", "content": t} for t in r.texts] for r in rollouts]
+        images = [r.images for r in rollouts]
+        # TRL encodes the images of a completion that holds tool images with the image processor alone and finds
+        # their tokens in the ids; otherwise it re-renders the prompt text to encode the prompt's image. Our ids
+        # are already final (face crop included), so every rollout takes the first path: all its images count.
+        tool_images = images
+
+        m = self._metrics[mode]
+        lengths = [sum(r.mask) for r in rollouts]
+        m["completions/mean_length"].append(sum(lengths) / len(lengths))
+        m["completions/max_length"].append(max(lengths))
+        self.state.num_input_tokens_seen += sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+        m["num_tokens"] = [self.state.num_input_tokens_seen]
+        counts = Counter()
+        for r in rollouts:
+            counts.update(t.tool_result.name for t in r.trajectory.tool_turns)
+        for name in ToolRegistry(self.agent_config.allowed_tools).names:
+            m[f"tools/calls_per_rollout/{name}"].append(counts[name] / len(rollouts))
+        m["tools/calls_per_rollout"].append(sum(counts.values()) / len(rollouts))
+        m["rollout/turns"].append(sum(len(r.trajectory.turns) for r in rollouts) / len(rollouts))
+        m["rollout/failed"].append(sum(r.trajectory.status == "failed" for r in rollouts) / len(rollouts))
+        tool_s, gen_s = sum(r.tool_s for r in rollouts), sampler.generate_s
+        m["rollout/sampling_calls"].append(sampler.calls)
+        m["time/rollout_s"].append(wall)
+        m["time/generate_s"].append(gen_s)
+        m["time/tools_s"].append(tool_s)
+        m["time/tools_share"].append(tool_s / wall if wall > 0 else 0.0)
+        extra = {"trajectory": [r.trajectory for r in rollouts]}
+        return prompt_ids, completion_ids, masks, completions, logprobs, extra, images, tool_images
+
+    # --- accuracy and format rates per step, beside TRL's per-reward means ---------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        mode = "train" if self.model.training else "eval"
+        trajs, labels = [x["trajectory"] for x in inputs], [x["label"] for x in inputs]
+        n = len(trajs)
+        m = self._metrics[mode]
+        m["accuracy/fast"].append(sum(t.fast_answer is not None and t.fast_answer.verdict == y for t, y in zip(trajs, labels, strict=True)) / n)
+        m["accuracy/final"].append(sum(final_answer(t) == y for t, y in zip(trajs, labels, strict=True)) / n)
+        m["format/fast_ok"].append(sum(fast_format(t) == 0 for t in trajs) / n)
+        m["format/reasoning_ok"].append(sum(reasoning_format(t) == 0 for t in trajs) / n)
+        return rewards
+
+
+def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
+    """Run DT-GRPO (or the ST-GRPO baseline); returns the output folder (a model, or an adapter with use_lora)."""
+    import trl
+    from peft import LoraConfig
+
+    if not cfg.model:
+        raise ValueError("--model is required: a checkpoint folder (base, or the merged output of `train sft --merge`)")
+    if cfg.per_device_train_batch_size % cfg.num_generations:
+        raise ValueError(f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a multiple of num_generations ({cfg.num_generations})")
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    reward_cfg = RewardConfig(kind=cfg.reward, beta_fast=cfg.beta_fast, beta_rsn=cfg.beta_rsn, beta_tool=cfg.beta_tool,
+                              gamma={name: cfg.gamma for name in ToolRegistry(None).names})  # fmt: skip
+    tools = ["ZoomInTool"] if cfg.reward == "st" else (cfg.tools or None)
+    agent_config = AgentConfig(max_tool_calls=cfg.max_tool_calls, max_format_errors=cfg.max_format_errors, allowed_tools=tools)
+
+    data = load_data(cfg, out)
+    rows = grpo_queries(data, max_examples=cfg.max_examples, seed=cfg.seed)
+    print(f"[grpo {cfg.reward}] {len(rows)} queries; data: {data.stats}")
+    train_ds = to_hf_dataset([{"prompt": r["prompt"], "image": r["image"], "label": r["label"]} for r in rows])
+
+    # The paper trains all parameters from the FI model: the FI adapter is merged into the base first.
+    # With use_lora the adapter itself keeps training instead, so the output stays a small adapter.
+    model, processor, _ = load_policy_model(cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora)
+    peft_config = None
+    if cfg.use_lora and cfg.adapter is None:
+        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+    vocab = processor.tokenizer.get_vocab()
+    funcs, weights = make_reward_funcs(reward_cfg)
+    args = trl.GRPOConfig(
+        output_dir=str(out / "checkpoints"), num_generations=cfg.num_generations, beta=cfg.beta, loss_type="grpo",
+        scale_rewards="group", num_iterations=1, reward_weights=weights, max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature, top_p=cfg.top_p,
+        generation_kwargs={"max_new_tokens": cfg.max_new_tokens, "suppress_tokens": [vocab[t] for t in _SUPPRESS if t in vocab]},
+        use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        per_device_train_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, optim="adamw_torch", lr_scheduler_type="constant",
+        max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_only_model=True, report_to=cfg.report_to, seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False, log_completions=False,
+        **precision_flags(cfg.precision),
+    )  # fmt: skip
+    trainer = DTGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds, processing_class=processor,
+                            peft_config=peft_config, agent_config=agent_config, callbacks=callbacks)  # fmt: skip
+    if cfg.use_vllm:  # TRL's vLLM budget is per call; our calls are single turns
+        trainer.vllm_generation.max_completion_length = cfg.max_new_tokens
+    result = trainer.train()
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    summary = {"train_loss": result.training_loss, "steps": trainer.state.global_step, "log": history,
+               "seconds": result.metrics.get("train_runtime")}  # fmt: skip
+    if cfg.use_lora:
+        dest, kind, parent = out / "adapter", "lora-adapter", cfg.adapter
+        trainer.save_model(str(dest))
+    else:
+        from core.mllm.processor import detect_arch, install_remote_code
+
+        dest, kind, parent = out / "model", "full-model", cfg.adapter
+        trainer.save_model(str(dest))
+        if trainer.accelerator.is_main_process:
+            processor.save_pretrained(str(dest))
+            install_remote_code(dest, detect_arch(cfg.model))
+    if not trainer.accelerator.is_main_process:  # saving took every rank (ZeRO-3); the files are the main rank's
+        return dest
+    (dest / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing of ours reads it
+    write_lineage(dest, kind=kind, stage="grpo", config=cfg, base_model=cfg.model, parent=parent,
+                  data=data.fingerprints(), stats=data.stats, result=summary)  # fmt: skip
+    return dest

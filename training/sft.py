@@ -1,0 +1,211 @@
+"""``tarfas train sft --stage kt|fi``: supervised fine-tuning with TRL's SFTTrainer and a PEFT LoRA adapter.
+
+- **KT** (§3.2.1, eq. 7): the plain token NLL of the fast answer, assistant tokens only.
+- **FI** (§3.2.2, eq. 8): whole trajectories with the first-turn loss scale,
+  ``L = [a * sum_{t in turn 1} nll_t + (1 - a) * sum_{t in later turns} nll_t] / N`` with a = 0.9 and N the
+  number of supervised tokens in the batch (TRL's normalisation, so the loss keeps the usual per-token
+  scale and gradient accumulation stays exact). TRL has no per-turn weights, so two small pieces are
+  written here: :class:`TurnWeightedCollator` marks which assistant turn every label token belongs to,
+  and :class:`TurnWeightedSFTTrainer.compute_loss` applies the weights.
+
+The chat template (core/mllm/templates) wraps assistant text in ``{% generation %}`` markers, so TRL's
+``assistant_only_loss`` masks the system prompt, the user turns and the tool images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from .configs import SFTConfig
+from .datasets import fi_examples, kt_examples, load_sources, to_hf_dataset
+from .lineage import write_lineage
+
+
+# --- the FI loss weighting ------------------------------------------------------------------------------
+def turn_index(labels: torch.Tensor) -> torch.Tensor:
+    """For each position, the 0-based index of the assistant turn its label belongs to (-1 where the label
+    is ignored). Assistant turns are the maximal runs of supervised labels: user turns always separate them."""
+    supervised = labels != -100
+    starts = supervised & ~torch.nn.functional.pad(supervised[:, :-1], (1, 0), value=False)
+    index = torch.cumsum(starts.long(), dim=1) - 1
+    return torch.where(supervised, index, torch.full_like(index, -1))
+
+
+def turn_weights(labels: torch.Tensor, first_turn_weight: float) -> torch.Tensor:
+    """a on the first assistant turn's tokens, 1 - a on later turns' tokens, 0 on ignored positions."""
+    idx = turn_index(labels)
+    w = torch.zeros(labels.shape, dtype=torch.float32)
+    w[idx == 0] = first_turn_weight
+    w[idx > 0] = 1.0 - first_turn_weight
+    return w
+
+
+@dataclass
+class TurnWeightedCollator(DataCollatorForVisionLanguageModeling):
+    """TRL's VLM collator plus ``loss_weights`` (per label position) for the FI loss."""
+
+    first_turn_weight: float = 0.9
+
+    def torch_call(self, examples):
+        batch = super().torch_call(examples)
+        batch["loss_weights"] = turn_weights(batch["labels"], self.first_turn_weight)
+        return batch
+
+
+def weighted_nll(log_probs: torch.Tensor, loss_weights: torch.Tensor, num_tokens) -> torch.Tensor:
+    """The FI loss from TRL's fused-head output. ``log_probs[:, t]`` scores ``labels[:, t + 1]`` (zero on
+    ignored positions), so the weights are shifted the same way."""
+    w = loss_weights[:, 1:].to(log_probs.dtype)
+    return (-log_probs * w).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+
+
+class TurnWeightedSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss is a*NLL(turn 1) + (1-a)*NLL(later turns) when the batch has ``loss_weights``."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("loss_weights", None)
+        if weights is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = weighted_nll(outputs.log_probs, weights, num_tokens)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        with torch.no_grad():  # per-turn NLL, for the logs
+            idx = turn_index(inputs["labels"])[:, 1:]
+            nll = -outputs.log_probs.detach()
+            for name, sel in (("nll/turn1", idx == 0), ("nll/later_turns", idx > 0)):
+                if sel.any():
+                    self._metrics[mode][name].append(nll[sel].mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+
+# --- the command ----------------------------------------------------------------------------------------
+def precision_flags(precision: str) -> dict:
+    if precision == "auto":
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": False}
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def load_policy_model(model_dir: str, adapter: str | None, *, trainable_adapter: bool, merge_adapter: bool):
+    """The base checkpoint (+ an existing adapter: trainable, or merged in) and its processor."""
+    from core.mllm.processor import load_model_and_processor
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Weights load on the CPU (the Trainer places them); in bf16 when a GPU will train them, so that 8 ranks
+    # of a 7-8B model fit in host memory.
+    dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    loaded = load_model_and_processor(model_dir, device="cpu", dtype=dtype)
+    model = loaded.model
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+            model.requires_grad_(True)  # PEFT froze the base weights; merged, they are the model to train
+    model.train()
+    return model, loaded.processor, loaded.arch
+
+
+def load_data(cfg, out: Path):
+    """The run's sources; under ``accelerate launch`` the main process builds manifests first, once."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        return load_sources(cfg.data, build_dir=cfg.build_dir or out / "data", domains=cfg.domains or None, split=cfg.split,
+                            max_examples=cfg.max_examples, seed=cfg.seed)  # fmt: skip
+
+
+def train_sft(cfg: SFTConfig, callbacks: list | None = None) -> Path:
+    """Run one SFT stage; returns the adapter folder ``OUT/adapter`` (or ``OUT/model`` without LoRA), with its
+    lineage (tarfas_lineage.json) inside."""
+    import trl
+    from peft import LoraConfig
+
+    if cfg.stage not in ("kt", "fi"):
+        raise ValueError(f"stage must be 'kt' or 'fi', got {cfg.stage!r}")
+    if not cfg.model:
+        raise ValueError("--model is required: a checkpoint folder (e.g. from `tarfas model init-nano`)")
+    if not 0.0 <= cfg.first_turn_weight <= 1.0:
+        raise ValueError("first_turn_weight must be in [0, 1]")
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    data = load_data(cfg, out)
+    if cfg.stage == "kt":
+        rows = kt_examples(data, max_examples=cfg.max_examples, seed=cfg.seed)
+    else:
+        rows = fi_examples(data, keep_mismatched=cfg.keep_mismatched, max_examples=cfg.max_examples, seed=cfg.seed)
+    print(f"[sft {cfg.stage}] {len(rows)} examples; data: {data.stats}")
+    train_ds = to_hf_dataset([{"messages": r["messages"], "images": r["images"]} for r in rows])
+
+    # Continuing from an adapter (KT -> FI) keeps training that same adapter, so the result always applies to
+    # the original base model: the app loads it as --model BASE --adapter OUT/adapter.
+    # Without LoRA, a given adapter is merged into the base and every weight trains.
+    model, processor, _ = load_policy_model(cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora)
+    peft_config = None
+    if cfg.use_lora and cfg.adapter is None:
+        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
+    args = trl.SFTConfig(
+        output_dir=str(out / "checkpoints"), assistant_only_loss=True, max_length=cfg.max_length,
+        per_device_train_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, optim="adamw_torch", lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio, max_steps=cfg.max_steps, num_train_epochs=cfg.num_train_epochs,
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_only_model=True, report_to=cfg.report_to, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+        remove_unused_columns=False, dataloader_num_workers=0, **precision_flags(cfg.precision),
+    )  # fmt: skip
+    collator = None
+    if cfg.stage == "fi":
+        collator = TurnWeightedCollator(processor, max_length=cfg.max_length, assistant_only_loss=True, first_turn_weight=cfg.first_turn_weight)
+    trainer = TurnWeightedSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor,
+                                     data_collator=collator, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
+    result = trainer.train()
+    dest = out / ("adapter" if cfg.use_lora else "model")
+    trainer.save_model(str(dest))  # every rank takes part (ZeRO-3 gathers the weights); the rest is the main rank's
+    if not trainer.accelerator.is_main_process:
+        return dest
+    (dest / "training_args.bin").unlink(missing_ok=True)  # a pickle; nothing of ours reads it
+    if not cfg.use_lora:
+        from core.mllm.processor import detect_arch, install_remote_code
+
+        processor.save_pretrained(str(dest))
+        install_remote_code(dest, detect_arch(cfg.model))
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    summary = {"train_loss": result.training_loss, "steps": trainer.state.global_step, "log": history,
+               "seconds": result.metrics.get("train_runtime")}  # fmt: skip
+    write_lineage(dest, kind="lora-adapter" if cfg.use_lora else "full-model", stage=cfg.stage, config=cfg, base_model=cfg.model,
+                  parent=cfg.adapter, data=data.fingerprints(), stats=data.stats, result=summary)  # fmt: skip
+    if cfg.merge and cfg.use_lora:
+        merge_adapter(cfg.model, dest, out / "merged")
+    return dest
+
+
+def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
+    """Write base + adapter as one plain checkpoint folder (weights, processor, chat template, lineage)."""
+    import shutil
+
+    from core.mllm.processor import install_remote_code
+
+    model, processor, arch = load_policy_model(str(model_dir), str(adapter_dir), trainable_adapter=False, merge_adapter=True)
+    out = Path(out)
+    model.eval().save_pretrained(out)
+    processor.save_pretrained(out)
+    install_remote_code(out, arch)  # (no tarfas_nano.json: the hf policy would call the model untrained)
+    src = Path(adapter_dir) / "tarfas_lineage.json"
+    if src.is_file():
+        shutil.copyfile(src, out / "tarfas_lineage.json")
+    return out
