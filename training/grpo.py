@@ -31,6 +31,7 @@ import torch
 from trl import GRPOTrainer
 
 from core.agent import AgentConfig
+from core.mllm.processor import vision_token_ids
 from core.registry import ToolRegistry
 
 from .configs import GRPOConfig
@@ -40,7 +41,6 @@ from .rewards import RewardConfig, fast_format, final_answer, make_reward_funcs,
 from .rollout import TokenPolicy, face_from_image, run_rollouts
 from .sft import load_data, load_policy_model, precision_flags
 
-_SUPPRESS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<IMG_CONTEXT>", "<img>", "</img>", "<video>")
 
 
 class DTGRPOTrainer(GRPOTrainer):
@@ -153,13 +153,12 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     peft_config = None
     if cfg.use_lora and cfg.adapter is None:
         peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
-    vocab = processor.tokenizer.get_vocab()
     funcs, weights = make_reward_funcs(reward_cfg)
     args = trl.GRPOConfig(
         output_dir=str(out / "checkpoints"), num_generations=cfg.num_generations, beta=cfg.beta, loss_type="grpo",
         scale_rewards="group", num_iterations=1, reward_weights=weights, max_completion_length=cfg.max_completion_length,
         temperature=cfg.temperature, top_p=cfg.top_p,
-        generation_kwargs={"max_new_tokens": cfg.max_new_tokens, "suppress_tokens": [vocab[t] for t in _SUPPRESS if t in vocab]},
+        generation_kwargs={"max_new_tokens": cfg.max_new_tokens, "suppress_tokens": vision_token_ids(processor.tokenizer)},
         use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
         per_device_train_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, optim="adamw_torch", lr_scheduler_type="constant",

@@ -12,6 +12,16 @@ from ..errors import WeightsError
 from .processing_tarfas import TarfasInternVLProcessor, TarfasQwen2_5_VLProcessor
 from .template import attach_chat_template
 
+# Vision placeholders of Qwen2.5-VL and InternVL: the processor inserts them, a model must never sample them.
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<IMG_CONTEXT>", "<img>", "</img>", "<video>")
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Ids of :data:`VISION_TOKENS` in ``tokenizer`` (for ``generate(suppress_tokens=...)``)."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[t] for t in VISION_TOKENS if t in vocab]
+
+
 _PROCESSORS = {"qwen2_5_vl": TarfasQwen2_5_VLProcessor, "internvl": TarfasInternVLProcessor}
 _MODEL_TYPES = {"qwen2_5_vl": "qwen2_5_vl", "internvl": "internvl"}
 

@@ -15,12 +15,11 @@ from pathlib import Path
 from ..lineage import read_lineage, summarize_lineage
 from ..mllm.errors import ContextOverflowError
 from ..mllm.messages import encode, to_processor_inputs
-from ..mllm.processor import LoadedModel, load_model_and_processor
+from ..mllm.processor import LoadedModel, load_model_and_processor, vision_token_ids
 from ..mllm.scoring import class_position, class_token_score
 from .base import Conversation, PolicyOutput
 
 STOP_STRINGS = ("</tool_call>", "</answer>", "</reason>")
-_SUPPRESS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<IMG_CONTEXT>", "<img>", "</img>", "<video>")
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -67,8 +66,7 @@ class HFPolicy:
         self.lineage = self.lineage or (read_lineage(self.model_dir) if self.model_dir else None)
         if self.lineage:
             self.description += f". Lineage: {summarize_lineage(self.lineage)}"
-        vocab = self.tokenizer.get_vocab()
-        self._suppress = [vocab[t] for t in _SUPPRESS if t in vocab]
+        self._suppress = vision_token_ids(self.tokenizer)
         self._lock = threading.Lock()  # one model, several investigations (the app runs them in threads)
 
     @classmethod
