@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -83,9 +84,23 @@ def _check_label(label: str | None, *, required: bool) -> None:
         raise DatasetError(f"label must be one of {LABELS}, got {label!r}")
 
 
+# zlib level 1 with run-length matching and the SUB row filter: lossless, about as small as PIL's
+# level 1, and 2-3x faster (it was the largest cost of storing an investigation); OpenCV releases the
+# GIL while it encodes, so the app's workers overlap.
+_FAST_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+    _FAST_PNG += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+
+
 def png_bytes(image: np.ndarray) -> bytes:
+    """Lossless PNG of a uint8 gray or RGB image (other layouts go through Pillow)."""
+    image = np.ascontiguousarray(image)
+    if image.dtype == np.uint8 and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        ok, buf = cv2.imencode(".png", image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR), _FAST_PNG)
+        if ok:
+            return buf.tobytes()
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(image)).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import numpy as np
-from sqlalchemy import event
+from sqlalchemy import event, insert
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from .errors import AuditLogImmutableError
@@ -26,11 +26,14 @@ def record(
     entity_id: Any,
     before: dict | None = None,
     after: dict | None = None,
-) -> AuditEvent:
-    """Add an audit event to ``session`` (committed with the change it describes)."""
-    ev = AuditEvent(actor=actor, action=action, entity=entity, entity_id=str(entity_id), before=plain(before), after=plain(after))
-    session.add(ev)
-    return ev
+) -> None:
+    """Add an audit event to ``session`` (committed with the change it describes).
+
+    A Core INSERT, not ``session.add``: an event is never edited, and the ORM unit of work per event cost
+    more than the database write (several events per investigation, profiled in benchmarks/bench_app.py).
+    Pending changes are flushed first, so the event follows the change it describes."""
+    session.execute(insert(AuditEvent), {"actor": actor, "action": action, "entity": entity, "entity_id": str(entity_id),
+                                         "before": plain(before), "after": plain(after)})
 
 
 def plain(obj: Any) -> Any:

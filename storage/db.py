@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import audit  # noqa: F401  (registers the guard that keeps the audit log append-only)
@@ -21,13 +21,14 @@ DB_FILENAME = "tarfas.db"
 FILES_DIRNAME = "files"
 BUSY_TIMEOUT_MS = 5000  # a writer waits this long for another (e.g. the CLI beside the app) to finish
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK = 0x7461_7266  # PostgreSQL advisory lock key ("tarf") held while migrating
 
 
 def sqlite_url(data_dir: str | Path) -> str:
     return f"sqlite:///{Path(data_dir).resolve() / DB_FILENAME}"
 
 
-def make_engine(url: str | None = None, *, data_dir: str | Path | None = None) -> Engine:
+def make_engine(url: str | URL | None = None, *, data_dir: str | Path | None = None) -> Engine:
     """An engine for ``url``, or for ``<data_dir>/tarfas.db`` when no URL is given.
 
     SQLite connections get WAL with synchronous=NORMAL (readers do not block the writer, and a killed
@@ -66,9 +67,20 @@ def init_db(engine: Engine) -> None:
     """Create or upgrade the schema to the newest migration (idempotent)."""
     cfg = alembic_config(engine)
     with engine.begin() as conn:
+        _lock_for_migration(conn)
         # Hand Alembic our connection so that it runs with the PRAGMAs above.
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _lock_for_migration(conn: Connection) -> None:
+    # Processes may open a new database at the same moment (the app and the CLI, a team's workbenches):
+    # one migrates while the others wait, then find the schema at head. Without the lock they all read
+    # "no schema yet" and all but one fail on CREATE TABLE.
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})  # released at commit
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock now, before Alembic reads; waits busy_timeout
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.dataset import png_bytes
 from core.faces import sha256_bytes
 
 from .errors import NotFoundError, TamperedFileError
 
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-PNG_COMPRESS_LEVEL = 1
 
 
 class FileStore:
@@ -65,11 +63,7 @@ class FileStore:
 
     def put_png(self, image: np.ndarray) -> str:
         """Store a uint8 gray or RGB array as PNG (lossless: it reads back equal) and return its SHA-256."""
-        buf = io.BytesIO()
-        # zlib level 1: still lossless, ~3x faster than the default 6 on tool images, slightly larger files
-        # (PNG encoding was the largest storage cost of an investigation in benchmarks/bench_app.py).
-        Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        return self.put(buf.getvalue())
+        return self.put(png_bytes(image))
 
     def read(self, sha: str) -> bytes:
         """The stored bytes, after checking that they still hash to ``sha``."""

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from core.events import Event, InvestigationFinished, InvestigationStarted, TurnCompleted
@@ -112,34 +112,35 @@ class InvestigationRecorder:
         inv_id = self._require_started()
         r = turn.tool_result
         image_sha = self.files.put_png(r.image) if r is not None and r.image is not None else None
+        # Core INSERTs: a turn row is written once and never edited through a session, and the ORM unit of
+        # work cost several times the SQLite work per turn (profiled in benchmarks/bench_app.py's batch).
         with self.sessions.begin() as s:
-            row = Turn(
-                investigation_id=inv_id,
-                index=turn.index,
-                kind=turn.kind,
-                text=turn.text,
-                fast=asdict(turn.fast) if turn.fast else None,
-                think=turn.think,
-                tool_call=audit.plain(asdict(turn.tool_call)) if turn.tool_call else None,
-                answer=turn.answer,
-                parse_error=turn.parse_error,
-                tool_error=turn.tool_error,
-                score_spoof=_num(turn.score_spoof),
-                elapsed_ms=float(turn.elapsed_ms),
-                notes=audit.plain(turn.notes) or {},
-            )
+            turn_id = s.scalar(insert(Turn).returning(Turn.id), {
+                "investigation_id": inv_id,
+                "index": turn.index,
+                "kind": turn.kind,
+                "text": turn.text,
+                "fast": asdict(turn.fast) if turn.fast else None,
+                "think": turn.think,
+                "tool_call": audit.plain(asdict(turn.tool_call)) if turn.tool_call else None,
+                "answer": turn.answer,
+                "parse_error": turn.parse_error,
+                "tool_error": turn.tool_error,
+                "score_spoof": _num(turn.score_spoof),
+                "elapsed_ms": float(turn.elapsed_ms),
+                "notes": audit.plain(turn.notes) or {},
+            })
             if r is not None:
-                row.tool_result = ToolResult(
-                    name=r.name,
-                    arguments=audit.plain(r.arguments) or {},
-                    stats=audit.plain(r.stats) or {},
-                    expert_p_spoof=_num(r.expert_p_spoof),
-                    elapsed_ms=float(r.elapsed_ms),
-                    image_sha256=image_sha,
-                )
-            s.add(row)
-            s.flush()
-            audit.record(s, self.user, "turn.record", "turn", row.id, None,
+                s.execute(insert(ToolResult), {
+                    "turn_id": turn_id,
+                    "name": r.name,
+                    "arguments": audit.plain(r.arguments) or {},
+                    "stats": audit.plain(r.stats) or {},
+                    "expert_p_spoof": _num(r.expert_p_spoof),
+                    "elapsed_ms": float(r.elapsed_ms),
+                    "image_sha256": image_sha,
+                })
+            audit.record(s, self.user, "turn.record", "turn", turn_id, None,
                          {"investigation_id": inv_id, "index": turn.index, "kind": turn.kind, "tool": r.name if r else None, "error": turn.error})
 
     def _finished(self, traj: Trajectory) -> None:

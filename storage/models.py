@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Named constraints: SQLite can only change them in Alembic batch mode, which needs their names.
@@ -36,6 +36,22 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored as UTC that always reads back as an aware UTC datetime. SQLite keeps no time
+    zone (values come back naive) and PostgreSQL gives ``timestamptz`` back in the server's time zone."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else self.process_bind_param(value, dialect)
+
+
 def _in(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{v}'" for v in values)
 
@@ -52,10 +68,10 @@ class Case(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     image_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    filename: Mapped[str | None] = mapped_column(String(255))
+    filename: Mapped[str | None] = mapped_column(Text)  # as uploaded: Text, so PostgreSQL takes any length, as SQLite does
     byte_size: Mapped[int] = mapped_column(Integer)
     created_by: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)  # the queue's order
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)  # the queue's order
     # Set by the analyst (storage.cases.set_attack_type, audited); the queue filters on it and exports carry it.
     attack_type: Mapped[str | None] = mapped_column(String(32), index=True)
 
@@ -75,7 +91,7 @@ class Investigation(Base):
     policy_version: Mapped[str] = mapped_column(String(128), default="")
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     tools: Mapped[list[str]] = mapped_column(JSON, default=list)
-    source: Mapped[str | None] = mapped_column(String(1024))  # the file name or path the analyst gave
+    source: Mapped[str | None] = mapped_column(Text)  # the file name or path the analyst gave
     face: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # core.trajectory.FaceInfo as a dict
     crop_sha256: Mapped[str | None] = mapped_column(String(64))
     label: Mapped[str | None] = mapped_column(String(16))
@@ -88,8 +104,8 @@ class Investigation(Base):
     timings_ms: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     started_by: Mapped[str] = mapped_column(String(128))
     runner: Mapped[str | None] = mapped_column(String(255))  # "host:pid" that records it; used to spot dead runs
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     case: Mapped[Case] = relationship(back_populates="investigations")
     turns: Mapped[list[Turn]] = relationship(back_populates="investigation", order_by="Turn.index")
@@ -116,7 +132,7 @@ class Turn(Base):
     score_spoof: Mapped[float | None] = mapped_column(Float)
     elapsed_ms: Mapped[float] = mapped_column(Float, default=0.0)
     notes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     investigation: Mapped[Investigation] = relationship(back_populates="turns")
     tool_result: Mapped[ToolResult | None] = relationship(back_populates="turn")
@@ -152,8 +168,8 @@ class Review(Base):
     notes: Mapped[str] = mapped_column(Text, default="")
     corrected_answer: Mapped[str | None] = mapped_column(Text)
     reviewer: Mapped[str] = mapped_column(String(128))  # who saved the current state
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     version: Mapped[int] = mapped_column(Integer)
 
     investigation: Mapped[Investigation] = relationship(back_populates="review")
@@ -189,10 +205,10 @@ class Export(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     investigation_id: Mapped[str] = mapped_column(ForeignKey("investigations.id"), index=True)
     format: Mapped[str] = mapped_column(String(32))
-    filename: Mapped[str | None] = mapped_column(String(255))
+    filename: Mapped[str | None] = mapped_column(Text)
     file_sha256: Mapped[str] = mapped_column(String(64))
     created_by: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class DatasetExport(Base):
@@ -202,13 +218,13 @@ class DatasetExport(Base):
     __tablename__ = "dataset_exports"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    folder: Mapped[str] = mapped_column(String(1024))
+    folder: Mapped[str] = mapped_column(Text)
     format: Mapped[str] = mapped_column(String(64))  # core.dataset.FORMAT + version, e.g. "tarfas-trajectories/1"
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     files: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # file name -> SHA-256, from the manifest
     counts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)  # records written and skipped
     created_by: Mapped[str] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     items: Mapped[list[DatasetExportItem]] = relationship(back_populates="export", cascade="all, delete-orphan", order_by="DatasetExportItem.id")
 
@@ -236,7 +252,7 @@ class AuditEvent(Base):
     __table_args__ = (Index("ix_audit_events_entity", "entity", "entity_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64))
     entity: Mapped[str] = mapped_column(String(32))

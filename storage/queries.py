@@ -10,7 +10,7 @@ said the other; "uncertain" means the model's P(spoof) lies within ``band`` of t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
@@ -155,7 +155,7 @@ def _row(r) -> CaseRow:
         case_id=r.id,
         filename=r.filename,
         image_sha256=r.image_sha256,
-        created_at=_utc(r.created_at),
+        created_at=r.created_at,
         created_by=r.created_by,
         attack_type=r.attack_type,
         investigation_id=r.investigation_id,
@@ -164,17 +164,10 @@ def _row(r) -> CaseRow:
         score_spoof=r.score_spoof,
         policy=r.policy,
         policy_version=r.policy_version,
-        started_at=_utc(r.started_at),
+        started_at=r.started_at,
         investigations=int(r.runs or 0),
         analyst_verdict=r.analyst_verdict,
         reviewer=r.reviewer,
         review_version=r.review_version,
         disagreement=bool(r.disagreement),
     )
-
-
-def _utc(dt: datetime | None) -> datetime | None:
-    # SQLite gives back naive datetimes; everything stored is UTC.
-    if dt is None:
-        return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)

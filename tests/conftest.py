@@ -128,10 +128,20 @@ def tiny_weights(tiny_config) -> Path:
 
 
 @pytest.fixture
-def storage(tmp_path):
-    """A fresh, migrated SQLite store (database + file store) in a temporary data directory."""
+def database_url():
+    """The ``url`` for ``open_storage``: None (a SQLite file in the data directory), or an empty schema,
+    dropped afterwards, on the server that TARFAS_TEST_DATABASE_URL names (tests/storage_support.py)."""
+    from storage_support import fresh_database
+
+    with fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def storage(tmp_path, database_url):
+    """A fresh, migrated store (database + file store) in a temporary data directory."""
     from storage.db import open_storage
 
-    st = open_storage(tmp_path)
+    st = open_storage(tmp_path, url=database_url)
     yield st
     st.close()

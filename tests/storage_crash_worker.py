@@ -1,5 +1,6 @@
-"""Run by test_storage_crash.py in its own process: open the data directory, open a case and start an
-investigation whose policy hangs at its third turn, so the test can kill this process mid-run."""
+"""Run by test_storage_crash.py in its own process: open the data directory (and the database URL, if
+given), open a case and start an investigation whose policy hangs at its third turn, so the test can
+kill this process mid-run."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ class SlowPolicy(ScriptedPolicy):
         return super().next_turn(conversation)
 
 
-def main(data_dir: str) -> None:
-    storage = open_storage(data_dir)
+def main(data_dir: str, url: str | None = None) -> None:
+    storage = open_storage(data_dir, url=url)
     with storage.sessions.begin() as s:
         case = create_case(s, storage.files, astronaut_png(), filename="suspect.png", user="ana")
     face = prepare_face(skimage.data.astronaut())
@@ -37,4 +38,4 @@ def main(data_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -93,3 +93,20 @@ def test_changed_files_and_bad_labels_are_refused(tmp_path, trajectory):
         ds.image("../manifest.json")
     with pytest.raises(DatasetError, match="no manifest"):
         read_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("shape, dtype", [((224, 224, 3), np.uint8), ((224, 224), np.uint8), ((31, 17, 4), np.uint8), ((20, 30), np.uint16)])
+def test_png_bytes_is_lossless_for_every_layout(shape, dtype):
+    """The fast encoder (OpenCV) for gray/RGB, Pillow for the rest: pixels read back unchanged, in RGB order."""
+    import io
+
+    from PIL import Image
+
+    from core.dataset import png_bytes
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype, endpoint=True)
+    image[0, 0] = 0  # a known pixel, so a swapped channel order cannot pass by chance
+    data = png_bytes(image)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), image)

@@ -26,14 +26,14 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
 
-def _wait_for_turns(data_dir: Path, proc: subprocess.Popen, n: int, timeout: float = 60.0) -> None:
+def _wait_for_turns(data_dir: Path, url: str | None, proc: subprocess.Popen, n: int, timeout: float = 60.0) -> None:
     sessions = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"the worker exited early:\n{proc.stderr.read().decode()}")
-        if sessions is None and (data_dir / "tarfas.db").exists():
-            sessions = session_factory(make_engine(data_dir=data_dir))
+        if sessions is None and (url is not None or (data_dir / "tarfas.db").exists()):
+            sessions = session_factory(make_engine(url, data_dir=data_dir))
         if sessions is not None:
             try:
                 with sessions() as s:
@@ -46,18 +46,19 @@ def _wait_for_turns(data_dir: Path, proc: subprocess.Popen, n: int, timeout: flo
 
 
 @pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="needs SIGKILL")
-def test_a_killed_investigation_keeps_its_case_and_turns_and_can_be_re_run(tmp_path):
+def test_a_killed_investigation_keeps_its_case_and_turns_and_can_be_re_run(tmp_path, database_url):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(TESTS / "storage_crash_worker.py"), str(tmp_path)], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    args = [str(tmp_path)] + ([database_url] if database_url else [])
+    proc = subprocess.Popen([sys.executable, str(TESTS / "storage_crash_worker.py"), *args], cwd=ROOT, env=env, stderr=subprocess.PIPE)
     try:
-        _wait_for_turns(tmp_path, proc, 2)
+        _wait_for_turns(tmp_path, database_url, proc, 2)
     finally:
         proc.kill()  # SIGKILL: no cleanup, no finally blocks, no commit of anything in flight
         proc.wait(timeout=30)
         proc.stderr.close()
 
     # "Restart": a fresh process opens the same data directory.
-    storage = open_storage(tmp_path)
+    storage = open_storage(tmp_path, url=database_url)
     with storage.sessions() as s:
         inv = s.scalars(select(Investigation)).one()
         assert inv.status == "running"  # nobody had a chance to say otherwise
@@ -85,8 +86,8 @@ def test_a_killed_investigation_keeps_its_case_and_turns_and_can_be_re_run(tmp_p
     storage.close()
 
 
-def test_a_run_of_a_live_process_is_not_marked_interrupted(tmp_path, face):
-    storage = open_storage(tmp_path)
+def test_a_run_of_a_live_process_is_not_marked_interrupted(tmp_path, database_url, face):
+    storage = open_storage(tmp_path, url=database_url)
     with storage.sessions.begin() as s:
         case = create_case(s, storage.files, astronaut_png(), filename=None, user="ana")
     rec = InvestigationRecorder(storage.sessions, storage.files, case.id, user="ana")

@@ -43,9 +43,22 @@ def test_a_case_keeps_its_image_once_and_shows_its_hash(storage, case):
     assert len([p for p in storage.files.root.rglob("*") if p.is_file()]) == 1
 
 
+def test_long_file_names_and_paths_are_kept_whole(storage, face):
+    # Longer than a VARCHAR(255) or (1024): PostgreSQL enforces such lengths where SQLite ignores them.
+    name = "é" * 300 + ".png"
+    source = "/evidence/" + "deep/" * 300 + name
+    with storage.sessions.begin() as s:
+        case = create_case(s, storage.files, astronaut_png(), filename=name, user="ana")
+    rec = InvestigationRecorder(storage.sessions, storage.files, case.id, user="ana")
+    list(rec.record(investigate(face, ScriptedPolicy([FAST_SPOOF, ANSWER_SPOOF]), image_sha256=case.image_sha256, source=source)))
+    with storage.sessions() as s:
+        assert s.get(Case, case.id).filename == name
+        assert s.get(Investigation, rec.investigation_id).source == source
+
+
 def test_every_turn_is_committed_as_soon_as_it_exists(storage, case, face, tmp_path):
     # A second engine on the same file sees only what was committed.
-    other = session_factory(make_engine(data_dir=tmp_path))
+    other = session_factory(make_engine(storage.engine.url))
     rec = InvestigationRecorder(storage.sessions, storage.files, case.id, user="ana")
     seen = []
     for event in rec.record(investigate(face, ScriptedPolicy([FAST_SPOOF, ZOOM, FFT, ANSWER_SPOOF]))):

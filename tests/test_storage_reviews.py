@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import delete, event, select, text, update
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm.exc import StaleDataError
-from storage_support import ANSWER_SPOOF, FAST_SPOOF, FFT, ZOOM, astronaut_png
+from storage_support import ANSWER_SPOOF, FAST_SPOOF, FFT, ZOOM, astronaut_png, server_only
 
 from core.agent import investigate
 from core.policies import ScriptedPolicy
@@ -64,7 +64,7 @@ def test_concurrent_reviews_never_silently_overwrite_each_other(storage, inv_id,
     with storage.sessions.begin() as s:
         submit_review(s, inv_id, reviewer="ana", verdict="spoof", expected_version=NO_REVIEW)
     # Two analysts, two connections, both open version 1.
-    ana, bob = storage.sessions(), session_factory(make_engine(data_dir=tmp_path))()
+    ana, bob = storage.sessions(), session_factory(make_engine(storage.engine.url))()
     assert load_review(ana, inv_id).version == load_review(bob, inv_id).version == 1
     submit_review(ana, inv_id, reviewer="ana", verdict="real", expected_version=1, notes="ana's change")
     ana.commit()
@@ -82,7 +82,7 @@ def test_a_save_racing_past_the_version_check_is_still_refused(storage, inv_id, 
     with storage.sessions.begin() as s:
         submit_review(s, inv_id, reviewer="ana", verdict="spoof", expected_version=NO_REVIEW)
     # bob read version 1 into his session; ana saves version 2 before bob's UPDATE reaches the database.
-    bob = session_factory(make_engine(data_dir=tmp_path))()
+    bob = session_factory(make_engine(storage.engine.url))()
     bob_review = bob.scalars(select(Review)).one()
     with storage.sessions.begin() as s:
         submit_review(s, inv_id, reviewer="ana", verdict="real", expected_version=1)
@@ -95,7 +95,7 @@ def test_a_save_racing_past_the_version_check_is_still_refused(storage, inv_id, 
 def test_submit_review_turns_a_lost_race_into_a_clear_message(storage, inv_id, tmp_path):
     with storage.sessions.begin() as s:
         submit_review(s, inv_id, reviewer="ana", verdict="spoof", expected_version=NO_REVIEW)
-    bob = session_factory(make_engine(data_dir=tmp_path))()
+    bob = session_factory(make_engine(storage.engine.url))()
 
     @event.listens_for(bob, "before_flush", once=True)
     def ana_saves_first(*_):  # after bob's version check passed, before his UPDATE
@@ -129,7 +129,7 @@ def test_bad_verdicts_flags_and_turns_are_refused_with_the_allowed_values(storag
 
 
 def test_the_audit_event_is_written_in_the_same_transaction_as_the_change(storage, inv_id, tmp_path):
-    other = session_factory(make_engine(data_dir=tmp_path))
+    other = session_factory(make_engine(storage.engine.url))
     with pytest.raises(RuntimeError, match="power cut"):
         with storage.sessions.begin() as s:
             submit_review(s, inv_id, reviewer="ana", verdict="real", expected_version=NO_REVIEW)
@@ -162,6 +162,15 @@ def test_the_audit_log_cannot_be_changed_or_deleted(storage, inv_id):
     with storage.engine.connect() as conn:  # raw SQL meets the database triggers
         with pytest.raises(DatabaseError, match="append-only"):
             conn.execute(text("UPDATE audit_events SET actor = 'mallory'"))
+        conn.rollback()  # PostgreSQL refuses every later statement of a failed transaction
         with pytest.raises(DatabaseError, match="append-only"):
             conn.execute(text("DELETE FROM audit_events"))
     assert [e.actor for e in _audit(storage)] == ["ana"]
+
+
+@server_only
+def test_the_audit_log_cannot_be_truncated_on_postgresql(storage, inv_id):
+    # TRUNCATE skips row triggers, so PostgreSQL has a statement trigger of its own.
+    with storage.engine.connect() as conn, pytest.raises(DatabaseError, match="append-only"):
+        conn.execute(text("TRUNCATE audit_events"))
+    assert [e.action for e in _audit(storage, entity="case")] == ["case.create"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from alembic import command
-from sqlalchemy import event, select, text
+from sqlalchemy import event, inspect, select, text
 from storage_support import astronaut_png
 from workbench_support import answer, fast, review, run_case, tool
 
@@ -150,7 +150,7 @@ def test_the_migration_adds_attack_types_to_an_existing_database(storage):
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0001")
     with storage.engine.begin() as conn:
-        assert "attack_type" not in [c[1] for c in conn.execute(text("PRAGMA table_info(cases)"))]
+        assert "attack_type" not in [c["name"] for c in inspect(conn).get_columns("cases")]
         conn.execute(text("INSERT INTO cases (id, image_sha256, filename, byte_size, created_by, created_at) "
                           "VALUES ('old', :sha, 'old.png', 3, 'ana', '2026-01-01 00:00:00')"), {"sha": "a" * 64})
     init_db(storage.engine)

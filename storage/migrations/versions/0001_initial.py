@@ -35,7 +35,7 @@ def upgrade() -> None:
     op.create_table('cases',
     sa.Column('id', sa.String(length=32), nullable=False),
     sa.Column('image_sha256', sa.String(length=64), nullable=False),
-    sa.Column('filename', sa.String(length=255), nullable=True),
+    sa.Column('filename', sa.Text(), nullable=True),
     sa.Column('byte_size', sa.Integer(), nullable=False),
     sa.Column('created_by', sa.String(length=128), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
@@ -52,7 +52,7 @@ def upgrade() -> None:
     sa.Column('policy_version', sa.String(length=128), nullable=False),
     sa.Column('params', sa.JSON(), nullable=False),
     sa.Column('tools', sa.JSON(), nullable=False),
-    sa.Column('source', sa.String(length=1024), nullable=True),
+    sa.Column('source', sa.Text(), nullable=True),
     sa.Column('face', sa.JSON(), nullable=True),
     sa.Column('crop_sha256', sa.String(length=64), nullable=True),
     sa.Column('label', sa.String(length=16), nullable=True),
@@ -80,7 +80,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('investigation_id', sa.String(length=32), nullable=False),
     sa.Column('format', sa.String(length=32), nullable=False),
-    sa.Column('filename', sa.String(length=255), nullable=True),
+    sa.Column('filename', sa.Text(), nullable=True),
     sa.Column('file_sha256', sa.String(length=64), nullable=False),
     sa.Column('created_by', sa.String(length=128), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
@@ -187,6 +187,7 @@ def downgrade() -> None:
 
 # The ORM refuses changes to audit events (storage/audit.py); these triggers refuse them to raw SQL too.
 _GUARDS = {"UPDATE": "audit_events_no_update", "DELETE": "audit_events_no_delete"}
+_PG_TRUNCATE_GUARD = "audit_events_no_truncate"  # TRUNCATE skips row triggers; SQLite has no TRUNCATE
 
 
 def _audit_log_append_only() -> None:
@@ -198,18 +199,26 @@ def _audit_log_append_only() -> None:
                 "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
             )
     elif dialect == "postgresql":
+        # restrict_violation (an integrity error, as SQLite's RAISE(ABORT) is) with the same message.
         op.execute(
             "CREATE FUNCTION audit_events_append_only() RETURNS trigger AS $$ "
-            "BEGIN RAISE EXCEPTION 'the audit log is append-only'; END; $$ LANGUAGE plpgsql"
+            "BEGIN RAISE EXCEPTION 'the audit log is append-only' USING ERRCODE = 'restrict_violation'; END; "
+            "$$ LANGUAGE plpgsql"
         )
         for verb, name in _GUARDS.items():
             op.execute(f"CREATE TRIGGER {name} BEFORE {verb} ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_events_append_only()")
+        op.execute(
+            f"CREATE TRIGGER {_PG_TRUNCATE_GUARD} BEFORE TRUNCATE ON audit_events "
+            "FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only()"
+        )
 
 
 def _drop_audit_guards() -> None:
     dialect = op.get_bind().dialect.name
-    if dialect in ("sqlite", "postgresql"):
+    if dialect == "sqlite":
         for name in _GUARDS.values():
-            op.execute(f"DROP TRIGGER IF EXISTS {name}" + (" ON audit_events" if dialect == "postgresql" else ""))
-    if dialect == "postgresql":
+            op.execute(f"DROP TRIGGER IF EXISTS {name}")
+    elif dialect == "postgresql":
+        for name in [*_GUARDS.values(), _PG_TRUNCATE_GUARD]:
+            op.execute(f"DROP TRIGGER IF EXISTS {name} ON audit_events")
         op.execute("DROP FUNCTION IF EXISTS audit_events_append_only()")

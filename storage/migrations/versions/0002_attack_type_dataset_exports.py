@@ -21,7 +21,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table('dataset_exports',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
-    sa.Column('folder', sa.String(length=1024), nullable=False),
+    sa.Column('folder', sa.Text(), nullable=False),
     sa.Column('format', sa.String(length=64), nullable=False),
     sa.Column('manifest_sha256', sa.String(length=64), nullable=False),
     sa.Column('files', sa.JSON(), nullable=False),
