@@ -19,7 +19,6 @@ Every problem with the selection is found before anything is written.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
@@ -213,9 +212,6 @@ def _plan_one(inv: Investigation, review: Review) -> _Plan:
     return plan
 
 
-_BARE = re.compile(r"^\s*(?:<answer>\s*)?<?\s*(real|spoof)\s*>?\s*(?:</answer>)?\s*$", re.I)
-
-
 def _corrected_turn(inv_id: str, text: str, label: str, original, notes: str) -> tuple[str, str]:
     """The corrected answer as a protocol final-answer turn, and where its thought came from."""
     text = text.strip()
@@ -223,13 +219,12 @@ def _corrected_turn(inv_id: str, text: str, label: str, original, notes: str) ->
         parsed = protocol.parse_reasoning_turn(text)
         source = "analyst"
     except ProtocolParseError as exc:
-        bare = _BARE.match(text)
-        if not bare:
+        verdict = protocol.parse_bare_verdict(text)
+        if verdict is None:
             raise ExportError(
                 f"investigation {inv_id}: the corrected answer does not follow the protocol ({exc}); write "
                 "'<think>...</think><answer><Real></answer>' (or <Spoof>), or just the verdict"
             ) from None
-        verdict = bare.group(1).lower()
         if original is not None and original.answer == verdict and (original.think or "").strip():
             think, source = original.think, "model"
         elif notes.strip():

@@ -303,6 +303,16 @@ def parse_reasoning_turn(text: str) -> ReasoningTurn:
     return ReasoningTurn(think, tool_call=parse_tool_call(body))
 
 
+_BARE_VERDICT_RE = re.compile(r"^\s*(?:<answer>\s*)?<?\s*(real|spoof)\s*>?\s*(?:</answer>)?\s*$", re.I)
+
+
+def parse_bare_verdict(text: str) -> Verdict | None:
+    """A verdict written without reasoning ("Real", "<Spoof>", "<answer><Real></answer>"), as analysts
+    correct an answer; None for anything else."""
+    m = _BARE_VERDICT_RE.match(text or "")
+    return m.group(1).lower() if m else None  # type: ignore[return-value]
+
+
 def parse_tool_call(body: str) -> ToolCall:
     """Parse the Hermes JSON inside <tool_call>: ``{"name": str, "arguments": {...}}``."""
     try:

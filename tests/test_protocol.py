@@ -260,3 +260,9 @@ def test_answer_turn_round_trip(verdict):
     text = protocol.format_answer_turn("All tools agree.", verdict)
     assert text.endswith(f"<answer><{verdict.capitalize()}></answer>")
     assert protocol.parse_reasoning_turn(text) == ReasoningTurn("All tools agree.", answer=verdict)
+
+
+@pytest.mark.parametrize("text, verdict", [("Real", "real"), (" <Spoof> ", "spoof"), ("<answer><Real></answer>", "real"), ("spoof", "spoof"),
+                                           ("<think>x</think><answer><Real></answer>", None), ("maybe real", None), ("", None)])
+def test_a_bare_verdict_is_read_only_when_it_is_nothing_but_a_verdict(text, verdict):
+    assert protocol.parse_bare_verdict(text) == verdict
