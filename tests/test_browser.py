@@ -70,8 +70,10 @@ def test_an_analyst_logs_in_investigates_overrides_with_a_shortcut_and_exports(t
         model = "real" if "Model verdict: Real" in summary.inner_text() else "spoof"
         override = "spoof" if model == "real" else "real"
         page.locator("#review-notes textarea").fill("overridden in the browser test")
-        # Going to another tab and back keeps what was typed (the open case is not reloaded).
+        # Going to another tab and back keeps what was typed (the open case is not reloaded). The Queue
+        # lists the case as soon as it is opened, without a Refresh click.
         page.get_by_role("tab", name="Queue").click()
+        page.locator("#queue-count").get_by_text("1 cases").wait_for()
         page.get_by_role("tab", name="Review").click()
         page.wait_for_timeout(300)
         assert page.locator("#review-notes textarea").input_value() == "overridden in the browser test"

@@ -25,7 +25,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 tab_investigate.build(ctx, current)
             with gr.Tab("Review", id="review") as review_tab:
                 review_box, review_outputs, do_open = tab_review.build(ctx, current)
-            with gr.Tab("Queue", id="queue"):
+            with gr.Tab("Queue", id="queue") as queue_tab:
                 table, (load, load_in, load_out) = tab_queue.build(ctx)
             with gr.Tab("Export", id="export"):
                 tab_export.build(ctx)
@@ -36,7 +36,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             return tab_queue.picked_investigation(evt), gr.Tabs(selected="review")
 
         table.select(pick, None, [review_box, tabs], api_name=False).then(do_open, review_box, review_outputs, api_name=False)
-        # Opening a tab shows its content at once. Review opens the current investigation only when another
+        # Opening a tab shows its content at once (Queue and Metrics as they are now). Review opens the current investigation only when another
         # one (or none) is open: switching tabs and back must never discard notes the analyst has typed.
         def review_selected(box, cur):
             if not cur or cur == box:
@@ -45,4 +45,5 @@ def build_app(ctx: AppContext) -> gr.Blocks:
 
         review_tab.select(review_selected, [review_box, current], [review_box, *review_outputs], api_name=False)
         metrics_tab.select(metrics[0], metrics[1], metrics[2], api_name=False)
+        queue_tab.select(load, load_in, load_out, api_name=False)  # the queue as it is now, without a Refresh click
     return demo

@@ -66,7 +66,7 @@ def build(ctx: AppContext):
         status = gr.Dropdown([ANY, *INVESTIGATION_STATUSES], value=ANY, label="Status")
         refresh = gr.Button("Refresh", elem_id="queue-refresh")
     table = gr.Dataframe(headers=[title for _, title in COLUMNS], label="Cases (click a row to open it in Review)", interactive=False, elem_id="queue-table")
-    count = gr.Markdown()
+    count = gr.Markdown(elem_id="queue-count")
 
     def load(checked, attack, status):
         headers, rows = case_table(ctx, checked, attack, status)
