@@ -55,15 +55,15 @@ class HFPolicy:
         self.model_dir = Path(model_dir) if model_dir else None
         self.version = _version(self.model_dir, loaded.adapter)
         n_params = sum(p.numel() for p in self.model.parameters())
-        nano = self.model_dir is not None and (self.model_dir / "tarfas_nano.json").is_file()
-        self.description = (
-            f"{'Nano (untrained, built locally) ' if nano else ''}{loaded.arch} MLLM, {n_params / 1e6:.1f}M parameters, "
-            f"from {self.model_dir or 'memory'}{' + LoRA adapter ' + loaded.adapter if loaded.adapter else ''}; "
-            f"transformers on {loaded.device} ({loaded.dtype}); score = class-token probability"
-        )
         # What the analyst needs to trace a verdict to its training: the adapter's lineage, else the model's.
         self.lineage = read_lineage(loaded.adapter) if loaded.adapter else None
         self.lineage = self.lineage or (read_lineage(self.model_dir) if self.model_dir else None)
+        nano = self.model_dir is not None and (self.model_dir / "tarfas_nano.json").is_file()
+        self.description = (
+            f"{('Nano (built locally' + ('' if self.lineage else ', untrained') + ') ') if nano else ''}{loaded.arch} MLLM, {n_params / 1e6:.1f}M parameters, "
+            f"from {self.model_dir or 'memory'}{' + LoRA adapter ' + loaded.adapter if loaded.adapter else ''}; "
+            f"transformers on {loaded.device} ({loaded.dtype}); score = class-token probability"
+        )
         if self.lineage:
             self.description += f". Lineage: {summarize_lineage(self.lineage)}"
         self._suppress = vision_token_ids(self.tokenizer)
