@@ -335,7 +335,7 @@ def cmd_eval(args) -> int:
     print(evaluate.format_table(metrics))
     for s in scored:
         if s.score_spoof is None:
-            print(f"unreadable: {s.row.rel_path}: {s.error}", file=sys.stderr)
+            print(f"{'unreadable' if s.unreadable else 'no verdict'}: {s.row.rel_path}: {s.error}", file=sys.stderr)
     extra = evaluate.summarize_scores(scored)
     print(f"{len(scored)} images in {time.time() - t0:.1f} s; median {extra['median_ms_per_image'] or 0:.1f} ms per image")
     if args.scores_out:
@@ -390,7 +390,7 @@ def _cmd_eval_report(args) -> int:
         print("\nmax tool calls (paper Fig. S11)\n" + report.compact_table([(v.variant.name, v.folds) for v in result.max_calls], {v.variant.name: f"{v.mean_calls:.2f}" for v in result.max_calls}, "mean tool calls"))
     for s in result.scores.values():
         if s.score_spoof is None:
-            print(f"unreadable: {s.row.rel_path}: {s.error}", file=sys.stderr)
+            print(f"{'unreadable' if s.unreadable else 'no verdict'}: {s.row.rel_path}: {s.error}", file=sys.stderr)
     if args.report:
         from core.experts import DEFAULT_DIR
 

@@ -24,8 +24,17 @@ from .metrics import eer_threshold, summarize
 @dataclass
 class ScoredImage:
     row: ManifestRow
-    score_spoof: float | None  # None when the image could not be investigated
-    face_detected: bool | None = None
+    score_spoof: float | None  # None when the image could not be read, or the investigation reached no verdict
+    face_detected: bool | None = None  # None when the image could not be read
+
+    @property
+    def unreadable(self) -> bool:
+        return self.score_spoof is None and self.face_detected is None
+
+    @property
+    def no_verdict(self) -> bool:
+        """Read and investigated, but the policy never gave a verdict (e.g. a model that breaks the protocol)."""
+        return self.score_spoof is None and self.face_detected is not None
     tool_calls: list[str] = field(default_factory=list)
     fast_score: float | None = None
     error: str | None = None
@@ -92,7 +101,8 @@ def metrics_by_domain(scored: list[ScoredImage], threshold: float) -> dict[str, 
     for name, items in sorted(by.items()) + [("pooled", scored)]:
         ok = [s for s in items if s.score_spoof is not None]
         m = summarize([s.row.y for s in ok], [s.score_spoof for s in ok], threshold) if ok else {"n": 0}
-        m["unreadable"] = len(items) - len(ok)
+        m["unreadable"] = sum(1 for s in items if s.unreadable)
+        m["no_verdict"] = sum(1 for s in items if s.no_verdict)
         m["no_face"] = sum(1 for s in ok if s.face_detected is False)
         result[name] = m
     return result
@@ -120,14 +130,14 @@ def format_table(metrics: dict[str, dict]) -> str:
     def pct(v):
         return "   -  " if v is None else f"{100 * v:6.2f}"
 
-    lines = [f"{'domain':<14}{'n':>6}{'real':>6}{'spoof':>6}{'AUC%':>8}{'EER%':>8}{'HTER%':>8}{'APCER%':>8}{'BPCER%':>8}{'unread':>8}{'noface':>8}"]
+    lines = [f"{'domain':<14}{'n':>6}{'real':>6}{'spoof':>6}{'AUC%':>8}{'EER%':>8}{'HTER%':>8}{'APCER%':>8}{'BPCER%':>8}{'unread':>8}{'noverd':>8}{'noface':>8}"]
     for name, m in metrics.items():
         if not m.get("n"):
-            lines.append(f"{name:<14}{0:>6}{'':>6}{'':>6}{'no readable images':>24}{m.get('unreadable', 0):>24}")
+            lines.append(f"{name:<14}{0:>6}{'':>6}{'':>6}{'no scored images':>24}{m.get('unreadable', 0):>24}{m.get('no_verdict', 0):>8}")
             continue
         lines.append(
             f"{name:<14}{m['n']:>6}{m['n_real']:>6}{m['n_spoof']:>6}  {pct(m['auc'])}  {pct(m['eer'])}  {pct(m['hter'])}  "
-            f"{pct(m['apcer'])}  {pct(m['bpcer'])}{m['unreadable']:>8}{m['no_face']:>8}"
+            f"{pct(m['apcer'])}  {pct(m['bpcer'])}{m['unreadable']:>8}{m['no_verdict']:>8}{m['no_face']:>8}"
         )
     return "\n".join(lines)
 

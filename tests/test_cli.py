@@ -217,7 +217,7 @@ def test_eval_with_threshold(cli, files):
         assert any(ln.split()[:1] == [name] for ln in table), name
     pooled = next(ln for ln in table if ln.startswith("pooled")).split()
     assert pooled[1:4] == ["5", "3", "2"]  # n, real, spoof of the readable images
-    assert pooled[-2] == "1"  # one unreadable image
+    assert pooled[-3:-1] == ["1", "0"]  # one unreadable image; every readable one got a verdict
     assert f"unreadable: {files['eval_corrupt']}" in res.err
     rows = _scores(files["dir"] / "scores.csv")
     assert len(rows) == 6
@@ -233,7 +233,7 @@ def test_eval_with_threshold(cli, files):
     m = json.loads((files["dir"] / "metrics.json").read_text())
     assert m["threshold"] == 0.5 and m["threshold_source"] == "--threshold"
     assert set(m["metrics"]) == {"alpha", "beta", "pooled"}
-    assert m["metrics"]["pooled"]["n"] == 5 and m["metrics"]["pooled"]["unreadable"] == 1
+    assert m["metrics"]["pooled"]["n"] == 5 and m["metrics"]["pooled"]["unreadable"] == 1 and m["metrics"]["pooled"]["no_verdict"] == 0
     assert 0.0 <= m["metrics"]["pooled"]["auc"] <= 1.0
 
 

@@ -221,3 +221,20 @@ def test_cli_manifest_report_with_dev_manifest(small, tiny_weights, tmp_path, ca
     y = [r.y for r in dev_rows]
     s = [scores[str(r.path)] for r in dev_rows]
     assert fold["threshold"] == pytest.approx(eer_threshold(y, s))
+
+
+def test_an_investigation_without_a_verdict_is_counted_apart_from_unreadable_images(tmp_path):
+    """A readable face whose policy never answers (an MLLM that breaks the protocol) is 'no verdict', not 'unreadable'."""
+    from core import evaluate
+    from core.policies import ScriptedPolicy
+
+    good = tmp_path / "face.png"
+    Image.fromarray(np.asarray(Image.open(Path(__file__).resolve().parents[1] / "assets" / "samples" / "astronaut_live.png"))).save(good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    rows = read_manifest(write_manifest(tmp_path / "m.csv", [{"path": str(good), "label": "real", "domain": "x"}, {"path": str(bad), "label": "real", "domain": "x"}]))
+    scored = evaluate.score_rows(rows, ScriptedPolicy(["garbage"] * 10), progress=False)
+    m = evaluate.metrics_by_domain(scored, 0.5)["pooled"]
+    assert (m["n"], m["unreadable"], m["no_verdict"]) == (0, 1, 1)
+    assert [s.no_verdict for s in scored] == [True, False] and [s.unreadable for s in scored] == [False, True]
+    assert "no scored images" in evaluate.format_table({"pooled": m})

@@ -25,4 +25,4 @@ def test_nano_pipeline_runs_end_to_end_on_fas_dev(fasdev, tmp_path):
     assert all(math.isfinite(h["loss"]) for h in kt["result"]["log"] + fi["result"]["log"] + rl["result"]["log"])
     assert "rewards/r_rsn/mean" in rl["result"]["log"][0] and "accuracy/final" in rl["result"]["log"][0]
     ev = summary["eval"]["kt+fi+dt-grpo"]
-    assert ev["policy"] == "hf" and ev["metrics"]["pooled"]["n"] + ev["metrics"]["pooled"]["unreadable"] == 4
+    assert ev["policy"] == "hf" and ev["metrics"]["pooled"]["n"] + ev["metrics"]["pooled"]["no_verdict"] == 4
