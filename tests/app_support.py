@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
+
+from loopback import free_port
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -14,12 +15,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SAMPLES = Path(__file__).resolve().parents[1] / "assets" / "samples"
 TOOLS = ["ZoomInTool", "FFTTool", "LBPTool", "WaveletTransformTool", "EdgeDetectionTool", "HOGTool"]
 USERS = [("ana", "pw-ana-1"), ("rita", "pw-rita-2")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

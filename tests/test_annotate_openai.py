@@ -12,38 +12,43 @@ import asyncio
 import base64
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import uvicorn
-from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's annotations here
+from fastapi import (  # module level: FastAPI resolves the handler's annotations here
+    FastAPI,
+    Request,
+)
 from fastapi.responses import JSONResponse
+from loopback import free_port, transformers_serve
 from PIL import Image
 
 from core import protocol
 from core.dataset import read_dataset
 from core.experts import ExpertBank
-from core.registry import ToolRegistry
-from training.annotate import REJECTED, AnnotateConfig, annotate_image, load_rows, run_annotation
 from core.protocol import render_structured
-from training.annotators import Annotation, AnnotationRequest, AnnotatorError, Hint, OpenAIAnnotator
+from core.registry import ToolRegistry
+from training.annotate import (
+    REJECTED,
+    AnnotateConfig,
+    annotate_image,
+    load_rows,
+    run_annotation,
+)
+from training.annotators import (
+    Annotation,
+    AnnotationRequest,
+    AnnotatorError,
+    Hint,
+    OpenAIAnnotator,
+)
 
 torch.set_num_threads(1)
 QUIET = dict(progress=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ScriptedServer:
@@ -264,37 +269,8 @@ def nano_server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("nano_serve")
     model = build_nano(root / "nano", "qwen2_5_vl")
-    exe = Path(sys.executable).parent / "transformers"
-    if not exe.exists():
-        pytest.skip("transformers CLI not installed")
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(root / "hf"), OMP_NUM_THREADS="1")
-    log = open(root / "serve.log", "wb")
-    proc = subprocess.Popen([str(exe), "serve", str(model), "--host", "127.0.0.1", "--port", str(port), "--trust-remote-code",
-                             "--device", "cpu"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("transformers serve did not start: " + (root / "serve.log").read_text()[-2000:])
-            time.sleep(0.25)
-        yield f"http://127.0.0.1:{port}/v1", str(model)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-        log.close()
+    with transformers_serve(model, root) as url:
+        yield url, str(model)
 
 
 def test_transformers_serve_nano_model_garbage_is_rejected_as_malformed(nano_server, tiny_manifest, bank, tmp_path):

@@ -4,16 +4,9 @@ protocol-level, so the same requests go to `vllm serve` (docs/models.md)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 import torch
+from loopback import free_port, transformers_serve
 
 from core import agent, protocol
 from core.mllm.messages import encode, to_processor_inputs
@@ -29,45 +22,13 @@ FAST = protocol.format_fast_answer("real", "Natural skin.")
 CALL = protocol.format_tool_call_turn("Check for moire.", protocol.ToolCall("FFTTool", {}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`transformers serve` on 127.0.0.1:<free port> with the nano model, offline; always stopped."""
     torch.set_num_threads(1)
     model_dir = build_nano(tmp_path_factory.mktemp("nano") / "qwen", "qwen2_5_vl")
-    port = _free_port()
-    exe = Path(sys.executable).with_name("transformers")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path_factory.mktemp("hf")))
-    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [str(exe), "serve", str(model_dir), "--trust-remote-code", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    log.seek(0)
-                    pytest.fail(f"transformers serve did not start:\n{log.read()[-3000:]}")
-                time.sleep(0.5)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "model": str(model_dir), "dir": model_dir}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with transformers_serve(model_dir, tmp_path_factory.mktemp("serve")) as url:
+        yield {"url": url, "model": str(model_dir), "dir": model_dir}
 
 
 class ScriptThen:
@@ -103,7 +64,7 @@ def test_investigation_through_a_real_openai_compatible_server(server, face):
 
 
 def test_unreachable_server_fails_the_investigation_with_a_clear_error(face):
-    policy = OpenAIChatPolicy(f"http://127.0.0.1:{_free_port()}/v1", "nano", timeout_s=5)
+    policy = OpenAIChatPolicy(f"http://127.0.0.1:{free_port()}/v1", "nano", timeout_s=5)
     traj = agent.run(face, policy)
     assert traj.status == "failed" and traj.error.startswith("ModelServerError: cannot reach")
 
