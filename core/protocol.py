@@ -303,6 +303,19 @@ def parse_reasoning_turn(text: str) -> ReasoningTurn:
     return ReasoningTurn(think, tool_call=parse_tool_call(body))
 
 
+# Where the class token sits in an assistant turn: the start of a fast answer (<Spoof><reason>..) or right
+# after <answer>. The class-token score is read there; this only locates it, the parsers above judge the turn.
+_FAST_CLASS_RE = re.compile(r"^\s*<(?:Spoof|Real)>", re.I)
+_ANSWER_CLASS_RE = re.compile(r"<answer>\s*<(?:Spoof|Real)>", re.I)
+
+
+def class_tag_offset(text: str) -> int | None:
+    """Character offset of the class tag (``<Spoof>``/``<Real>``) in an assistant turn, or None when the
+    turn gives no verdict."""
+    m = _ANSWER_CLASS_RE.search(text) or _FAST_CLASS_RE.match(text)
+    return m.start() + m.group(0).rfind("<") if m else None
+
+
 _BARE_VERDICT_RE = re.compile(r"^\s*(?:<answer>\s*)?<?\s*(real|spoof)\s*>?\s*(?:</answer>)?\s*$", re.I)
 
 

@@ -266,3 +266,12 @@ def test_answer_turn_round_trip(verdict):
                                            ("<think>x</think><answer><Real></answer>", None), ("maybe real", None), ("", None)])
 def test_a_bare_verdict_is_read_only_when_it_is_nothing_but_a_verdict(text, verdict):
     assert protocol.parse_bare_verdict(text) == verdict
+
+
+@pytest.mark.parametrize("text, offset", [("<Spoof><reason>x</reason>", 0), ("  <Real><reason>x</reason>", 2),
+                                          ("<think>t</think>\n<answer><Real></answer>", 25),
+                                          ("<think>t</think><tool_call>{}</tool_call>", None), ("no verdict", None)])
+def test_the_class_tag_is_found_where_the_class_token_score_is_read(text, offset):
+    assert protocol.class_tag_offset(text) == offset
+    if offset is not None:
+        assert text[offset:].lower().startswith(("<real>", "<spoof>"))

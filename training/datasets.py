@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core import protocol
-from core.dataset import Dataset, DatasetError, DatasetWriter, TrajectoryRecord, read_dataset
+from core.dataset import Dataset, DatasetError, DatasetWriter, TrajectoryRecord, read_dataset, sha256_file
 from core.errors import ProtocolParseError, TarfasError
 from core.registry import ToolRegistry
 
@@ -59,7 +59,7 @@ class LoadedData:
             mf = ds.folder / "manifest.json"
             out.append({
                 "given": src, "folder": str(ds.folder.resolve()), "source": ds.manifest.get("source"),
-                "manifest_sha256": hashlib.sha256(mf.read_bytes()).hexdigest(), "files": ds.manifest.get("files", {}),
+                "manifest_sha256": sha256_file(mf), "files": ds.manifest.get("files", {}),
                 "counts": ds.manifest.get("counts", {}),
             })  # fmt: skip
         return out

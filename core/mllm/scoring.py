@@ -7,21 +7,11 @@ both class strings are several tokens). Computed from a forward pass, never from
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
+from ..protocol import class_tag_offset
+
 CLASS_STRINGS = {"spoof": "<Spoof>", "real": "<Real>"}
-
-# Where the class token sits in an assistant turn: the start of a fast answer (<Spoof><reason>..) or
-# right after <answer>. Only locates the position; core.protocol still parses the turn.
-_FAST_CLASS = re.compile(r"^\s*<(?:Spoof|Real)>", re.I)
-_ANSWER_CLASS = re.compile(r"<answer>\s*<(?:Spoof|Real)>", re.I)
-
-
-def class_position(text: str) -> int | None:
-    """Character offset of the class tag in an assistant turn, or None when the turn has no verdict."""
-    m = _ANSWER_CLASS.search(text) or _FAST_CLASS.match(text)
-    return m.start() + m.group(0).rfind("<") if m else None
 
 
 @dataclass
@@ -69,7 +59,7 @@ def score_from_top_logprobs(text: str, tokens: list[dict]) -> tuple[float | None
     ``top_logprobs``) of the generated ``text``: at the token that covers the first character where
     ``<Spoof>`` and ``<Real>`` differ, sum the probabilities of the top alternatives consistent with
     each class. Returns (score or None, how it was obtained)."""
-    pos = class_position(text)
+    pos = class_tag_offset(text)
     if pos is None:
         return None, "no class token in the turn"
     diff = pos + 1  # "<S..." vs "<R...": they differ right after "<"

@@ -16,7 +16,8 @@ from ..lineage import read_lineage, summarize_lineage
 from ..mllm.errors import ContextOverflowError
 from ..mllm.messages import encode, to_processor_inputs
 from ..mllm.processor import LoadedModel, load_model_and_processor, vision_token_ids
-from ..mllm.scoring import class_position, class_token_score
+from ..mllm.scoring import class_token_score
+from ..protocol import class_tag_offset
 from .base import Conversation, PolicyOutput
 
 STOP_STRINGS = ("</tool_call>", "</answer>", "</reason>")
@@ -119,7 +120,7 @@ class HFPolicy:
         notes["stopped_by"] = stopped_by
         text = forced + text_new
         score = None
-        pos = class_position(text)
+        pos = class_tag_offset(text)
         if pos is not None:
             s = class_token_score(self.model, self.processor, inputs.text, inputs.images, text[:pos])
             score = s.p_spoof
