@@ -6,7 +6,7 @@
   tarfas eval MANIFEST [--root DIR] [--policy expert] [--scores-out FILE.csv] [--threshold T | --dev-manifest M]
   tarfas eval MANIFEST|PROTOCOL.yaml --report DIR [--analyses fast,tools,tool-use,max-calls|all] [--bootstrap N]
   tarfas app [--data-dir DIR] [--db URL] [--host H] [--port P] [--auth USER:PASS ...] [--users-file F]
-  tarfas train experts [--manifest M] [--train-domains nuaa] [--epochs 10] [--out assets/experts]
+  tarfas train experts [--manifests fas-dev,fas-train] [--domains ...] [--epochs 3] [--out assets/experts] [--calibrate-only]
   tarfas train sft --stage kt|fi --model DIR --data EXPORT_DIR[,MANIFEST.csv] [--adapter DIR] --out OUT
   tarfas train grpo --model DIR [--adapter DIR] --data EXPORT_DIR --out OUT [--reward dt|st]
   tarfas annotate MANIFEST --out DIR [--annotator expert|openai --model M --base-url URL] [--queue-into DATA_DIR]
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train models")
     trs = tr.add_subparsers(dest="what", required=True)
-    te = trs.add_parser("experts", help="train the expert ensemble (RGB classifier + one CNN per tool)")
+    te = trs.add_parser("experts", help="train the expert ensemble (pretrained RGB network + one CNN per tool), choosing and calibrating on held-out domains",
+                        description="Leave-one-domain-out training: epochs, calibration, fusion and the threshold are fitted on out-of-fold scores of domains the networks never saw; then the shipped networks are trained on every domain. See README (Shipped weights).")
     from training.configs import ExpertTrainConfig
 
     _dataclass_args(te, ExpertTrainConfig)
@@ -144,7 +145,9 @@ def _dataclass_args(p: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, list):
-            p.add_argument(flag, default=default, type=lambda s: [x for x in s.split(",") if x], help=f"comma-separated (default: {','.join(default)})")
+            item = type(default[0]) if default else str  # a list of numbers parses as numbers
+            p.add_argument(flag, default=default, type=lambda s, item=item: [item(x) for x in s.split(",") if x],
+                           help=f"comma-separated (default: {','.join(map(str, default))})")
         elif isinstance(default, bool):
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
         elif default is None:
@@ -325,7 +328,7 @@ def cmd_eval(args) -> int:
             print(f"error: --dev-manifest: {exc}", file=sys.stderr)
             return EXIT_INPUT
     elif getattr(policy, "threshold", None) is not None:
-        threshold, source = policy.threshold, f"{policy.name} policy's threshold (fixed on its dev data)"
+        threshold, source = policy.threshold, f"{policy.name} policy's threshold (shipped with its weights, fixed on held-out data)"
     else:
         print("error: this policy ships no threshold; give --threshold or --dev-manifest", file=sys.stderr)
         return EXIT_INPUT

@@ -158,7 +158,7 @@ def _fold_threshold(protocol, fold: Fold, picked, scores, answer, policy_thresho
     if mode == "policy":
         if policy_threshold is None:
             raise ProtocolError("this policy ships no threshold; give one (--threshold or the protocol's threshold)")
-        return float(policy_threshold), "the policy's shipped threshold (fixed on its own dev data)", 0
+        return float(policy_threshold), "the policy's shipped threshold (fixed on held-out data when it was trained)", 0
     ok = [scores[r.path] for r in picked[fold.source] if _score(scores[r.path], answer) is not None]
     y = [s.row.y for s in ok]
     if len(set(y)) < 2:

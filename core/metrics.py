@@ -267,3 +267,28 @@ def fas_metrics(
                 m.ci[k] = list(ci)
         m.ci_level, m.n_boot = ci_level, n_boot
     return m
+
+
+def domain_eer_threshold(y, scores, domains) -> float:
+    """The threshold where the APCER and BPCER averaged over domains meet: every capture domain counts
+    the same, however many images it has (a threshold meant to transfer to a new camera). Domains with
+    one class add to that class's average only."""
+    y, s = _check(y, scores)
+    domains = np.asarray(domains)
+    cands = np.unique(s)
+    if len(cands) > 2000:  # every score is a candidate on small sets; quantiles on large ones
+        cands = np.unique(np.quantile(s, np.linspace(0, 1, 2001)))
+    mids = np.concatenate([[cands[0] - 1e-9], (cands[:-1] + cands[1:]) / 2, [cands[-1] + 1e-9]])
+    apcer, bpcer = [], []
+    for d in np.unique(domains):
+        m = domains == d
+        sp, re = np.sort(s[m & (y == 1)]), np.sort(s[m & (y == 0)])
+        if len(sp):
+            apcer.append(np.searchsorted(sp, mids, side="left") / len(sp))  # attacks scored below t
+        if len(re):
+            bpcer.append(1.0 - np.searchsorted(re, mids, side="left") / len(re))  # real scored at or above t
+    if not apcer or not bpcer:
+        raise ValueError("the domain-averaged EER needs both real and spoof samples")
+    gap = np.abs(np.mean(apcer, axis=0) - np.mean(bpcer, axis=0))
+    best = np.flatnonzero(gap == gap.min())
+    return float((mids[best[0]] + mids[best[-1]]) / 2)

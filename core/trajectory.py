@@ -61,7 +61,7 @@ class Turn:
 @dataclass
 class Final:
     verdict: Verdict
-    score_spoof: float  # P(spoof); compare with a threshold fixed on dev data
+    score_spoof: float  # P(spoof); compare with a threshold fixed before seeing the test data
     source: Literal["answer", "fast_answer_fallback"] = "answer"
 
 

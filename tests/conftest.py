@@ -66,8 +66,10 @@ def synthetic_images(folder: Path, groups: int = 4, per_class: int = 3, seed: in
     """Natural images (scikit-image) as "real", and simulated prints/replays of the same as "spoof".
 
     Group ``k`` uses one source picture; each of its images is a random shifted crop with a light
-    change. File names ``s{k:02d}_{i}.png`` make ``s{k:02d}`` the capture group of both classes.
-    Returns manifest rows (paths relative to ``folder``).
+    change. File names ``s{k:02d}_{i}.png`` make ``s{k:02d}`` the capture group of both classes. The
+    first half of the groups is domain ``synthetic-a``, the rest ``synthetic-b`` (two "cameras", so
+    leave-one-domain-out training has something to hold out). Returns manifest rows (paths relative
+    to ``folder``).
     """
     import cv2
     from PIL import Image
@@ -92,14 +94,15 @@ def synthetic_images(folder: Path, groups: int = 4, per_class: int = 3, seed: in
             for label, atype, arr in (("real", "", img), ("spoof", attack, fake)):
                 name = f"s{k:02d}_{i}.png"
                 Image.fromarray(arr).save(folder / name)
-                rows.append({"path": name, "label": label, "attack_type": atype, "domain": "synthetic", "split": "train"})
+                domain = "synthetic-a" if k < max(1, groups // 2) else "synthetic-b"
+                rows.append({"path": name, "label": label, "attack_type": atype, "domain": domain, "split": "train"})
                 i += 1
     return rows
 
 
 @pytest.fixture(scope="session")
 def tiny_manifest(tmp_path_factory) -> Path:
-    """24 synthetic images (4 capture groups x 3 real + 3 spoof), domain "synthetic", split "train"."""
+    """24 synthetic images (4 capture groups x 3 real + 3 spoof) in two domains, split "train"."""
     folder = tmp_path_factory.mktemp("tiny_data")
     rows = synthetic_images(folder)
     return write_manifest(folder / "manifest.csv", rows)
@@ -107,19 +110,20 @@ def tiny_manifest(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_manifest, tmp_path_factory):
-    """The ExpertTrainConfig that trained ``tiny_weights`` (one epoch, no augmented views)."""
+    """The ExpertTrainConfig that trained ``tiny_weights``: the real recipe (pretrained MobileNetV2, tool
+    experts, leave-one-domain-out fitting) at toy size: two epochs of 16 samples, a 64 px RGB input."""
     from training.experts import ExpertTrainConfig
 
     out = tmp_path_factory.mktemp("tiny_weights")
     return ExpertTrainConfig(
-        manifest=str(tiny_manifest), train_domains=["synthetic"], train_split="train", views=0, epochs=1, batch_size=8, threads=1, out=str(out)
+        manifests=[str(tiny_manifest)], epochs=2, samples_per_epoch=16, batch_size=8, rgb_size=64, threads=1, out=str(out)
     )
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tiny_config) -> Path:
-    """A real expert bank (RGB + five tool experts, calibrated, with a dev threshold) trained in a few
-    seconds on ``tiny_manifest``. Read-only for tests: copy it before changing anything."""
+    """A real expert bank (RGB + five tool experts, calibrated, with a threshold from out-of-domain
+    scores) trained in seconds on ``tiny_manifest``. Read-only for tests: copy it before changing anything."""
     from training.experts import train_experts
 
     path = train_experts(tiny_config)

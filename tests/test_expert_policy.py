@@ -14,7 +14,8 @@ from core.agent import AgentConfig, run
 from core.errors import WeightsError
 from core.experts import EXPERT_TOOLS, RGB, ExpertBank
 from core.policies import load_policy
-from core.policies.expert import EvidenceModel, ExpertPolicy, expected_gain
+from core.evidence import EvidenceModel, expected_gain
+from core.policies.expert import ExpertPolicy
 from core.registry import TOOL_NAMES, ToolRegistry
 
 
@@ -43,7 +44,7 @@ def test_bank_has_rgb_and_one_expert_per_non_zoom_tool(tiny_weights):
     bank = ExpertBank.load(tiny_weights)
     assert set(bank.nets) == {RGB, *EXPERT_TOOLS}
     assert "ZoomInTool" not in bank.nets and set(EXPERT_TOOLS) == set(TOOL_NAMES) - {"ZoomInTool"}
-    assert set(bank.calibration) == set(bank.nets)
+    assert set(bank.calibration) == set(bank.nets) | {"ZoomInTool"}  # the zoomed view has its own calibration
     assert all(not net.training for net in bank.nets.values())  # loaded in eval mode
     assert len(bank.version) == 12 and int(bank.version, 16) >= 0
 
@@ -63,9 +64,12 @@ def test_bank_save_load_round_trip(tiny_weights, tmp_path, crop):
         assert 0.0 <= p1 <= 1.0
         assert p1 == p2, key
         assert bank.logit(key, image) == copy.logit(key, image)
-    assert bank.p_spoof("ZoomInTool", crop) is None
+    assert bank.p_spoof("ZoomInTool", crop) is None  # no tool expert reads zoom images ...
+    # ... the policy's ZoomIn evidence is the RGB network on the region, under the zoom view's calibration
+    raw = bank.raw_logits(RGB, [crop])[0]
+    assert bank.logit("ZoomInTool", crop) == pytest.approx(bank.calibration["ZoomInTool"].a * raw + bank.calibration["ZoomInTool"].b)
     with pytest.raises(KeyError):
-        bank.logit("ZoomInTool", crop)
+        bank.logit("NoSuchTool", crop)
 
 
 def test_changed_weights_change_the_version(weights_copy, tiny_weights):
@@ -102,7 +106,7 @@ def test_mismatched_weights_file(weights_copy):
 
 def test_mismatched_architecture_in_json(weights_copy):
     meta = json.loads((weights_copy / "experts.json").read_text())
-    meta["networks"]["HOGTool"]["arch"]["hidden"] = 32
+    meta["networks"]["HOGTool"]["arch"]["options"]["hidden"] = 32
     (weights_copy / "experts.json").write_text(json.dumps(meta))
     with pytest.raises(WeightsError, match="HOGTool"):
         ExpertBank.load(weights_copy)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.errors import ImageTooLargeError, InputImageError, InvalidImageError, NoFaceError, TarfasError
-from core.faces import CROP_SIZE, crop_square, detect_faces, load_image, prepare_face
+import core.faces as faces_module
+from core.errors import ImageTooLargeError, InputImageError, InvalidImageError, NoFaceError, TarfasError, WeightsError
+from core.faces import CROP_SIZE, Face, crop_square, detect_faces, load_image, prepare_face
 
 
 def _encode(im: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -220,6 +221,72 @@ def test_the_crop_is_the_resized_crop_box(face_rgb):
     assert np.abs(fc.crop.astype(int) - expected.astype(int)).mean() < 2
 
 
+def test_yunet_gives_five_landmarks_on_the_face(face_rgb):
+    (face,) = detect_faces(face_rgb)
+    assert isinstance(face, Face) and 0.6 <= face.score <= 1.0
+    x1, y1, x2, y2 = face.box
+    right_eye, left_eye, nose, mouth_r, mouth_l = face.landmarks
+    for x, y in face.landmarks:
+        assert x1 <= x <= x2 and y1 <= y <= y2
+    assert right_eye[0] < nose[0] < left_eye[0]  # image-left eye, nose, image-right eye
+    assert max(right_eye[1], left_eye[1]) < nose[1] < min(mouth_r[1], mouth_l[1])  # eyes above nose above mouth
+
+
+def test_several_faces_the_largest_is_analysed(face_rgb):
+    head = face_rgb[30:210, 130:320]  # the astronaut's head, 190 x 180
+    canvas = np.full((400, 700, 3), 200, np.uint8)
+    canvas[20:200, 20:210] = head
+    small = cv2.resize(head, (95, 90), interpolation=cv2.INTER_AREA)
+    canvas[250:340, 500:595] = small
+    found = detect_faces(canvas)
+    assert len(found) == 2
+    assert found[0].area > found[1].area  # largest first
+    fc = prepare_face(canvas)
+    x1, y1, x2, y2 = fc.bbox
+    assert x2 < 260 and y2 < 260  # the big face on the left, not the small one
+    assert any("2 faces" in n for n in fc.notes)
+
+
+def test_a_tight_crop_gets_no_black_margin(crop):
+    fc = prepare_face(crop)  # the face fills this picture: the square stays inside it
+    x1, y1, x2, y2 = fc.crop_box
+    assert 0 <= x1 and 0 <= y1 and x2 <= 224 and y2 <= 224
+    assert fc.bbox[0] >= x1 and fc.bbox[1] >= y1 and fc.bbox[2] <= x2 and fc.bbox[3] <= y2
+
+
+@pytest.mark.parametrize(
+    "box, size, expected",
+    [
+        ((100, 100, 200, 200), (640, 480), (75, 75, 225, 225)),  # room for the whole margin
+        ((0, 0, 40, 40), (100, 100), (0, 0, 60, 60)),  # near a corner: shifted inside
+        ((10, 5, 90, 95), (100, 100), (0, 0, 100, 100)),  # the face nearly fills the picture: what is left
+        ((0, 0, 120, 120), (100, 100), (-10, -10, 110, 110)),  # face larger than the picture: centred
+    ],
+)
+def test_face_square_keeps_the_margin_inside_the_picture(box, size, expected):
+    from core.faces import face_square
+
+    sq = face_square(box, size)
+    assert sq == expected
+    assert sq[2] - sq[0] == sq[3] - sq[1]
+
+
+def test_the_detector_file_is_checked_by_hash(tmp_path, monkeypatch):
+    """A damaged or replaced YuNet file is refused with a clear error, never run."""
+    import threading
+
+    bad = tmp_path / "yunet.onnx"
+    bad.write_bytes(faces_module.YUNET_PATH.read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setattr(faces_module, "YUNET_PATH", bad)
+    monkeypatch.setattr(faces_module, "_MODEL_BYTES", None)
+    monkeypatch.setattr(faces_module, "_DETECTORS", threading.local())
+    with pytest.raises(WeightsError, match="sha256"):
+        detect_faces(np.zeros((64, 64, 3), np.uint8))
+    monkeypatch.setattr(faces_module, "YUNET_PATH", tmp_path / "missing.onnx")
+    with pytest.raises(WeightsError, match="missing"):
+        detect_faces(np.zeros((64, 64, 3), np.uint8))
+
+
 def test_a_tight_face_crop_is_still_detected(crop):
     fc = prepare_face(crop)
     assert fc.face_detected
@@ -291,8 +358,9 @@ def test_dev_images_load_and_crop(fasdev):
 
 
 def test_detection_gives_the_same_boxes_from_concurrent_threads():
-    """OpenCV's CascadeClassifier is not safe to share between threads (the app and the annotator
-    detect in worker threads): each thread must get its own, so boxes match a sequential run."""
+    """OpenCV's FaceDetectorYN keeps its input size as state and is not safe to share between threads
+    (the app and the annotator detect in worker threads): each thread must get its own, so boxes match
+    a sequential run."""
     from concurrent.futures import ThreadPoolExecutor
 
     from core.samples import live_portrait, simulate_print, simulate_replay

@@ -1,4 +1,5 @@
-"""training.experts: leakage-free splits, augmentation, provenance in experts.json, calibrate-only."""
+"""training.experts: leave-one-domain-out training, selection and calibration, augmentation, provenance in
+experts.json, calibrate-only."""
 
 from __future__ import annotations
 
@@ -11,57 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from core.experts import EXPERT_TOOLS, RGB, ExpertBank
-from core.manifest import ManifestRow, read_manifest
-from training.experts import ExpertTrainConfig, augment, split_groups, train_experts
-
-
-def _rows(n_groups: int, per_class: int = 2, domain: str = "nuaa") -> list[ManifestRow]:
-    rows = []
-    for g in range(n_groups):
-        for i in range(2 * per_class):
-            label = "spoof" if i % 2 else "real"
-            rel = f"{g:04d}_{i:02d}_00_01_{i}.jpg"
-            rows.append(ManifestRow(Path("/data") / rel, rel, label, "print" if label == "spoof" else "", domain, "train"))
-    return rows
+from core.backbones import MOBILENET_V2_IMAGENET
+from core.evidence import EvidenceModel
+from core.experts import EXPERT_TOOLS, RGB, ZOOM, ExpertBank
+from core.metrics import domain_eer_threshold
+from training.experts import EVIDENCE_KEYS, ExpertTrainConfig, augment, fit_policy, lodo_table, platt, read_lodo_logits, train_experts
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("n_groups, frac", [(4, 0.25), (10, 0.25), (7, 0.5)])
-def test_split_groups_disjoint_with_both_classes(seed, n_groups, frac):
-    rows = _rows(n_groups)
-    train, dev = split_groups(rows, frac, seed)
-    assert sorted(r.rel_path for r in train + dev) == sorted(r.rel_path for r in rows)  # nothing lost or doubled
-    g_train, g_dev = {r.group for r in train}, {r.group for r in dev}
-    assert g_train and g_dev and not (g_train & g_dev)
-    assert {r.y for r in train} == {0, 1} and {r.y for r in dev} == {0, 1}
-    assert len(g_dev) == max(1, round(n_groups * frac))
-    assert split_groups(rows, frac, seed) == (train, dev)  # reproducible
-
-
-def test_split_groups_finds_the_mixed_groups():
-    # Only groups 0 and 1 have spoof images: each side must get one of them.
-    rows = _rows(2) + [r for r in _rows(8) if r.label == "real" and r.group not in ("nuaa:0000", "nuaa:0001")]
-    for seed in range(5):
-        train, dev = split_groups(rows, 0.25, seed)
-        assert {r.y for r in train} == {0, 1} and {r.y for r in dev} == {0, 1}
-        assert not ({r.group for r in train} & {r.group for r in dev})
-
-
-def test_split_groups_impossible():
-    rows = [r for r in _rows(4) if r.label == "real" or r.group == "nuaa:0000"]  # spoofs in one group only
-    with pytest.raises(ValueError, match="both classes"):
-        split_groups(rows, 0.25, 0)
-
-
-def test_same_subject_in_two_domains_is_two_groups():
-    rows = _rows(3, domain="nuaa") + _rows(3, domain="casia")
-    train, dev = split_groups(rows, 0.5, 0)
-    assert not ({r.group for r in train} & {r.group for r in dev})
-    assert len({r.group for r in rows}) == 6
-
-
+# --- augmentation -----------------------------------------------------------------------------------
 def test_augment_shape_type_and_determinism(crop):
     before = crop.copy()
     outs = []
@@ -87,51 +47,156 @@ def test_augment_continues_the_rng_stream(crop):
     np.testing.assert_array_equal(augment(crop, rng2), second)
 
 
+# --- fitting on out-of-fold logits ------------------------------------------------------------------
+def _oof(seed: int = 0, n: int = 200, shift: float = 2.0):
+    """Out-of-fold logits of three domains; domain c's scores are shifted up by ``shift`` (a camera that
+    makes everything look more like an attack), its classes still separable."""
+    rng = np.random.default_rng(seed)
+    domain = np.repeat(["a", "b", "c"], n)
+    y = np.tile(np.r_[np.zeros(n // 2, int), np.ones(n - n // 2, int)], 3)
+    base = np.where(y == 1, 1.5, -1.5) + rng.normal(0, 1.0, len(y)) + np.where(domain == "c", shift, 0.0)
+    raw = {k: base * (1 + 0.1 * i) + rng.normal(0, 0.8, len(y)) for i, k in enumerate(EVIDENCE_KEYS)}
+    return raw, y, domain
+
+
+def test_platt_calibration_weighs_every_domain_and_class_alike():
+    raw, y, domain = _oof()
+    from training.experts import balanced_weights
+
+    w = balanced_weights(y, domain)
+    assert w.sum() == pytest.approx(1.0)
+    for d in "abc":
+        for c in (0, 1):
+            assert w[(domain == d) & (y == c)].sum() == pytest.approx(1 / 6)
+    cal = platt(raw[RGB], y, w)
+    p = 1 / (1 + np.exp(-cal.apply(raw[RGB])))
+    assert np.average(p, weights=w) == pytest.approx(0.5, abs=0.02)  # balanced: mean P(spoof) is one half
+    assert cal.a > 0 and cal.mu[0] < 0 < cal.mu[1] and min(cal.sigma) > 0
+    assert 0.8 < cal.auc <= 1.0
+
+
+def test_domain_eer_threshold_counts_domains_not_images():
+    """A big domain must not pull the threshold its way: each domain's error rates count the same."""
+    rng = np.random.default_rng(0)
+    y_big = np.r_[np.zeros(1000), np.ones(1000)].astype(int)
+    s_big = np.r_[rng.uniform(0.0, 0.4, 1000), rng.uniform(0.4, 0.5, 1000)]
+    y_small = np.r_[np.zeros(10), np.ones(10)].astype(int)
+    s_small = np.r_[rng.uniform(0.5, 0.6, 10), rng.uniform(0.6, 1.0, 10)]
+    y, s = np.r_[y_big, y_small], np.r_[s_big, s_small]
+    d = np.r_[["big"] * 2000, ["small"] * 20]
+    t = domain_eer_threshold(y, s, d)
+    # anywhere between the big domain's attacks and the small domain's real faces has equal errors
+    # (each domain loses half of one class); pooling images would have put it inside the big domain
+    ap = np.mean([np.mean(s[(d == k) & (y == 1)] < t) for k in ("big", "small")])
+    bp = np.mean([np.mean(s[(d == k) & (y == 0)] >= t) for k in ("big", "small")])
+    assert ap == pytest.approx(bp, abs=0.06)
+
+
+def test_threshold_comes_from_the_policy_scores_out_of_domain():
+    raw, y, domain = _oof()
+    fitted = fit_policy(raw, y, domain, max_calls=3)
+    assert 0.0 < fitted.threshold < 1.0
+    assert fitted.threshold == pytest.approx(domain_eer_threshold(y, fitted.scores, domain))
+    assert isinstance(fitted.evidence, EvidenceModel) and fitted.evidence.keys == EVIDENCE_KEYS
+    assert set(fitted.calibration) == set(EVIDENCE_KEYS)
+
+
+def test_the_lodo_row_of_a_domain_is_fitted_without_it():
+    """Each domain's threshold, calibration and fusion come from the other domains only: changing this
+    domain's logits changes its scores, never its threshold."""
+    raw, y, domain = _oof()
+    table = lodo_table(raw, y, domain, ["a", "b", "c"], max_calls=3)
+    moved = {k: np.where(domain == "c", v + 5.0, v) for k, v in raw.items()}
+    again = lodo_table(moved, y, domain, ["a", "b", "c"], max_calls=3)
+    row_c, row_c2 = (next(r for r in t["domains"] if r["domain"] == "c") for t in (table, again))
+    assert row_c2["threshold"] == row_c["threshold"]
+    assert row_c2["apcer"] <= row_c["apcer"] and row_c2["bpcer"] >= row_c["bpcer"]  # shifted up: more called spoof
+    assert row_c2["auc"] == pytest.approx(row_c["auc"], abs=0.05)  # ranking within the domain barely moves
+    # what each tool adds: the fused AUC without each expert is reported, next to the fused AUC of all
+    assert set(table["fused_auc_without"]) == {*EXPERT_TOOLS, ZOOM}
+    assert 0.5 < table["fused_auc_all"] <= 1.0
+    assert table["mean"]["auc"] == pytest.approx(np.mean([r["auc"] for r in table["domains"]]))
+
+
+# --- the command on the tiny data -----------------------------------------------------------------------
 def test_experts_json_records_provenance(tiny_weights, tiny_config, tiny_manifest):
     meta = json.loads((tiny_weights / "experts.json").read_text())
+    assert meta["format"] == 2 and "torch" in meta["environment"]
     # recipe: the full config that trained the networks
     assert meta["recipe"] == dataclasses.asdict(tiny_config)
-    assert meta["recipe"]["epochs"] == 1 and meta["recipe"]["views"] == 0
-    # data: manifest, counts and digests of the train and dev rows
+    # data: manifests (with their sha256), counts per domain, digest of the rows
     data = meta["data"]
-    assert data["manifest"] == str(tiny_manifest)
-    rows = read_manifest(tiny_manifest)
-    assert data["train_images"] + data["dev_images"] == len(rows) == 24
-    assert data["dev_images"] == 6  # one of four capture groups held out
-    assert len(data["train_digest"]) == 16 and len(data["dev_digest"]) == 16
-    assert data["train_digest"] != data["dev_digest"]
-    assert data["skipped"] == []
-    # threshold and dev metrics of the whole policy
+    assert data["manifests"] == {str(tiny_manifest): hashlib.sha256(Path(tiny_manifest).read_bytes()).hexdigest()}
+    assert data["images"] == 24 and data["skipped"] == []
+    assert data["domains"] == {"synthetic-a": {"real": 6, "spoof": 6}, "synthetic-b": {"real": 6, "spoof": 6}}
+    assert len(data["digest"]) == 16
+    # the pretrained file it started from
+    assert meta["pretrained"]["sha256"] == MOBILENET_V2_IMAGENET.sha256
+    # LODO: one nested row per domain, and the policy's threshold from out-of-domain scores
+    lodo = meta["lodo"]
+    assert [r["domain"] for r in lodo["domains"]] == ["synthetic-a", "synthetic-b"]
+    for r in lodo["domains"]:
+        assert r["n"] == 12 and 0.0 <= r["auc"] <= 1.0 and 0.0 <= r["hter"] <= 1.0
     pol = meta["policy"]
-    assert 0.0 <= pol["threshold"] <= 1.0
-    assert "dev" in pol["threshold_source"].lower()
-    dev = pol["dev"]
-    assert dev["n"] == 6 and dev["n_real"] == 3 and dev["n_spoof"] == 3
-    assert dev["threshold"] == pol["threshold"]
-    for k in ("auc", "eer", "apcer", "bpcer", "hter"):
-        assert 0.0 <= dev[k] <= 1.0
-    # every network: file, architecture and dev calibration
+    assert 0.0 <= pol["threshold"] <= 1.0 and "leave-one-domain-out" in pol["threshold_source"]
+    # every network: file, architecture, out-of-domain calibration
     assert set(meta["networks"]) == {RGB, *EXPERT_TOOLS}
     for key, spec in meta["networks"].items():
         assert (tiny_weights / spec["file"]).is_file()
-        assert spec["arch"]["in_channels"] == (3 if key == RGB else 1)
+        assert spec["arch"]["kind"] == ("mobilenet_v2" if key == RGB else "cnn")
         c = spec["calibration"]
-        assert 0.0 <= c["dev_auc"] <= 1.0 and len(c["mu"]) == 2 and min(c["sigma"]) > 0
-    assert "bbox" in meta["zoom"] and "dev_auc" in meta["zoom"]["calibration"]
-    assert meta["format"] == 1 and "torch" in meta["environment"]
+        assert 0.0 <= c["auc"] <= 1.0 and len(c["mu"]) == 2 and min(c["sigma"]) > 0
+    assert meta["networks"][RGB]["arch"]["input_size"] == tiny_config.rgb_size
+    assert "bbox" in meta["zoom"] and ZOOM in meta["zoom"]
 
 
-def test_digests_identify_the_data(tiny_weights, tiny_manifest):
-    """The same rows give the same digests; the digests change with the labels."""
-    from training.experts import _file_digest
+def test_probe_strength_and_epochs_are_chosen_by_mean_lodo_auc(tiny_weights, tiny_config):
+    sel = json.loads((tiny_weights / "experts.json").read_text())["selection"]
+    assert set(sel["auc"][RGB]) == {str(c) for c in tiny_config.rgb_c}
+    assert sel["rgb_c"] == max(tiny_config.rgb_c, key=lambda c: sel["auc"][RGB][str(c)])
+    for key in EXPERT_TOOLS:
+        aucs = sel["auc"][key]
+        assert len(aucs) == tiny_config.epochs and sel["epochs"][key] == int(np.argmax(aucs)) + 1
 
-    meta = json.loads((tiny_weights / "experts.json").read_text())
-    rows = read_manifest(tiny_manifest)
-    train, dev = split_groups(rows, 0.25, 0)
-    assert _file_digest(train) == meta["data"]["train_digest"]
-    assert _file_digest(dev) == meta["data"]["dev_digest"]
-    flipped = [dataclasses.replace(dev[0], label="spoof" if dev[0].label == "real" else "real")] + dev[1:]
-    assert _file_digest(flipped) != _file_digest(dev)
+
+def test_augmented_views_join_the_probe_fit_only(tiny_config, tiny_weights, tmp_path):
+    """``augment_views`` adds camera-augmented copies to the probe's training rows: another head, the
+    same trunk and the same held-out rows (scores of held-out images are never of augmented copies)."""
+    out = tmp_path / "aug"
+    train_experts(dataclasses.replace(tiny_config, augment_views=1, out=str(out)))
+    plain, aug = ExpertBank.load(tiny_weights).nets[RGB], ExpertBank.load(out).nets[RGB]
+    assert not torch.equal(plain.head.weight, aug.head.weight)
+    assert all(torch.equal(a, b) for a, b in zip(plain.trunk.state_dict().values(), aug.trunk.state_dict().values()))
+    ids, *_ = read_lodo_logits(out / "lodo_logits.csv")
+    assert len(ids) == 24
+
+
+def test_the_rgb_probe_keeps_the_imagenet_trunk(tiny_weights):
+    """Only the linear head of the RGB network is trained: its trunk is the pretrained one, bit for bit."""
+    from core.backbones import load_pretrained_state
+
+    trunk = ExpertBank.load(tiny_weights).nets[RGB].trunk.state_dict()
+    pretrained = load_pretrained_state(MOBILENET_V2_IMAGENET)
+    assert trunk and all(torch.equal(v, pretrained[k]) for k, v in trunk.items())
+
+
+def test_lodo_logits_are_kept_for_every_image(tiny_weights):
+    ids, domain, y, raw = read_lodo_logits(tiny_weights / "lodo_logits.csv")
+    assert len(ids) == len(set(ids)) == 24
+    assert set(domain) == {"synthetic-a", "synthetic-b"} and set(y) == {0, 1}
+    assert set(raw) == set(EVIDENCE_KEYS) and all(np.isfinite(v).all() for v in raw.values())
+
+
+def test_scores_rank_without_ties(tiny_weights, tiny_manifest):
+    """No clipping floor: distinct images get distinct scores."""
+    from core.agent import run
+    from core.faces import load_image, prepare_face
+    from core.manifest import read_manifest
+    from core.policies.expert import ExpertPolicy
+
+    policy = ExpertPolicy.load(tiny_weights)
+    scores = [run(prepare_face(load_image(r.path), on_no_face="whole"), policy, experts=policy.bank).final.score_spoof for r in read_manifest(tiny_manifest)]
+    assert len(set(scores)) == len(scores)
 
 
 def _sha(folder: Path) -> dict[str, str]:
@@ -145,7 +210,7 @@ def recalibrated(tiny_weights, tiny_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("recal") / "w"
     shutil.copytree(tiny_weights, out)
     before = _sha(out)
-    cfg = dataclasses.replace(tiny_config, out=str(out), calibrate_only=True, epochs=10, views=3)
+    cfg = dataclasses.replace(ExpertTrainConfig(), out=str(out), calibrate_only=True)
     train_experts(cfg)
     return out, before
 
@@ -154,26 +219,21 @@ def test_calibrate_only_keeps_network_weights(recalibrated, tiny_weights):
     out, before = recalibrated
     assert len(before) == 6
     assert _sha(out) == before  # byte-identical networks
-    # the version covers experts.json too: a recalibrated bank is a new version, even with the same networks
-    assert ExpertBank.load(out).version != ExpertBank.load(tiny_weights).version
     meta = json.loads((out / "experts.json").read_text())
     old = json.loads((tiny_weights / "experts.json").read_text())
-    assert 0.0 <= meta["policy"]["threshold"] <= 1.0
-    # same dev data, same networks: the same calibration and threshold come out
+    # same out-of-fold logits: the same calibration and threshold come out
     assert meta["policy"]["threshold"] == pytest.approx(old["policy"]["threshold"])
-    assert meta["data"]["train_images"] == old["data"]["train_images"]
-    assert meta["train_seconds"] == old["train_seconds"]
+    assert meta["networks"] == old["networks"]
+    assert meta["data"] == old["data"] and meta["train_seconds"] == old["train_seconds"]
 
 
 def test_calibrate_only_keeps_the_training_recipe(recalibrated, tiny_config):
-    """The kept networks were trained with epochs=1, views=0: experts.json must still say so, whatever
+    """The kept networks were trained with the tiny config: experts.json must still say so, whatever
     config the calibration run was given."""
     out, _ = recalibrated
     meta = json.loads((out / "experts.json").read_text())
     assert meta["recipe"] == dataclasses.asdict(tiny_config)
-    assert meta["recipe"]["calibrate_only"] is False
-    if "calibration_recipe" in meta:  # how they were re-calibrated
-        assert meta["calibration_recipe"]["calibrate_only"] is True
+    assert meta["calibration_recipe"]["calibrate_only"] is True
 
 
 def test_calibrate_only_needs_existing_weights(tiny_config, tmp_path):
@@ -185,7 +245,13 @@ def test_calibrate_only_needs_existing_weights(tiny_config, tmp_path):
 
 def test_no_rows_for_the_domain(tiny_config, tmp_path):
     with pytest.raises(ValueError, match="no manifest rows"):
-        train_experts(dataclasses.replace(tiny_config, train_domains=["nuaa"], out=str(tmp_path / "x")))
+        train_experts(dataclasses.replace(tiny_config, domains=["nuaa"], out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists()
+
+
+def test_one_domain_cannot_be_left_out(tiny_config, tmp_path):
+    with pytest.raises(ValueError, match="at least two domains"):
+        train_experts(dataclasses.replace(tiny_config, domains=["synthetic-a"], out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists()
 
 
@@ -193,8 +259,8 @@ def test_config_defaults_are_the_shipped_recipe():
     """`tarfas train experts` with no flags reproduces the recipe recorded with the shipped weights
     (only where it wrote its files and how many threads it used may differ)."""
     cfg = ExpertTrainConfig()
-    assert cfg.lr == 1e-3  # paper App. A.3
     assert cfg.out == "assets/experts" and cfg.calibrate_only is False
+    assert any("fas-train" in m for m in cfg.manifests) and any("fas-dev" in m for m in cfg.manifests)
     shipped = Path(__file__).resolve().parents[1] / "assets" / "experts" / "experts.json"
     if not shipped.exists():
         pytest.skip("no shipped weights")
@@ -203,3 +269,9 @@ def test_config_defaults_are_the_shipped_recipe():
     for key in ("out", "threads"):
         recipe.pop(key), ours.pop(key)
     assert ours == recipe
+
+
+def test_the_shipped_bank_loads_the_tiny_one_too(tiny_weights):
+    bank = ExpertBank.load(tiny_weights)
+    assert set(bank.nets) == {RGB, *EXPERT_TOOLS}
+    assert set(bank.calibration) == {RGB, *EXPERT_TOOLS, ZOOM}

@@ -17,7 +17,6 @@ The pipeline itself (tools, experts, verification, writing) is :mod:`training.an
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import threading
@@ -438,7 +437,7 @@ class ExpertAnnotator:
     def _fast(self, ann: Annotation) -> str:
         from core.experts import RGB
 
-        p = 1.0 / (1.0 + math.exp(-self.policy.bank.logit(RGB, ann.crop)))
+        p = self.policy.p_spoof({RGB: self.policy.bank.logit(RGB, ann.crop)})  # the policy's own fast answer
         label = ann.hint.label
         agrees = (p >= self.policy.threshold) == (label == "spoof")
         attack = ann.hint.attack_type if ann.hint.attack_type in ("print", "replay") and agrees else None

@@ -1,27 +1,35 @@
-"""Train the offline policy's networks: the RGB face classifier and one expert per visual tool
-(paper §3.1.2, App. A.3: tool output only -> P(spoof trace); Adam, lr 1e-3, 10 epochs).
+"""Train the offline policy's networks: the RGB face network (a linear probe on frozen ImageNet MobileNetV2
+features) and one expert CNN per visual tool (paper §3.1.2, App. A.3: tool output only -> P(spoof trace)).
 
-Recipe (``tarfas train experts``):
-1. Read the manifest, keep the training domains/split, split by capture group (subject) into train and
-   dev, so near-duplicate frames of one capture never straddle the split.
-2. Detect and crop faces (224x224). Make ``views`` augmented copies of each training crop (crop scale,
-   flips, light, blur, resolution loss, JPEG, noise: the nuisances that change between capture setups)
-   and run every tool on every view, so each expert learns from its tool's real output.
-3. Train each network; Platt-calibrate it on dev; fit the per-class logit statistics that the policy
-   uses to pick informative tools.
-4. Run the full expert policy on dev and fix its decision threshold at the dev EER. Save safetensors +
-   ``experts.json`` (recipe, data hashes, dev metrics, threshold).
+Everything that is chosen or fitted is chosen on capture domains the networks did not see
+(leave-one-domain-out, LODO), because the product is judged on cameras that are in no training set:
+
+1. Read the manifests (by default ``fas-dev`` + ``fas-train``: ten capture domains), detect and crop
+   every face once.
+2. For each domain, fit the networks on the other domains and score the held-out one (out-of-fold
+   logits): the RGB network's linear probe on frozen ImageNet features for every regularisation
+   strength, the tool experts after every epoch. Every fit and every draw weighs each (domain, class)
+   the same.
+3. From the out-of-fold logits: pick the probe's strength and each expert's epoch count (mean LODO
+   AUC), fit every Platt calibration, the evidence model the policy fuses with and chooses tools by,
+   and the decision threshold (where the domain-averaged APCER and BPCER meet, on the policy's
+   replayed out-of-fold scores). The LODO table is nested: for each domain, calibration, fusion and
+   threshold are fitted without it.
+4. Fit the shipped networks on all domains with the chosen settings, and save safetensors +
+   ``experts.json`` (recipe, data digests, LODO results, threshold) + ``lodo_logits.csv`` (the
+   out-of-fold logits, so ``--calibrate-only`` can refit step 3 alone).
 """
 
 from __future__ import annotations
 
+import copy
+import csv
 import hashlib
-import json
 import platform
 import random
-import re
 import time
-from dataclasses import asdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -32,17 +40,24 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from core import faces
-from core.experts import EXPERT_TOOLS, LOGIT_CLIP, RGB, Calibration, ExpertBank, build_network, to_tensor
-from core.manifest import ManifestRow, read_manifest, select
+from core.backbones import MOBILENET_V2_IMAGENET, load_pretrained_state, sha256_of
+from core.evidence import EvidenceModel, replay
+from core.experts import EXPERT_TOOLS, RGB, ZOOM, Calibration, ExpertBank, network_spec
+from core.manifest import ManifestRow, read_manifest
+from core.metrics import domain_eer_threshold, summarize
 from core.registry import ToolRegistry
 
 from .configs import ExpertTrainConfig
 
 ZOOM_BOX = (56, 72, 168, 184)  # cheeks-nose region of the 224 crop, used by the policy's ZoomInTool
+KEYS = [RGB, *EXPERT_TOOLS]  # networks
+EVIDENCE_KEYS = [RGB, *EXPERT_TOOLS, ZOOM]  # what the policy can observe
 
 
+# --- augmentation -----------------------------------------------------------------------------------
 def augment(crop: np.ndarray, rng: random.Random) -> np.ndarray:
-    """A random capture-condition change of a 224x224 RGB crop."""
+    """A random capture-condition change of a 224x224 RGB crop: re-framing, mirror, exposure and
+    contrast, white balance, gamma, resolution loss, blur, sensor noise, JPEG recompression."""
     img = crop
     h, w = img.shape[:2]
     if rng.random() < 0.6:  # re-framing / zoom
@@ -80,209 +95,392 @@ def augment(crop: np.ndarray, rng: random.Random) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def split_dev(rows: list[ManifestRow], cfg: ExpertTrainConfig) -> tuple[list[ManifestRow], list[ManifestRow]]:
-    """Train/dev split: by ``dev_pattern`` when it matches anything, else by capture groups."""
-    if cfg.dev_pattern:
-        pattern = re.compile(cfg.dev_pattern)
-        dev = [r for r in rows if pattern.search(r.rel_path)]
-        train = [r for r in rows if not pattern.search(r.rel_path)]
-        if {r.y for r in dev} == {0, 1} and {r.y for r in train} == {0, 1}:
-            return train, dev
-        print(f"dev_pattern {cfg.dev_pattern!r} does not leave both classes on each side; holding out capture groups instead")
-    return split_groups(rows, cfg.dev_fraction, cfg.seed)
+# --- data -------------------------------------------------------------------------------------------
+@dataclass
+class FaceData:
+    """Every usable image of the training manifests as a 224x224 crop, with its label and domain."""
+
+    ids: list[str]  # "<manifest folder>/<path>": unique across manifests
+    crops: np.ndarray  # (N, 224, 224, 3) uint8
+    y: np.ndarray  # (N,) 1 = spoof
+    domain: np.ndarray  # (N,) str
+    skipped: list[str]
+    no_face: int
+
+    def balanced_weights(self, idx: np.ndarray) -> np.ndarray:
+        """:func:`balanced_weights` of the rows ``idx``."""
+        return balanced_weights(self.y[idx], self.domain[idx])
 
 
-def split_groups(rows: list[ManifestRow], dev_fraction: float, seed: int) -> tuple[list[ManifestRow], list[ManifestRow]]:
-    """Hold out whole capture groups; each side keeps both classes when the data allow."""
-    groups = sorted({r.group for r in rows})
-    rng = random.Random(seed)
-    for _ in range(100):
-        rng.shuffle(groups)
-        n_dev = max(1, round(len(groups) * dev_fraction))
-        dev_groups = set(groups[:n_dev])
-        train = [r for r in rows if r.group not in dev_groups]
-        dev = [r for r in rows if r.group in dev_groups]
-        if {r.y for r in train} == {0, 1} and {r.y for r in dev} == {0, 1}:
-            return train, dev
-    raise ValueError("cannot split the training rows into train and dev with both classes on each side")
+def balanced_weights(y: np.ndarray, domain: np.ndarray) -> np.ndarray:
+    """Weights (summing to 1) that give every (domain, class) the same total: a camera with many images
+    or a skewed class balance does not dominate a fit, a draw or a threshold."""
+    w = np.zeros(len(y))
+    for d, c in set(zip(domain.tolist(), y.tolist())):
+        m = (domain == d) & (y == c)
+        w[m] = 1.0 / m.sum()
+    return w / w.sum()
 
 
-def _crops(rows: list[ManifestRow], desc: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    crops, ys, skipped = [], [], []
-    for r in tqdm(rows, desc=desc, unit="img", leave=False):
-        try:
-            crop = faces.prepare_face(faces.load_image(r.path), on_no_face="whole").crop
-        except faces.InputImageError as exc:
-            skipped.append(f"{r.rel_path}: {exc}")
-            continue
-        crops.append(crop)
-        ys.append(r.y)
-    return np.stack(crops), np.asarray(ys, np.float32), skipped
-
-
-def _tool_views(crops: np.ndarray, registry: ToolRegistry) -> dict[str, np.ndarray]:
-    out = {RGB: crops}
-    for name in EXPERT_TOOLS:
-        out[name] = np.stack([registry.execute(name, {}, c).output.image for c in crops])
+def load_rows(cfg: ExpertTrainConfig) -> list[tuple[str, ManifestRow]]:
+    out = []
+    for manifest in cfg.manifests:
+        tag = Path(manifest).parent.name
+        out += [(f"{tag}/{r.rel_path}", r) for r in read_manifest(manifest)]
+    if cfg.domains:
+        out = [(i, r) for i, r in out if r.domain in cfg.domains]
+    if cfg.max_images and len(out) > cfg.max_images:
+        out = sorted(random.Random(cfg.seed).sample(out, cfg.max_images), key=lambda t: t[0])
     return out
 
 
-def _train_one(key: str, x: np.ndarray, y: np.ndarray, cfg: ExpertTrainConfig, progress: tqdm) -> torch.nn.Module:
-    torch.manual_seed(cfg.seed)
-    net = build_network(key)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    pos_weight = torch.tensor((y == 0).sum() / max(1.0, (y == 1).sum()))
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    gen = np.random.default_rng(cfg.seed)
-    for epoch in range(cfg.epochs):
-        net.train()
-        order = gen.permutation(len(x))
-        total = 0.0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            if len(idx) < 2:
-                continue
-            xb, yb = to_tensor(x[idx]), torch.from_numpy(y[idx])
-            if key == "FFTTool":  # a spectrum is point-symmetric: a 180 degree turn is the same spectrum
-                flip = torch.rand(len(idx)) < 0.5
-                xb[flip] = xb[flip].flip(-1, -2)
-            loss = loss_fn(net(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        progress.set_postfix(net=key, epoch=epoch + 1, loss=f"{total / len(x):.3f}")
+def load_faces(cfg: ExpertTrainConfig) -> FaceData:
+    rows = load_rows(cfg)
+    if not rows:
+        raise ValueError(f"no manifest rows for domains {cfg.domains or 'all'} in {cfg.manifests}")
+
+    def crop(row: ManifestRow):
+        try:
+            return faces.prepare_face(faces.load_image(row.path), on_no_face="whole")
+        except faces.InputImageError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max(1, cfg.threads)) as pool:  # OpenCV and PIL release the GIL
+        made = list(tqdm(pool.map(crop, [r for _, r in rows]), total=len(rows), desc="faces", unit="img", leave=False))
+    keep = [(i, r, fc) for (i, r), fc in zip(rows, made) if not isinstance(fc, str)]
+    skipped = [f"{i}: {fc}" for (i, _), fc in zip(rows, made) if isinstance(fc, str)]
+    return FaceData(
+        ids=[i for i, _, _ in keep],
+        crops=np.stack([fc.crop for _, _, fc in keep]),
+        y=np.array([r.y for _, r, _ in keep], np.int64),
+        domain=np.array([r.domain for _, r, _ in keep]),
+        skipped=skipped,
+        no_face=sum(1 for *_, fc in keep if not fc.face_detected),
+    )
+
+
+def folds_of(data: FaceData) -> list[str]:
+    """The held-out units: capture domains (LODO) with both classes."""
+    folds = [d for d in sorted(set(data.domain)) if len(set(data.y[data.domain == d])) == 2]
+    if len(set(data.domain)) < 2 or len(folds) < 2:
+        raise ValueError(
+            f"leave-one-domain-out needs at least two domains, each with real and spoof images; got {sorted(set(data.domain))}"
+        )
+    return folds
+
+
+def zoom_views(crops: np.ndarray) -> np.ndarray:
+    """The region the policy's ZoomInTool enlarges, as the RGB network sees it."""
+    x1, y1, x2, y2 = ZOOM_BOX
+    return np.stack([cv2.resize(c[y1:y2, x1:x2], (224, 224), interpolation=cv2.INTER_CUBIC) for c in crops])
+
+
+def tool_images(crops: np.ndarray | list[np.ndarray], registry: ToolRegistry, pool: ThreadPoolExecutor | None = None) -> dict[str, list[np.ndarray]]:
+    """Every expert tool's output image for every crop (in a thread pool when given: the tools run in
+    OpenCV, NumPy, PyWavelets and scikit-image code that releases the GIL)."""
+    def run(c):
+        return [registry.execute(name, {}, c).output.image for name in EXPERT_TOOLS]
+
+    outs = list(pool.map(run, crops)) if pool is not None else [run(c) for c in crops]
+    return {name: [o[i] for o in outs] for i, name in enumerate(EXPERT_TOOLS)}
+
+
+# --- the RGB network: a linear probe on frozen ImageNet features ---------------------------------------
+def pretrained_face_net(cfg: ExpertTrainConfig, pretrained: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The RGB network with its ImageNet trunk loaded and an untrained head."""
+    net = network_spec(RGB, cfg.rgb_size).build()
+    trunk = {k: v for k, v in pretrained.items() if k.startswith("features.") and int(k.split(".")[1]) < len(net.trunk.features)}
+    net.trunk.load_state_dict(trunk, strict=True)
     return net.eval()
 
 
 @torch.inference_mode()
-def _logits(net: torch.nn.Module, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([net(to_tensor(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
+def probe_features(net: torch.nn.Module, images, cfg: ExpertTrainConfig, batch: int = 64) -> np.ndarray:
+    """The frozen trunk's pooled features of every image (what the linear head reads)."""
+    spec = network_spec(RGB, cfg.rgb_size)
+    return np.concatenate([net.features(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]).astype(np.float64)
 
 
-def _calibrate(raw: np.ndarray, y: np.ndarray) -> Calibration:
-    """Platt scaling with Platt's smoothed targets (N+ + 1)/(N+ + 2) and 1/(N- + 2), which keep the
-    slope finite when dev data are separable (Platt, "Probabilistic outputs for support vector
-    machines", 1999, §2.2): each sample enters once per class, weighted by its target."""
-    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
-    target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
-    x2 = np.concatenate([raw, raw])[:, None]
-    y2 = np.concatenate([np.ones_like(raw), np.zeros_like(raw)])
-    w2 = np.concatenate([target, 1 - target])
-    lr = LogisticRegression(C=1e4).fit(x2, y2, sample_weight=w2)
+def fit_probe(x: np.ndarray, y: np.ndarray, weight: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression on standardised features (every domain and class weighs the
+    same); returns the weights and bias on the raw features (the standardisation folded in)."""
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    lr = LogisticRegression(C=c, max_iter=5000).fit((x - mean) / scale, y, sample_weight=weight * len(y))
+    w = lr.coef_[0] / scale
+    return w, float(lr.intercept_[0] - w @ mean)
+
+
+# --- the tool experts: small CNNs from scratch on the tool images --------------------------------------
+def train_tool_experts(images: dict[str, np.ndarray], data: FaceData, idx: np.ndarray, cfg: ExpertTrainConfig, eval_idx: np.ndarray | None = None, desc: str = "") -> tuple[list[dict], list[dict]]:
+    """Train one expert per tool on the tool images of rows ``idx`` for ``cfg.epochs`` epochs of
+    ``cfg.samples_per_epoch`` draws (every domain and class weighs the same; mirror flips). Returns, per
+    epoch, a snapshot of every expert's weights and (with ``eval_idx``) their raw logits on those rows."""
+    torch.manual_seed(cfg.seed)
+    gen = np.random.default_rng(cfg.seed)
+    nets = {k: network_spec(k).build().train() for k in EXPERT_TOOLS}
+    steps_per_epoch = max(1, cfg.samples_per_epoch // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opts = {k: torch.optim.AdamW(n.parameters(), lr=cfg.lr_tools, weight_decay=cfg.weight_decay) for k, n in nets.items()}
+    scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr_tools, total_steps=total, pct_start=0.1) for k, o in opts.items()}
+    weights = data.balanced_weights(idx)
+    snapshots, logits = [], []
+    with tqdm(total=total, desc=desc or "tool experts", unit="step", leave=False) as bar:
+        for _ in range(cfg.epochs):
+            for _ in range(steps_per_epoch):
+                batch = np.sort(gen.choice(idx, size=cfg.batch_size, p=weights))
+                target = torch.from_numpy(data.y[batch].astype(np.float32))
+                flip = gen.random() < 0.5
+                for key, net in nets.items():
+                    x = network_spec(key).tensor(images[key][batch])
+                    if flip:  # mirror; for a spectrum (point-symmetric) the same as a half turn
+                        x = x.flip(-1)
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), target)
+                    opts[key].zero_grad()
+                    loss.backward()
+                    opts[key].step()
+                    scheds[key].step()
+                bar.update(1)
+            snapshots.append({k: copy.deepcopy(n.state_dict()) for k, n in nets.items()})
+            if eval_idx is not None:
+                logits.append({k: _raw(n, k, images[k][eval_idx]) for k, n in nets.items()})
+    return snapshots, logits
+
+
+@torch.inference_mode()
+def _raw(net: torch.nn.Module, key: str, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    spec = network_spec(key)
+    net.eval()
+    out = np.concatenate([net(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]).astype(np.float64)
+    net.train()
+    return out
+
+
+# --- fitting on out-of-fold logits -----------------------------------------------------------------
+def platt(raw: np.ndarray, y: np.ndarray, weight: np.ndarray) -> Calibration:
+    """Platt scaling p = sigmoid(a * raw + b) by weighted logistic regression (every domain and class
+    weighs the same), plus the per-class statistics of the calibrated logit and its AUC."""
+    lr = LogisticRegression(C=1e4).fit(raw[:, None], y, sample_weight=weight * len(y))
     a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-    cal = np.clip(a * raw + b, -LOGIT_CLIP, LOGIT_CLIP)
-    mu = (float(cal[y == 0].mean()), float(cal[y == 1].mean()))
-    sigma = (float(cal[y == 0].std() + 0.25), float(cal[y == 1].std() + 0.25))
-    return Calibration(a, b, mu, sigma, float(roc_auc_score(y, raw)))
+    cal = a * raw + b
+    mu = tuple(float(np.average(cal[y == c], weights=weight[y == c])) for c in (0, 1))
+    sd = tuple(float(np.sqrt(np.average((cal[y == c] - mu[c]) ** 2, weights=weight[y == c])) + 1e-3) for c in (0, 1))
+    return Calibration(a, b, mu, sd, float(roc_auc_score(y, raw)))
 
 
-def _evidence_model(cal: dict[str, Calibration], raw: dict[str, np.ndarray], y: np.ndarray) -> dict:
-    """Per-class joint Gaussian of all calibrated logits on dev (Ledoit-Wolf shrunk covariance). The
-    policy conditions it on the evidence seen so far to value the next tool: a tool that would only
-    repeat what is already known (e.g. ZoomIn after the RGB view) is worth little."""
-    from sklearn.covariance import LedoitWolf
+@dataclass
+class Fitted:
+    """Everything step 3 fits from out-of-fold logits."""
 
-    keys = list(raw)
-    x = np.stack([np.clip(cal[k].a * raw[k] + cal[k].b, -LOGIT_CLIP, LOGIT_CLIP) for k in keys], axis=1)
-    model = {"keys": keys, "mean": [], "cov": []}
-    for c in (0, 1):
-        lw = LedoitWolf().fit(x[y == c])
-        model["mean"].append(lw.location_.tolist())
-        model["cov"].append((lw.covariance_ + 0.05 * np.eye(len(keys))).tolist())  # floor: no exact certainties
-    return model
+    calibration: dict[str, Calibration]
+    evidence: EvidenceModel
+    threshold: float
+    scores: np.ndarray  # the policy's replayed P(spoof) on the rows it was fitted on
 
 
-def _file_digest(rows: list[ManifestRow]) -> str:
+def fit_policy(raw: dict[str, np.ndarray], y: np.ndarray, domain: np.ndarray, max_calls: int) -> Fitted:
+    w = balanced_weights(y, domain)
+    cal = {k: platt(raw[k], y, w) for k in EVIDENCE_KEYS}
+    x = np.stack([cal[k].apply(raw[k]) for k in EVIDENCE_KEYS], axis=1)
+    model = EvidenceModel.fit(x, y, EVIDENCE_KEYS, weight=w)
+    scores = policy_scores(model, x, max_calls)
+    return Fitted(cal, model, domain_eer_threshold(y, scores, domain), scores)
+
+
+def policy_scores(model: EvidenceModel, x: np.ndarray, max_calls: int) -> np.ndarray:
+    tools = [*EXPERT_TOOLS, ZOOM]
+    return np.array([replay(model, dict(zip(EVIDENCE_KEYS, row)), tools, max_calls)[1] for row in x])
+
+
+def lodo_table(raw: dict[str, np.ndarray], y: np.ndarray, domain: np.ndarray, folds: list[str], max_calls: int) -> dict:
+    """Nested leave-one-domain-out results of the whole policy: for each domain, calibration, evidence
+    model and threshold are fitted on the other domains' out-of-fold logits, then the policy is
+    replayed on this domain's. Also: each network alone, and the fusion of all evidence without each
+    tool (what each tool adds)."""
+    rows, per_key, without = [], {k: [] for k in EVIDENCE_KEYS}, {k: [] for k in [None, *EXPERT_TOOLS, ZOOM]}
+    for d in folds:
+        test, train = domain == d, domain != d
+        fitted = fit_policy({k: v[train] for k, v in raw.items()}, y[train], domain[train], max_calls)
+        x = np.stack([fitted.calibration[k].apply(raw[k][test]) for k in EVIDENCE_KEYS], axis=1)
+        s = policy_scores(fitted.evidence, x, max_calls)
+        m = summarize(y[test], s, fitted.threshold)
+        rows.append({"domain": d, **{k: m[k] for k in ("n", "n_real", "n_spoof", "auc", "eer", "hter", "apcer", "bpcer")}, "threshold": fitted.threshold})
+        for k in EVIDENCE_KEYS:
+            per_key[k].append(roc_auc_score(y[test], raw[k][test]))
+        for drop in without:
+            keep = [k for k in EVIDENCE_KEYS if k != drop]
+            fused = [fitted.evidence.log_odds(dict(zip(EVIDENCE_KEYS, r))) if drop is None else fitted.evidence.log_odds({k: v for k, v in zip(EVIDENCE_KEYS, r) if k in keep}) for r in x]
+            without[drop].append(roc_auc_score(y[test], fused))
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in ("auc", "eer", "hter", "apcer", "bpcer")}
+    return {
+        "protocol": "leave one domain out; calibration, fusion and threshold of each row fitted on the other domains",
+        "domains": rows,
+        "mean": mean,
+        "min_auc": float(min(r["auc"] for r in rows)),
+        "network_auc": {k: float(np.mean(v)) for k, v in per_key.items()},
+        "fused_auc_all": float(np.mean(without[None])),
+        "fused_auc_without": {k: float(np.mean(v)) for k, v in without.items() if k is not None},
+    }
+
+
+# --- the command ------------------------------------------------------------------------------------
+def _digest(ids: list[str], y: np.ndarray) -> str:
     h = hashlib.sha256()
-    for r in sorted(rows, key=lambda r: r.rel_path):
-        h.update(r.rel_path.encode() + b"\0" + r.label.encode() + b"\n")
+    for i, label in sorted(zip(ids, y.tolist())):
+        h.update(f"{i}\0{label}\n".encode())
     return h.hexdigest()[:16]
+
+
+def write_lodo_logits(path: Path, ids: list[str], domain: np.ndarray, y: np.ndarray, raw: dict[str, np.ndarray]) -> None:
+    """The out-of-fold raw logits of every evidence key, one row per image (no pixels)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "domain", "label", *EVIDENCE_KEYS])
+        for i, ident in enumerate(ids):
+            w.writerow([ident, domain[i], int(y[i]), *(repr(float(raw[k][i])) for k in EVIDENCE_KEYS)])
+
+
+def read_lodo_logits(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return ([r["id"] for r in rows], np.array([r["domain"] for r in rows]), np.array([int(r["label"]) for r in rows]),
+            {k: np.array([float(r[k]) for r in rows]) for k in EVIDENCE_KEYS})
 
 
 def train_experts(cfg: ExpertTrainConfig) -> Path:
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
-    rows = select(read_manifest(cfg.manifest), cfg.train_domains, cfg.train_split or None)
-    if cfg.max_images and len(rows) > cfg.max_images:
-        rows = random.Random(cfg.seed).sample(rows, cfg.max_images)
-    if not rows:
-        raise ValueError(f"no manifest rows for domains {cfg.train_domains} split {cfg.train_split!r}")
-    train_rows, dev_rows = split_dev(rows, cfg)
-    print(f"train: {len(train_rows)} images, dev: {len(dev_rows)} images")
+    out = Path(cfg.out)
+    if cfg.calibrate_only:
+        return _recalibrate(cfg, out, t0)
+    data = load_faces(cfg)
+    folds = folds_of(data)
+    print(f"{len(data.ids)} images, {len(folds)} domains ({', '.join(folds)}); {data.no_face} without a detected face, {len(data.skipped)} unreadable")
+    face_net = pretrained_face_net(cfg, load_pretrained_state(MOBILENET_V2_IMAGENET))
+    feats = {RGB: probe_features(face_net, data.crops, cfg), ZOOM: probe_features(face_net, zoom_views(data.crops), cfg)}
+    # Augmented views join the probe's training rows (never its held-out scores); off by default (README).
+    rng = random.Random(cfg.seed)
+    views = [probe_features(face_net, np.stack([augment(c, rng) for c in data.crops]), cfg) for _ in range(cfg.augment_views)]
+
+    def fit(rows: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+        x = np.concatenate([feats[RGB][rows], *(v[rows] for v in views)])
+        w = np.tile(data.balanced_weights(rows), 1 + len(views)) / (1 + len(views))
+        return fit_probe(x, np.tile(data.y[rows], 1 + len(views)), w, c)
 
     registry = ToolRegistry()
-    keys = [RGB] + EXPERT_TOOLS
-    dev_crops, y_dev, skipped_dev = _crops(dev_rows, "faces (dev)")
-    dev_inputs = _tool_views(dev_crops, registry)
-    dev_inputs["ZoomInTool"] = np.stack([registry.execute("ZoomInTool", {"bbox": list(ZOOM_BOX)}, c).output.image for c in dev_crops])
-    if cfg.calibrate_only:
-        previous = ExpertBank.load(cfg.out)
-        nets, skipped, n_train = previous.nets, previous.meta.get("data", {}).get("skipped", []), previous.meta.get("data", {}).get("train_images")
-        train_seconds = previous.meta.get("train_seconds")
-        recipe = previous.meta.get("recipe", {})
-    else:
-        train_crops, y_train, skipped = _crops(train_rows, "faces (train)")
-        n_train = len(train_crops)
-        rng = random.Random(cfg.seed)
-        views = [train_crops] + [np.stack([augment(c, rng) for c in train_crops]) for _ in range(cfg.views)]
-        x_rgb = np.concatenate(views)
-        y_all = np.tile(y_train, cfg.views + 1)
-        print(f"computing tool outputs for {len(x_rgb)} training views ...")
-        train_inputs = _tool_views(x_rgb, registry)
-        nets = {}
-        with tqdm(total=len(keys), desc="networks", unit="net") as progress:
-            for key in keys:
-                nets[key] = _train_one(key, train_inputs[key], y_all, cfg, progress)
-                progress.update(1)
-        train_seconds = round(time.time() - t0, 1)
-        recipe = asdict(cfg)
-    cal, dev_raw = {}, {}
-    for key in keys:
-        dev_raw[key] = _logits(nets[key], dev_inputs[key])
-        cal[key] = _calibrate(dev_raw[key], y_dev)
-        print(f"  {key:22s} dev AUC {cal[key].dev_auc:.4f}")
-    # The policy's ZoomInTool evidence is the RGB network on the zoomed region: calibrate that view too.
-    zoom_x = np.stack([cv2.resize(z, (224, 224), interpolation=cv2.INTER_CUBIC) for z in dev_inputs["ZoomInTool"]])
-    dev_raw["ZoomInTool"] = _logits(nets[RGB], zoom_x)
-    zoom_cal = _calibrate(dev_raw["ZoomInTool"], y_dev)
-    print(f"  {'RGB on ZoomInTool':22s} dev AUC {zoom_cal.dev_auc:.4f}")
-    evidence_model = _evidence_model({**cal, "ZoomInTool": zoom_cal}, dev_raw, y_dev)
+    with ThreadPoolExecutor(max(1, cfg.threads)) as pool:
+        images = {k: np.stack(v) for k, v in tool_images(list(data.crops), registry, pool).items()}
+    in_folds = np.isin(data.domain, folds)
 
+    # Step 2a: the RGB probe, for every regularisation strength, on each held-out domain.
+    probe_oof = {c: {k: np.full(len(data.ids), np.nan) for k in (RGB, ZOOM)} for c in cfg.rgb_c}
+    for d in tqdm(folds, desc="RGB probe, leave one domain out", leave=False):
+        test, train = data.domain == d, data.domain != d
+        for c in cfg.rgb_c:
+            coef, bias = fit(np.flatnonzero(train), c)
+            for k in (RGB, ZOOM):
+                probe_oof[c][k][test] = feats[k][test] @ coef + bias
+    # Step 2b: the tool experts, per held-out domain and epoch.
+    tool_oof = [{k: np.full(len(data.ids), np.nan) for k in EXPERT_TOOLS} for _ in range(cfg.epochs)]
+    for d in folds:
+        test, train = np.flatnonzero(data.domain == d), np.flatnonzero(data.domain != d)
+        _, logits = train_tool_experts(images, data, train, cfg, eval_idx=test, desc=f"tool experts without {d}")
+        for e, lg in enumerate(logits):
+            for k in EXPERT_TOOLS:
+                tool_oof[e][k][test] = lg[k]
+        print(f"  held out {d:12s} RGB {roc_auc_score(data.y[test], probe_oof[cfg.rgb_c[0]][RGB][test]):.3f} "
+              + " ".join(f"{k[:5]} {roc_auc_score(data.y[test], logits[-1][k]):.3f}" for k in EXPERT_TOOLS))
+
+    # Step 3a: the probe's strength and each expert's epoch count, by mean LODO AUC.
+    selection = {RGB: {str(c): _masked_auc(probe_oof[c][RGB], data, folds) for c in cfg.rgb_c}}
+    selection |= {k: [_masked_auc(tool_oof[e][k], data, folds) for e in range(cfg.epochs)] for k in EXPERT_TOOLS}
+    best_c = float(max(cfg.rgb_c, key=lambda c: selection[RGB][str(c)]))
+    epochs = {k: int(np.argmax(selection[k])) + 1 for k in EXPERT_TOOLS}
+    raw = {RGB: probe_oof[best_c][RGB], ZOOM: probe_oof[best_c][ZOOM], **{k: tool_oof[epochs[k] - 1][k] for k in EXPERT_TOOLS}}
+    lodo_seconds = round(time.time() - t0, 1)
+
+    # Step 4: the shipped networks, trained on every domain.
+    coef, bias = fit(np.arange(len(data.ids)), best_c)
+    with torch.no_grad():
+        face_net.head.weight.copy_(torch.from_numpy(coef).float()[None])
+        face_net.head.bias.fill_(bias)
+    snapshots, _ = train_tool_experts(images, data, np.arange(len(data.ids)), cfg, desc="tool experts, all domains")
+    nets = {RGB: face_net}
+    for k in EXPERT_TOOLS:
+        net = network_spec(k).build()
+        net.load_state_dict(snapshots[epochs[k] - 1][k])
+        nets[k] = net.eval()
+
+    out.mkdir(parents=True, exist_ok=True)
+    y, domain, raw = data.y[in_folds], data.domain[in_folds], {k: v[in_folds] for k, v in raw.items()}
+    write_lodo_logits(out / "lodo_logits.csv", [i for i, keep in zip(data.ids, in_folds) if keep], domain, y, raw)
     meta = {
-        "format": 1,
-        "description": "tarfas expert ensemble: RGB face classifier + one CNN per visual tool (paper Fig. S9)",
-        "recipe": recipe,  # how the networks were trained
-        "calibration_recipe": asdict(cfg),  # how they were calibrated (differs only after --calibrate-only)
-        "data": {
-            "manifest": str(cfg.manifest),
-            "train_images": n_train,
-            "dev_images": len(dev_crops),
-            "train_digest": _file_digest(train_rows),
-            "dev_digest": _file_digest(dev_rows),
-            "skipped": skipped + skipped_dev,
-        },
-        "zoom": {"bbox": list(ZOOM_BOX), "calibration": asdict(zoom_cal)},
-        "evidence_model": evidence_model,
+        "description": "tarfas expert ensemble: RGB network (linear probe on frozen ImageNet MobileNetV2 features) + one CNN per visual tool (paper Fig. S9)",
+        "recipe": asdict(cfg),
+        "data": _data_meta(cfg, data),
+        "pretrained": {"file": Path(MOBILENET_V2_IMAGENET.relpath).name, "sha256": MOBILENET_V2_IMAGENET.sha256,
+                       "package": MOBILENET_V2_IMAGENET.pypi, "licence": MOBILENET_V2_IMAGENET.licence},
+        "selection": {"by": "mean leave-one-domain-out AUC", "rgb_c": best_c, "epochs": epochs, "auc": selection},
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
-        "train_seconds": train_seconds,
+        "train_seconds": {"lodo": lodo_seconds, "total": None},
     }
-    bank = ExpertBank(nets, cal, meta)
-    out = Path(cfg.out)
-    bank.save(out)  # weights first: the policy is built from the saved files
-
-    # Fix the decision threshold on dev with the whole policy (its adaptive tool choice included).
-    from core.policies.expert import ExpertPolicy
-    from core.metrics import eer_threshold, summarize
-
-    policy = ExpertPolicy(ExpertBank.load(out), threshold=0.5)
-    scores = np.array([policy.score_crop(c) for c in tqdm(dev_crops, desc="dev policy", leave=False)])
-    thr = eer_threshold(y_dev.astype(int), scores)
-    dev_metrics = summarize(y_dev.astype(int), scores, thr)
-    meta["policy"] = {"threshold": thr, "threshold_source": "EER on dev (held-out capture groups of the training domains)", "dev": dev_metrics}
-    bank.meta = meta
-    path = bank.save(out)
-    print(json.dumps({"threshold": thr, "dev": dev_metrics, "seconds": round(time.time() - t0, 1)}, indent=2))
+    bank = ExpertBank(nets, {k: network_spec(k, cfg.rgb_size) for k in KEYS}, {}, meta)
+    path = _fit_and_save(bank, cfg, out, y, domain, raw, folds)
+    bank.meta["train_seconds"]["total"] = round(time.time() - t0, 1)
+    bank.save(out)
     return path
+
+
+def _masked_auc(scores: np.ndarray, data: FaceData, folds: list[str]) -> float:
+    return float(np.mean([roc_auc_score(data.y[data.domain == d], scores[data.domain == d]) for d in folds]))
+
+
+def _data_meta(cfg: ExpertTrainConfig, data: FaceData) -> dict:
+    per_domain = {}
+    for d in sorted(set(data.domain)):
+        m = data.domain == d
+        per_domain[d] = {"real": int((data.y[m] == 0).sum()), "spoof": int((data.y[m] == 1).sum())}
+    return {
+        "manifests": {m: sha256_of(Path(m)) for m in cfg.manifests},
+        "images": len(data.ids),
+        "digest": _digest(data.ids, data.y),
+        "domains": per_domain,
+        "no_face_detected": data.no_face,
+        "skipped": data.skipped,
+    }
+
+
+def _fit_and_save(bank: ExpertBank, cfg: ExpertTrainConfig, out: Path, y: np.ndarray, domain: np.ndarray, raw: dict[str, np.ndarray], folds: list[str]) -> Path:
+    fitted = fit_policy(raw, y, domain, cfg.max_tool_calls)
+    bank.calibration = fitted.calibration
+    lodo = lodo_table(raw, y, domain, folds, cfg.max_tool_calls)
+    bank.meta.update(
+        calibration_recipe=asdict(cfg),
+        zoom={"bbox": list(ZOOM_BOX)},
+        evidence_model=fitted.evidence.to_dict(),
+        lodo=lodo,
+        policy={
+            "threshold": fitted.threshold,
+            "threshold_source": "where the domain-averaged APCER and BPCER meet on the policy's leave-one-domain-out scores",
+            "max_tool_calls": cfg.max_tool_calls,
+            "lodo_pooled": summarize(y, fitted.scores, fitted.threshold),
+        },
+    )
+    path = bank.save(out)
+    m = lodo["mean"]
+    print(f"LODO over {len(folds)} domains: mean AUC {m['auc']:.3f} (min {lodo['min_auc']:.3f}), mean HTER {m['hter']:.3f}; threshold {fitted.threshold:.3f}")
+    for r in lodo["domains"]:
+        print(f"  {r['domain']:12s} n {r['n']:5d}  AUC {r['auc']:.3f}  EER {r['eer']:.3f}  HTER {r['hter']:.3f}  APCER {r['apcer']:.3f}  BPCER {r['bpcer']:.3f}")
+    return path
+
+
+def _recalibrate(cfg: ExpertTrainConfig, out: Path, t0: float) -> Path:
+    """Refit calibration, fusion and threshold from the stored out-of-fold logits; keep the networks."""
+    bank = ExpertBank.load(out)
+    logits = out / "lodo_logits.csv"
+    if not logits.exists():
+        from core.errors import WeightsError
+
+        raise WeightsError(f"{logits} is missing: --calibrate-only refits from the out-of-fold logits of a full training run")
+    _, domain, y, raw = read_lodo_logits(logits)
+    folds = [d for d in sorted(set(domain)) if len(set(y[domain == d])) == 2]
+    return _fit_and_save(bank, cfg, out, y, domain, raw, folds)
