@@ -293,69 +293,17 @@ def render_text(traj, out_dir: Path, policy, threshold) -> str:
 
 
 def cmd_eval(args) -> int:
-    import random
-
-    from core import evaluate
+    """`tarfas eval`: a manifest (a one-fold protocol) or a protocol file, through one runner
+    (core.evaluation.analyses); --report and --analyses add the written report and the paper's analyses."""
     from core.errors import TarfasError
-    from core.eval_protocols import is_protocol_file
-    from core.manifest import read_manifest, select
+    import statistics
 
-    if is_protocol_file(args.manifest) or args.report or args.analyses:
-        return _cmd_eval_report(args)
-    t0 = time.time()
+    from core.evaluation import analyses, report, scoring
+    from core.evaluation.protocols import is_protocol_file, load_protocol, manifest_protocol
+
+    plain = not (is_protocol_file(args.manifest) or args.report or args.analyses)
     try:
-        rows = read_manifest(args.manifest, args.root)
-        rows = select(rows, args.domains.split(",") if args.domains else None, args.split)
-        if args.limit and len(rows) > args.limit:
-            rows = sorted(random.Random(0).sample(rows, args.limit), key=lambda r: r.rel_path)
-        if not rows:
-            raise TarfasError("no rows left after the --domains/--split filters")
-        policy = _load_policy(args)
-        config = _config(args, args.on_no_face or "whole")
-    except (TarfasError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT
-    experts = _experts_for(policy, args)
-    on_no_face = args.on_no_face or "whole"
-    if args.threshold is not None:
-        threshold, source = args.threshold, "--threshold"
-    elif args.dev_manifest:
-        try:
-            dev_rows = read_manifest(args.dev_manifest)
-            dev = evaluate.score_rows(dev_rows, policy, config, experts=experts, on_no_face=on_no_face, desc="dev")
-            threshold, source = evaluate.threshold_from_dev(dev), f"EER of {args.dev_manifest}"
-        except (TarfasError, ValueError) as exc:
-            print(f"error: --dev-manifest: {exc}", file=sys.stderr)
-            return EXIT_INPUT
-    elif getattr(policy, "threshold", None) is not None:
-        threshold, source = policy.threshold, f"{policy.name} policy's threshold (shipped with its weights, fixed on held-out data)"
-    else:
-        print("error: this policy ships no threshold; give --threshold or --dev-manifest", file=sys.stderr)
-        return EXIT_INPUT
-    scored = evaluate.score_rows(rows, policy, config, experts=experts, on_no_face=on_no_face)
-    metrics = evaluate.metrics_by_domain(scored, threshold)
-    print(f"policy: {policy.name} [{getattr(policy, 'version', '')}]  threshold {threshold:.4f} ({source})")
-    print(evaluate.format_table(metrics))
-    for s in scored:
-        if s.score_spoof is None:
-            print(f"{'unreadable' if s.unreadable else 'no verdict'}: {s.row.rel_path}: {s.error}", file=sys.stderr)
-    extra = evaluate.summarize_scores(scored)
-    print(f"{len(scored)} images in {time.time() - t0:.1f} s; median {extra['median_ms_per_image'] or 0:.1f} ms per image")
-    if args.scores_out:
-        evaluate.write_scores(args.scores_out, scored, threshold)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"policy": policy.name, "policy_version": getattr(policy, "version", ""), "threshold": threshold, "threshold_source": source, "metrics": metrics, **extra}, indent=2))
-    return 0
-
-
-def _cmd_eval_report(args) -> int:
-    """`tarfas eval` with a protocol file, --report or --analyses: core.analysis runs it, core.report writes it."""
-    from core import analysis, report
-    from core.errors import TarfasError
-    from core.eval_protocols import is_protocol_file, load_protocol, manifest_protocol
-
-    try:
-        if args.limit:
+        if args.limit and not plain:
             raise TarfasError("--limit is for plain runs; with a protocol or --report use --limit-per-domain")
         if is_protocol_file(args.manifest):
             if args.domains or args.split or args.dev_manifest or args.root:
@@ -365,22 +313,41 @@ def _cmd_eval_report(args) -> int:
                 protocol.threshold = float(args.threshold)
         else:
             threshold = float(args.threshold) if args.threshold is not None else "policy"
-            protocol = manifest_protocol(args.manifest, args.root, domains=args.domains.split(",") if args.domains else None, split=args.split, threshold=threshold, dev_manifest=args.dev_manifest)
+            protocol = manifest_protocol(args.manifest, args.root, domains=args.domains.split(",") if args.domains else None, split=args.split,
+                                         threshold=threshold, dev_manifest=args.dev_manifest, limit=args.limit)
         if args.limit_per_domain is not None:
             protocol.limit_per_domain = args.limit_per_domain
         names = [a.strip() for a in (args.analyses or "").split(",") if a.strip()]
-        analyses = list(analysis.ANALYSES) if names == ["all"] else names
+        wanted = list(analyses.ANALYSES) if names == ["all"] else names
         grid = tuple(int(x) for x in args.max_calls_grid.split(",") if x.strip())
         policy = _load_policy(args)
         config = _config(args, args.on_no_face or "whole")
-        result = analysis.run_evaluation(
+        result = analyses.run_evaluation(
             protocol, policy, experts=_experts_for(policy, args), tools=tuple(config.allowed_tools) if config.allowed_tools else None,
-            max_tool_calls=config.max_tool_calls, analyses=analyses, max_calls_grid=grid, seed=args.seed, n_boot=args.bootstrap,
-            on_no_face=args.on_no_face or "whole", progress=sys.stderr.isatty() or bool(args.report),
+            max_tool_calls=config.max_tool_calls, analyses=wanted, max_calls_grid=grid, seed=args.seed, n_boot=0 if plain else args.bootstrap,
+            on_no_face=args.on_no_face or "whole", progress=plain or sys.stderr.isatty() or bool(args.report),
         )
     except (TarfasError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    for s in result.scores.values():
+        if s.score_spoof is None:
+            print(f"{'unreadable' if s.unreadable else 'no verdict'}: {s.row.rel_path}: {s.error}", file=sys.stderr)
+    if plain:
+        (fold,) = result.folds
+        scored = result.target_scores()
+        metrics = scoring.metrics_by_domain(scored, fold.threshold)
+        ms = [s.ms for s in scored if s.score_spoof is not None]
+        median = float(statistics.median(ms)) if ms else None
+        print(f"policy: {result.policy} [{result.policy_version}]  threshold {fold.threshold:.4f} ({fold.threshold_source})")
+        print(report.domain_table(metrics))
+        print(f"{len(scored)} images in {result.seconds:.1f} s; median {median or 0:.1f} ms per image")
+        if args.scores_out:
+            scoring.write_scores(args.scores_out, scored, fold.threshold)
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps({"policy": result.policy, "policy_version": result.policy_version, "threshold": fold.threshold,
+                                                       "threshold_source": fold.threshold_source, "metrics": metrics, "median_ms_per_image": median}, indent=2))
+        return 0
     print(f"protocol {protocol.name} ({protocol.kind}); policy: {result.policy} [{result.policy_version}]; {result.images} images in {result.seconds:.1f} s")
     for f in result.folds:
         print(f"\n{f.fold}: threshold {f.threshold:.4f} ({f.threshold_source})")
@@ -391,9 +358,6 @@ def _cmd_eval_report(args) -> int:
         print("\ntools offered (paper Table 2)\n" + report.compact_table([(v.variant.name, v.folds) for v in result.ablation], {v.variant.name: f"{v.mean_calls:.2f}" for v in result.ablation}, "mean tool calls"))
     if result.max_calls:
         print("\nmax tool calls (paper Fig. S11)\n" + report.compact_table([(v.variant.name, v.folds) for v in result.max_calls], {v.variant.name: f"{v.mean_calls:.2f}" for v in result.max_calls}, "mean tool calls"))
-    for s in result.scores.values():
-        if s.score_spoof is None:
-            print(f"{'unreadable' if s.unreadable else 'no verdict'}: {s.row.rel_path}: {s.error}", file=sys.stderr)
     if args.report:
         from core.experts import DEFAULT_DIR
 

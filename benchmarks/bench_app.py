@@ -6,7 +6,7 @@
    policy); the time from submitting until the first chat update arrives, and until the fast answer is
    visible. Target <= 0.5 s.
 2. Batch throughput: N images investigated *and stored* by the app's runner (files, case rows, every
-   turn committed), against the scoring loop of ``tarfas eval`` (``core.evaluate.score_rows``, which
+   turn committed), against the scoring loop of ``tarfas eval`` (``core.evaluation.scoring.score_variant``, which
    stores nothing) on the same images. Target ratio >= 0.80. Images: a seeded sample of fas-dev when
    present, else the shipped samples repeated.
 3. Concurrent sessions: S analysts at once each load the page, connect, list the queue and run an
@@ -49,7 +49,7 @@ def _serve(data_dir, concurrency):
 
 
 def _images(n: int) -> list:
-    from core.manifest import ManifestRow, read_manifest
+    from core.evaluation.manifest import ManifestRow, read_manifest
 
     if (FAS_DEV / "manifest.csv").is_file():
         rows = read_manifest(FAS_DEV / "manifest.csv")
@@ -85,13 +85,13 @@ def first_event(url: str, repeats: int) -> dict:
 
 def throughput(data_dir: Path, n: int, concurrency: int, rounds: int = 2) -> dict:
     from app.runner import RunSettings, Runner
-    from core import evaluate
+    from core.evaluation.scoring import FaceCache, Variant, score_variant
     from core.policies import load_policy
     from storage.db import open_storage
 
     rows, source = _images(n)
     policy = load_policy("expert")
-    evaluate.score_rows(rows[:3], policy, experts=policy.bank, progress=False)  # warm-up
+    score_variant(rows[:3], FaceCache(keep=False), policy, Variant("main", None, 3), experts=policy.bank, progress=False)  # warm-up
     data = [(r.rel_path, Path(r.path).read_bytes()) for r in rows]
     settings = RunSettings.make(on_no_face="whole")
     storage = open_storage(data_dir)
@@ -99,7 +99,7 @@ def throughput(data_dir: Path, n: int, concurrency: int, rounds: int = 2) -> dic
     # Interleaved, best of `rounds`: the machine is shared, so each side gets its quietest run.
     for _ in range(rounds):
         t0 = time.perf_counter()
-        scored = evaluate.score_rows(rows, policy, experts=policy.bank, on_no_face="whole", progress=False)
+        scored = score_variant(rows, FaceCache("whole", keep=False), policy, Variant("main", None, 3), experts=policy.bank, progress=False)
         eval_s.append(time.perf_counter() - t0)
         runner = Runner(storage, concurrency=concurrency, policy_loader=lambda name, **kw: policy)
         t0 = time.perf_counter()

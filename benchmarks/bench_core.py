@@ -43,7 +43,7 @@ MANIFESTS = [DATA / "fas-dev" / "manifest.csv", DATA / "fas-train" / "manifest.c
 
 def _images(n: int) -> list[tuple[str, bytes]]:
     if all(m.exists() for m in MANIFESTS):
-        from core.manifest import read_manifest
+        from core.evaluation.manifest import read_manifest
 
         rows = [r for m in MANIFESTS for r in read_manifest(m)]
         rows = random.Random(0).sample(rows, min(n, len(rows)))

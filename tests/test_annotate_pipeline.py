@@ -17,7 +17,7 @@ import torch
 
 from core import protocol
 from core.dataset import read_dataset
-from core.manifest import read_manifest
+from core.evaluation.manifest import read_manifest
 from core.registry import ToolRegistry
 from core.trajectory import Trajectory
 from training.annotate import (

@@ -203,8 +203,7 @@ def test_no_face_analysed_whole(cli):
 def _scores(path: Path) -> list[dict]:
     text = path.read_text()
     header = next(csv.reader(io.StringIO(text)))
-    assert header[:5] == ["path", "label", "domain", "score_spoof", "verdict"]
-    assert header[5:] in ([], ["error"])
+    assert header == ["path", "label", "domain", "score_spoof", "verdict", "error", "attack_type", "split", "fast_score", "tool_calls"]
     return list(csv.DictReader(io.StringIO(text)))
 
 
@@ -231,7 +230,7 @@ def test_eval_with_threshold(cli, files):
         assert r["error"] == ""
         assert r["label"] in ("real", "spoof") and r["domain"] in ("alpha", "beta")
     m = json.loads((files["dir"] / "metrics.json").read_text())
-    assert m["threshold"] == 0.5 and m["threshold_source"] == "--threshold"
+    assert m["threshold"] == 0.5 and "--threshold" in m["threshold_source"]
     assert set(m["metrics"]) == {"alpha", "beta", "pooled"}
     assert m["metrics"]["pooled"]["n"] == 5 and m["metrics"]["pooled"]["unreadable"] == 1 and m["metrics"]["pooled"]["no_verdict"] == 0
     assert 0.0 <= m["metrics"]["pooled"]["auc"] <= 1.0
@@ -241,7 +240,7 @@ def test_eval_with_dev_manifest(cli, files):
     res = cli["eval_dev"]
     assert res.rc == 0, res
     head = res.out.splitlines()[0]
-    assert f"EER of {files['dev_manifest']}" in head
+    assert "EER of the reasoning scores on the source" in head and str(files["dev_manifest"]) in head
     thr = float(head.split("threshold ")[1].split()[0])
     assert 0.0 <= thr <= 1.0
     assert "pooled" in res.out

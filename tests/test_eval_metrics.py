@@ -1,4 +1,4 @@
-"""The full FAS metric set of core.metrics against hand-computed cases (spoof = positive class;
+"""The full FAS metric set of core.evaluation.metrics against hand-computed cases (spoof = positive class;
 score >= threshold is spoof): APCER per attack type, ACER, BPCER@APCER, the optimistic HTER at the
 test EER, and the stratified bootstrap."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from core.metrics import (
+from core.evaluation.metrics import (
     UNSPECIFIED_ATTACK,
     apcer_by_attack_type,
     attack_type_key,

@@ -1,4 +1,4 @@
-"""Evaluation protocol files (core.eval_protocols): parsing, selections, seeded per-domain samples,
+"""Evaluation protocol files (core.evaluation.protocols): parsing, selections, seeded per-domain samples,
 and the shipped protocol files."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import write_manifest
-from core.analysis import pick_rows
-from core.eval_protocols import ProtocolError, is_protocol_file, load_protocol, manifest_protocol, parse_protocol
+from core.evaluation.analyses import pick_rows
+from core.evaluation.protocols import ProtocolError, is_protocol_file, load_protocol, manifest_protocol, parse_protocol
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_per_domain_and_manifest_protocol(tmp_path, manifest):
     assert m.threshold == 0.4 and [t.name for t in m.folds[0].targets] == ["a-test"]
     assert len(pick_rows(m)[m.folds[0].targets[0]]) == 4
     d = manifest_protocol(manifest, dev_manifest=manifest)
-    assert d.threshold == "source_eer" and d.folds[0].source.name == "dev"
+    assert d.threshold == "source_eer" and d.folds[0].source.name == f"dev ({manifest})"
     # the dev selection reads the second manifest only
     assert {p.manifest for p in d.folds[0].source.parts} == {1}
 

@@ -14,9 +14,10 @@ from PIL import Image
 
 from app.cli import main
 from conftest import write_manifest
-from core.analysis import ABLATION, FaceCache, Variant, run_evaluation, score_variant, tool_use_by_attack_type
-from core.manifest import read_manifest
-from core.metrics import eer_threshold, fas_metrics
+from core.evaluation.analyses import ABLATION, run_evaluation, tool_use_by_attack_type
+from core.evaluation.scoring import FaceCache, Variant, score_variant
+from core.evaluation.manifest import read_manifest
+from core.evaluation.metrics import eer_threshold, fas_metrics
 from core.policies.expert import ExpertPolicy
 
 
@@ -51,7 +52,7 @@ def policy(tiny_weights):
 
 @pytest.fixture(scope="module")
 def full(small, policy):
-    from core.eval_protocols import load_protocol
+    from core.evaluation.protocols import load_protocol
 
     return run_evaluation(load_protocol(small["protocol"]), policy, experts=policy.bank, analyses=("fast", "tools", "tool-use", "max-calls"), max_calls_grid=(1, 3), n_boot=50, progress=False)
 
@@ -109,8 +110,8 @@ def test_tool_use_by_attack_type(full):
 
 
 def test_tool_use_counts_by_hand():
-    from core.evaluate import ScoredImage
-    from core.manifest import ManifestRow
+    from core.evaluation.scoring import ScoredImage
+    from core.evaluation.manifest import ManifestRow
 
     def img(label, at, calls):
         return ScoredImage(ManifestRow(Path(f"/{len(calls)}{at}{label}"), "x", label, at, "d", ""), 0.5, True, calls)
@@ -198,7 +199,7 @@ def test_cli_protocol_errors(small, tiny_weights, tmp_path, capsys):
 
 
 def test_policy_threshold_mode(small, policy, tmp_path):
-    from core.eval_protocols import load_protocol
+    from core.evaluation.protocols import load_protocol
 
     p = load_protocol(small["protocol"])
     p.threshold = "policy"
@@ -225,7 +226,7 @@ def test_cli_manifest_report_with_dev_manifest(small, tiny_weights, tmp_path, ca
 
 def test_an_investigation_without_a_verdict_is_counted_apart_from_unreadable_images(tmp_path):
     """A readable face whose policy never answers (an MLLM that breaks the protocol) is 'no verdict', not 'unreadable'."""
-    from core import evaluate
+    from core.evaluation import report, scoring
     from core.policies import ScriptedPolicy
 
     good = tmp_path / "face.png"
@@ -233,8 +234,8 @@ def test_an_investigation_without_a_verdict_is_counted_apart_from_unreadable_ima
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     rows = read_manifest(write_manifest(tmp_path / "m.csv", [{"path": str(good), "label": "real", "domain": "x"}, {"path": str(bad), "label": "real", "domain": "x"}]))
-    scored = evaluate.score_rows(rows, ScriptedPolicy(["garbage"] * 10), progress=False)
-    m = evaluate.metrics_by_domain(scored, 0.5)["pooled"]
+    scored = list(scoring.score_variant(rows, FaceCache(), ScriptedPolicy(["garbage"] * 10), Variant("main", None, 3), progress=False).values())
+    m = scoring.metrics_by_domain(scored, 0.5)["pooled"]
     assert (m["n"], m["unreadable"], m["no_verdict"]) == (0, 1, 1)
     assert [s.no_verdict for s in scored] == [True, False] and [s.unreadable for s in scored] == [False, True]
-    assert "no scored images" in evaluate.format_table({"pooled": m})
+    assert "no scored images" in report.domain_table({"pooled": m})

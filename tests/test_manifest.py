@@ -1,4 +1,4 @@
-"""core.manifest: reading and validating manifests, capture groups, selection."""
+"""core.evaluation.manifest: reading and validating manifests, capture groups, selection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_manifest
 from core.errors import TarfasError
-from core.manifest import ManifestError, ManifestRow, read_manifest, select
+from core.evaluation.manifest import ManifestError, ManifestRow, read_manifest, select
 
 ROWS = [
     {"path": "images/nuaa/0001/0001_00_00_01_101.jpg", "label": "real", "domain": "nuaa", "split": "train"},

@@ -1,4 +1,4 @@
-"""core.metrics against hand-computed cases (spoof = positive class; score >= threshold is spoof)."""
+"""core.evaluation.metrics against hand-computed cases (spoof = positive class; score >= threshold is spoof)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from core.metrics import eer, eer_threshold, error_rates, summarize
+from core.evaluation.metrics import eer, eer_threshold, error_rates, summarize
 
 
 def test_perfect_separation():

@@ -12,7 +12,7 @@ import pytest
 
 from core import agent, faces, protocol
 from core.experts import DEFAULT_DIR, EXPERT_TOOLS, RGB, ZOOM, ExpertBank
-from core.manifest import read_manifest
+from core.evaluation.manifest import read_manifest
 from core.policies import load_policy
 from core.samples import SAMPLES
 

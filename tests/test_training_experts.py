@@ -17,7 +17,7 @@ import torch
 from core.backbones import MOBILENET_V2_IMAGENET
 from core.evidence import EvidenceModel
 from core.experts import EXPERT_TOOLS, RGB, ZOOM, ExpertBank
-from core.metrics import domain_eer_threshold
+from core.evaluation.metrics import domain_eer_threshold
 from training.experts import EVIDENCE_KEYS, ExpertTrainConfig, augment, fit_policy, lodo_table, platt, read_lodo_logits, train_experts
 
 
@@ -191,7 +191,7 @@ def test_scores_rank_without_ties(tiny_weights, tiny_manifest):
     """No clipping floor: distinct images get distinct scores."""
     from core.agent import run
     from core.faces import load_image, prepare_face
-    from core.manifest import read_manifest
+    from core.evaluation.manifest import read_manifest
     from core.policies.expert import ExpertPolicy
 
     policy = ExpertPolicy.load(tiny_weights)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from core import faces, protocol
 from core.dataset import TRAJECTORIES, DatasetWriter, _repair_and_ids, read_dataset
 from core.errors import InputImageError, ProtocolParseError, ToolCallError, TarfasError
-from core.manifest import ManifestRow
+from core.evaluation.manifest import ManifestRow
 from core.protocol import ToolCall
 from core.registry import ToolRegistry
 from core.trajectory import FaceInfo, Final, ToolResult, Trajectory, Turn
@@ -559,7 +559,7 @@ def import_review_queue(folder: str | Path, storage, *, user: str = "annotation"
 def load_rows(manifest: str | Path, *, root=None, domains: list[str] | None = None, split: str | None = None,
               limit: int | None = None, seed: int = 0) -> list[ManifestRow]:
     """Manifest rows to annotate; ``limit`` takes a seeded random sample (stable across resumes)."""
-    from core.manifest import read_manifest, select
+    from core.evaluation.manifest import read_manifest, select
 
     rows = select(read_manifest(manifest, root), domains, split)
     if limit is not None and limit < len(rows):

@@ -106,8 +106,8 @@ def build_from_manifest(
     """Turn a manifest into a dataset folder: each face's expert-policy trajectory (FI) and its (crop,
     label) query (KT, GRPO). Resumable: images already in ``out`` are skipped. Returns ``out``."""
     from core import agent
-    from core.evaluate import load_face
-    from core.manifest import read_manifest, select
+    from core.evaluation.scoring import load_face
+    from core.evaluation.manifest import read_manifest, select
     from core.policies import load_policy
 
     rows = select(read_manifest(manifest), domains or None, split)

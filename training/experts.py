@@ -43,8 +43,8 @@ from core import faces
 from core.backbones import MOBILENET_V2_IMAGENET, load_pretrained_state, sha256_of
 from core.evidence import EvidenceModel, replay
 from core.experts import EXPERT_TOOLS, RGB, ZOOM, Calibration, ExpertBank, network_spec
-from core.manifest import ManifestRow, read_manifest
-from core.metrics import domain_eer_threshold, summarize
+from core.evaluation.manifest import ManifestRow, read_manifest
+from core.evaluation.metrics import domain_eer_threshold, summarize
 from core.registry import ToolRegistry
 
 from .configs import ExpertTrainConfig

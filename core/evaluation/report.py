@@ -7,7 +7,6 @@ protocol file's hash, and where each decision threshold came from.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import sha256_file
-from .analysis import EvaluationResult, FoldResult, fold_mean, headline_columns
+from ..dataset import sha256_file
+from .analyses import EvaluationResult, FoldResult, fold_mean, headline_columns
 from .metrics import FasMetrics
+from .scoring import write_scores
 
 OPTIMISTIC_NOTE = (
     "HTER@test-EER is the optimistic, paper-style figure: its threshold is the EER threshold of the "
@@ -95,10 +95,28 @@ def pct_ci(m: FasMetrics, key: str) -> str:
     return pct(v) + (f" [{pct(ci[0], 1)}, {pct(ci[1], 1)}]" if ci and v is not None else "")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def format_table(header: list[str], rows: list[list[str]], *, markdown: bool = True) -> str:
+    """Every table of an evaluation: Markdown (reports), or aligned plain text (the terminal), where the
+    first column is left-aligned and the others right-aligned."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(str(c)) for c in col) + (0 if i == 0 else 2) for i, col in enumerate(zip(header, *rows))]
+    fmt = lambda r: "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join(fmt([str(c) for c in r]).rstrip() for r in [header, *rows])
+
+
+def domain_table(metrics: dict[str, dict]) -> str:
+    """The terminal table of `tarfas eval`: per domain and pooled (:func:`~core.evaluation.scoring.metrics_by_domain`)."""
+    header = ["domain", "n", "real", "spoof", "AUC%", "EER%", "HTER%", "APCER%", "BPCER%", "unread", "noverd", "noface"]
+    rows = []
+    for name, m in metrics.items():
+        counts = [str(m.get("unreadable", 0)), str(m.get("no_verdict", 0)), str(m.get("no_face", 0))]
+        if not m.get("n"):
+            rows.append([name, "0", "", "", "no scored images", "", "", "", "", *counts])
+            continue
+        rows.append([name, str(m["n"]), str(m["n_real"]), str(m["n_spoof"])] + [pct(m[k]) for k in ("auc", "eer", "hter", "apcer", "bpcer")] + counts)
+    return format_table(header, rows, markdown=False)
 
 
 def metrics_table(fold: FoldResult) -> str:
@@ -113,7 +131,7 @@ def metrics_table(fold: FoldResult) -> str:
             name, f"{m.n} ({m.n_real}/{m.n_spoof})" + (f", {unread} unreadable" if unread else ""), pct_ci(m, "auc"), pct(m.eer), pct_ci(m, "hter"),
             pct(m.apcer), pct(m.bpcer), pct(m.acer), worst, pct(m.bpcer_at_apcer.get("5%")), pct(m.bpcer_at_apcer.get("1%")), pct(m.hter_at_test_eer),
         ])
-    return _table(header, rows)
+    return format_table(header, rows)
 
 
 def attack_table(fold: FoldResult) -> str:
@@ -123,7 +141,7 @@ def attack_table(fold: FoldResult) -> str:
     rows = []
     for name, m in fold.targets.items():
         rows.append([name] + [f"{pct(m.apcer_by_type[t])} (n={m.n_by_type[t]})" if t in m.apcer_by_type else "–" for t in types] + [pct(m.bpcer)])
-    return _table(["target"] + [f"APCER {t} %" for t in types] + ["BPCER %"], rows)
+    return format_table(["target"] + [f"APCER {t} %" for t in types] + ["BPCER %"], rows)
 
 
 def compact_table(rows: list[tuple[str, list[FoldResult]]], extra: dict[str, str] | None = None, extra_name: str = "") -> str:
@@ -141,7 +159,7 @@ def compact_table(rows: list[tuple[str, list[FoldResult]]], extra: dict[str, str
         if extra:
             r.append(extra.get(name, "–"))
         out.append(r)
-    return _table(header, out)
+    return format_table(header, out)
 
 
 # --- plots ---------------------------------------------------------------------------------------
@@ -308,25 +326,16 @@ def markdown(result: EvaluationResult, info: RunInfo, images: list[str]) -> str:
         L += [f"![{im}]({im})" for im in images if im == "max_tool_calls.png"] + [""]
     if result.tool_use is not None:
         L += ["## Tool use per attack type", "", "Over every image investigated by the main configuration (source and targets): % of images that called each tool, mean calls per image, and each family's share of the calls.", ""]
-        from .registry import TOOL_NAMES
+        from ..registry import TOOL_NAMES
 
         header = ["group", "n", "mean calls"] + [f"{t} %" for t in TOOL_NAMES] + ["frequency / texture / structure / zoom share %"]
         rows = []
         for g, u in result.tool_use.items():
             fam = u["family_share"]
             rows.append([g, str(u["n"]), f"{u['mean_calls']:.2f}"] + [pct(u["tool_rate"][t], 1) for t in TOOL_NAMES] + [" / ".join(pct(fam[k], 0) for k in ("frequency", "texture", "structure", "zoom"))])
-        L += [_table(header, rows), ""]
+        L += [format_table(header, rows), ""]
     L += ["## Definitions", "", "Spoof is the positive class; an image is called spoof when P(spoof) >= threshold. APCER: attacks accepted as real; BPCER: real faces rejected; HTER = (APCER + BPCER)/2 at the a-priori threshold; ACER = (worst per-attack-type APCER + BPCER)/2; BPCER@APCER=x: the lowest BPCER among the ROC thresholds whose APCER <= x; EER and AUC are threshold-free. Spoofs without an attack type are grouped as `unspecified`.", ""]
     return "\n".join(L)
-
-
-def write_scores_csv(result: EvaluationResult, path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "attack_type", "domain", "split", "score_spoof", "fast_score", "tool_calls", "error"])
-        for s in sorted(result.scores.values(), key=lambda s: s.row.rel_path):
-            r = s.row
-            w.writerow([r.rel_path, r.label, r.attack_type, r.domain, r.split, "" if s.score_spoof is None else f"{s.score_spoof:.6f}", "" if s.fast_score is None else f"{s.fast_score:.6f}", ";".join(s.tool_calls), s.error or ""])
 
 
 def write_report(result: EvaluationResult, out_dir: str | Path, info: RunInfo) -> Path:
@@ -334,7 +343,8 @@ def write_report(result: EvaluationResult, out_dir: str | Path, info: RunInfo) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = plot_roc_det(result, out) + plot_max_calls(result, out)
-    write_scores_csv(result, out / "scores.csv")
+    # A verdict column only where every image has one threshold (a single fold).
+    write_scores(out / "scores.csv", result.scores.values(), result.folds[0].threshold if len(result.folds) == 1 else None)
     d = report_dict(result, info)
     d["files"] = images + ["scores.csv", "report.md", "report.json"]
     (out / "report.json").write_text(json.dumps(d, indent=2, default=_json_default))

@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import TarfasError
+from ..errors import TarfasError
 from .manifest import ManifestRow, read_manifest
 
 KINDS = ("one_to_n", "leave_one_out", "per_domain")
@@ -84,6 +84,8 @@ class Protocol:
     threshold: str | float = "policy"  # "source_eer" | "policy" | a fixed number
     description: str = ""
     limit_per_domain: int | None = None
+    limit: int | None = None  # a seeded sample of at most N target images in all (plain `tarfas eval --limit`)
+    threshold_origin: str = "protocol/--threshold"  # who gave a numeric threshold (shown with it)
     path: Path | None = None  # the protocol file, when there is one
     spec: dict = field(default_factory=dict)  # as written (recorded in reports)
 
@@ -251,16 +253,23 @@ def manifest_protocol(
     split: str | None = None,
     threshold: str | float = "policy",
     dev_manifest: str | Path | None = None,
+    limit: int | None = None,
 ) -> Protocol:
     """The protocol that ``tarfas eval MANIFEST`` runs: every domain (or the given ones) tested at one
     threshold, fixed a priori (a number, the policy's, or the EER of ``dev_manifest``)."""
     manifests = [(Path(manifest).resolve(), Path(root).resolve() if root else None)]
-    pool_domains = domains or sorted({r.domain for r in read_manifest(manifest, root)})
+    rows = read_manifest(manifest, root)
+    split = None if split is None else split.strip().lower()
+    present = {r.domain for r in rows if split is None or r.split == split}
+    pool_domains = [d for d in (domains or sorted(present)) if d in present]
+    if not pool_domains:
+        raise ProtocolError(f"no rows left after the domain/split filters (domains {domains or 'all'}, split {split or 'any'}; "
+                            f"the manifest's domains: {', '.join(sorted({r.domain for r in rows}))})")
     targets = [Selection(d + (f"-{split}" if split else ""), (Part(d, split, 0),)) for d in pool_domains]
     source = None
     if dev_manifest:
         manifests.append((Path(dev_manifest).resolve(), None))
-        source = Selection("dev", (Part(None, None, 1),))
+        source = Selection(f"dev ({dev_manifest})", (Part(None, None, 1),))
         threshold = "source_eer"
-    spec = {"manifest": str(manifest), "domains": domains, "split": split, "dev_manifest": str(dev_manifest) if dev_manifest else None, "threshold": threshold}
-    return Protocol(Path(manifest).stem, "per_domain", [Fold("per domain", source, targets)], manifests, threshold, spec=spec)
+    spec = {"manifest": str(manifest), "domains": domains, "split": split, "dev_manifest": str(dev_manifest) if dev_manifest else None, "threshold": threshold, "limit": limit}
+    return Protocol(Path(manifest).stem, "per_domain", [Fold("per domain", source, targets)], manifests, threshold, limit=limit, threshold_origin="--threshold", spec=spec)

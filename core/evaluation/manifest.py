@@ -10,7 +10,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TarfasError
+from ..errors import TarfasError
 
 REQUIRED = ("path", "label")
 LABELS = ("real", "spoof")

@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from . import agent, faces
-from .eval_protocols import Fold, Protocol, ProtocolError, Selection
-from .evaluate import ScoredImage, load_face, score_face
+from ..registry import TOOL_FAMILIES, TOOL_NAMES
 from .manifest import ManifestRow
 from .metrics import FasMetrics, attack_type_key, eer_threshold, fas_metrics
-from .registry import TOOL_FAMILIES, TOOL_NAMES
+from .protocols import Fold, Protocol, ProtocolError, Selection
+from .scoring import FaceCache, ScoredImage, Variant, score_variant
 
 ANALYSES = ("fast", "tools", "tool-use", "max-calls")
 MAX_CALLS_GRID = (1, 2, 3, 4)  # paper Fig. S11
@@ -44,49 +42,8 @@ ABLATION = (
 )
 
 
-@dataclass(frozen=True)
-class Variant:
-    """An agent configuration: the tools offered (None = all six) and the tool-call limit."""
-
-    name: str
-    tools: tuple[str, ...] | None
-    max_tool_calls: int
-
-    @property
-    def key(self) -> tuple:
-        return (tuple(sorted(self.tools)) if self.tools is not None and set(self.tools) != set(TOOL_NAMES) else None, self.max_tool_calls)
-
-    def config(self, on_no_face: str) -> agent.AgentConfig:
-        return agent.AgentConfig(max_tool_calls=self.max_tool_calls, allowed_tools=list(self.tools) if self.tools is not None else None, extra={"on_no_face": on_no_face})
-
-
 def tools_of(families: tuple[str, ...] | None) -> tuple[str, ...] | None:
     return None if families is None else tuple(n for n in TOOL_NAMES if TOOL_FAMILIES[n] in families)
-
-
-# --- scoring -------------------------------------------------------------------------------------
-class FaceCache:
-    """Loaded and cropped faces of a run, keyed by image path (errors are kept as their message)."""
-
-    def __init__(self, on_no_face: str = "whole"):
-        self.on_no_face = on_no_face
-        self._faces: dict[Path, faces.FaceCrop | str] = {}
-
-    def get(self, row: ManifestRow) -> faces.FaceCrop | str:
-        if row.path not in self._faces:
-            self._faces[row.path] = load_face(row, self.on_no_face)
-        return self._faces[row.path]
-
-    def prepare(self, rows: list[ManifestRow], progress: bool = True) -> None:
-        for row in tqdm(rows, desc="face crops", unit="img", disable=not progress, dynamic_ncols=True):
-            self.get(row)
-
-
-def score_variant(rows, face_cache: FaceCache, policy, variant: Variant, *, experts=None, progress: bool = True) -> dict[Path, ScoredImage]:
-    """Investigate every row with one variant; unreadable images are recorded, never abort the run."""
-    config = variant.config(face_cache.on_no_face)
-    rows = tqdm(rows, desc=variant.name, unit="img", disable=not progress, dynamic_ncols=True)
-    return {row.path: score_face(row, face_cache.get(row), policy, config, experts=experts) for row in rows}
 
 
 # --- fold metrics --------------------------------------------------------------------------------
@@ -152,13 +109,15 @@ def evaluate_folds(
 
 
 def _fold_threshold(protocol, fold: Fold, picked, scores, answer, policy_threshold) -> tuple[float, str, int]:
+    """The one place where an evaluation's decision threshold is fixed, before any target score is
+    looked at: ``(threshold, where it came from, source images used)``."""
     mode = protocol.threshold
     if isinstance(mode, float):
-        return mode, "given a priori (protocol/--threshold)", 0
+        return mode, f"given a priori ({protocol.threshold_origin})", 0
     if mode == "policy":
         if policy_threshold is None:
-            raise ProtocolError("this policy ships no threshold; give one (--threshold or the protocol's threshold)")
-        return float(policy_threshold), "the policy's shipped threshold (fixed on held-out data when it was trained)", 0
+            raise ProtocolError("this policy ships no threshold; give one (--threshold, --dev-manifest or the protocol's threshold)")
+        return float(policy_threshold), "the policy's threshold: its shipped threshold, fixed on held-out data when it was trained", 0
     ok = [scores[r.path] for r in picked[fold.source] if _score(scores[r.path], answer) is not None]
     y = [s.row.y for s in ok]
     if len(set(y)) < 2:
@@ -266,6 +225,11 @@ class EvaluationResult:
     def images(self) -> int:
         return len(self.scores)
 
+    def target_scores(self) -> list[ScoredImage]:
+        """The main variant's results on the images some fold tests (not those that only calibrate)."""
+        paths = {r.path for f in self.protocol.folds for sel in f.targets for r in self.picked[sel]}
+        return [s for p, s in self.scores.items() if p in paths]
+
 
 def _mean_calls(scores: dict[Path, ScoredImage]) -> float:
     ok = [len(s.tool_calls) for s in scores.values() if s.score_spoof is not None]
@@ -274,7 +238,8 @@ def _mean_calls(scores: dict[Path, ScoredImage]) -> float:
 
 def pick_rows(protocol: Protocol, seed: int = 0, limit_per_domain: int | None = None) -> dict[Selection, list[ManifestRow]]:
     """The rows of each selection. A cap is applied per part (domain/split), with one seeded sample
-    per part, so that a part shared by several selections (leave-one-out) uses the same images."""
+    per part, so that a part shared by several selections (leave-one-out) uses the same images.
+    ``protocol.limit`` then keeps one seeded sample of that many of all target images."""
     pool = protocol.read_pool()
     part_rows = {}
     picked = {}
@@ -287,6 +252,11 @@ def pick_rows(protocol: Protocol, seed: int = 0, limit_per_domain: int | None = 
         if not rows:
             raise ProtocolError(f"selection {sel.name!r} of protocol {protocol.name!r} matches no manifest rows")
         picked[sel] = sorted(rows.values(), key=lambda r: r.rel_path)
+    if protocol.limit:
+        targets = {s for f in protocol.folds for s in f.targets}
+        kept = {r.path for r in protocol.sample({r.path: r for s in targets for r in picked[s]}.values(), seed, protocol.limit)}
+        for s in targets:
+            picked[s] = [r for r in picked[s] if r.path in kept]
     return picked
 
 
@@ -311,7 +281,8 @@ def run_evaluation(
     t0 = time.perf_counter()
     picked = pick_rows(protocol, seed, limit_per_domain)
     rows = sorted({r.path: r for rs in picked.values() for r in rs}.values(), key=lambda r: r.rel_path)
-    face_cache = FaceCache(on_no_face)
+    # Faces are kept in memory only when several variants investigate the same images.
+    face_cache = FaceCache(on_no_face, keep=bool({"tools", "max-calls"} & set(analyses)))
     face_cache.prepare(rows, progress)
     policy_threshold = getattr(policy, "threshold", None)
     cache: dict[tuple, tuple[dict[Path, ScoredImage], float]] = {}
