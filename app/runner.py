@@ -25,7 +25,8 @@ from core import faces
 from core.agent import AgentConfig, investigate
 from core.errors import NoFaceError, TarfasError
 from core.events import Event, InvestigationFinished
-from core.policies import load_policy
+from core.policies import load_policy, readers_for
+from core.registry import ToolRegistry
 from storage.cases import create_case
 from storage.db import Storage
 from storage.investigations import InvestigationRecorder, face_of, get_investigation, load_trajectory, mark_interrupted
@@ -155,7 +156,6 @@ class Runner:
         self._loader = policy_loader
         self._policies: dict[tuple, Any] = {}
         self._policy_lock = threading.Lock()
-        self._experts = None
         # Jobs are not kept here: each belongs to whoever submitted it (a UI stream), so the events and
         # images of finished investigations are freed with it in a long-running server.
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tarfas-investigation")
@@ -171,22 +171,11 @@ class Runner:
                 self._policies[key] = self._loader(settings.policy, **dict(settings.policy_kwargs))
             return self._policies[key]
 
-    def experts_for(self, policy):
-        """The expert bank that annotates tool results: the expert policy's own, else the shipped one
-        (None when no weights are installed: tool results then carry no expert reading)."""
-        bank = getattr(policy, "bank", None)
-        if bank is not None:
-            return bank
-        with self._policy_lock:
-            if self._experts is None:
-                from core.errors import WeightsError
-                from core.experts import ExpertBank
-
-                try:
-                    self._experts = ExpertBank.load()
-                except WeightsError:
-                    self._experts = False
-            return self._experts or None
+    @staticmethod
+    def registry(policy) -> ToolRegistry:
+        """The tools a policy investigates with; their images are read by the policy's expert bank, else
+        the shipped one (:func:`core.policies.readers_for`: none when no weights are installed)."""
+        return ToolRegistry(readers=readers_for(policy))
 
     # --- jobs ---------------------------------------------------------------------------------
     def submit(self, data: bytes, *, filename: str | None, user: str, settings: RunSettings | None = None) -> Job:
@@ -247,7 +236,7 @@ class Runner:
 
     def _investigate(self, job: Job, face, policy, config, image_sha: str, *, rerun_of: str | None = None, source: str | None = None) -> None:
         recorder = InvestigationRecorder(self.storage.sessions, self.storage.files, job.case_id, user=job.user, rerun_of=rerun_of)
-        events = investigate(face, policy, config, experts=self.experts_for(policy), source=source or job.filename, image_sha256=image_sha)
+        events = investigate(face, policy, config, registry=self.registry(policy), source=source or job.filename, image_sha256=image_sha)
         for event in recorder.record(events):
             if job.investigation_id is None:
                 job.investigation_id = recorder.investigation_id

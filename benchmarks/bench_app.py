@@ -86,12 +86,12 @@ def first_event(url: str, repeats: int) -> dict:
 def throughput(data_dir: Path, n: int, concurrency: int, rounds: int = 2) -> dict:
     from app.runner import RunSettings, Runner
     from core.evaluation.scoring import FaceCache, Variant, score_variant
-    from core.policies import load_policy
+    from core.policies import resolve
     from storage.db import open_storage
 
     rows, source = _images(n)
-    policy = load_policy("expert")
-    score_variant(rows[:3], FaceCache(keep=False), policy, Variant("main", None, 3), experts=policy.bank, progress=False)  # warm-up
+    policy, registry = resolve("expert")
+    score_variant(rows[:3], FaceCache(keep=False), policy, Variant("main", None, 3), registry=registry, progress=False)  # warm-up
     data = [(r.rel_path, Path(r.path).read_bytes()) for r in rows]
     settings = RunSettings.make(on_no_face="whole")
     storage = open_storage(data_dir)
@@ -99,7 +99,7 @@ def throughput(data_dir: Path, n: int, concurrency: int, rounds: int = 2) -> dic
     # Interleaved, best of `rounds`: the machine is shared, so each side gets its quietest run.
     for _ in range(rounds):
         t0 = time.perf_counter()
-        scored = score_variant(rows, FaceCache("whole", keep=False), policy, Variant("main", None, 3), experts=policy.bank, progress=False)
+        scored = score_variant(rows, FaceCache("whole", keep=False), policy, Variant("main", None, 3), registry=registry, progress=False)
         eval_s.append(time.perf_counter() - t0)
         runner = Runner(storage, concurrency=concurrency, policy_loader=lambda name, **kw: policy)
         t0 = time.perf_counter()

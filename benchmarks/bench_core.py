@@ -78,14 +78,14 @@ def bench_investigations(images, policy) -> dict[str, float]:
     total, face_ms, load_ms, tool_calls = [], [], [], []
     # warm-up: first call loads the detector and initialises torch kernels
     rgb = faces.load_image(images[0][1])
-    agent.run(faces.prepare_face(rgb, on_no_face="whole"), policy, config, experts=policy.bank)
+    agent.run(faces.prepare_face(rgb, on_no_face="whole"), policy, config, registry=ToolRegistry(readers=policy.bank))
     for name, data in images:
         t0 = time.perf_counter()
         rgb = faces.load_image(data, name=name)
         t1 = time.perf_counter()
         face = faces.prepare_face(rgb, on_no_face="whole")
         t2 = time.perf_counter()
-        traj = agent.run(face, policy, config, experts=policy.bank)
+        traj = agent.run(face, policy, config, registry=ToolRegistry(readers=policy.bank))
         t3 = time.perf_counter()
         assert traj.final is not None, traj.error
         load_ms.append((t1 - t0) * 1e3)

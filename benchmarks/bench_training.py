@@ -5,7 +5,7 @@ the share of a GRPO step spent executing the visual tools, for the nano model.
 
 Data: 16 NUAA train images of ../shared/data/fas-dev turned into trajectories by the expert policy
 (training.datasets.build_from_manifest), or the three shipped samples when fas-dev is absent. The GRPO
-model is ``--grpo-model`` (default: runs/nano-e2e/fi/model from ``python -m training.nano_e2e`` when it
+model is ``--grpo-model`` (default: runs/nano-e2e/fi/model from ``python -m training.cli.nano_e2e`` when it
 exists, else the untrained nano model, which calls no tool: its tool share is then 0, and says so).
 Step times are medians over N steps after one warm-up step; the machine is shared, so compare ratios
 measured in one run.

@@ -1,11 +1,16 @@
-"""The agent loop of TAR-FAS inference (paper Fig. 4a): a fast intuitive answer, then up to
+"""The agent loop of TAR-FAS (paper Fig. 4a): a fast intuitive answer, then up to
 ``max_tool_calls`` investigation turns that call visual tools and look at their images, then the
-final answer.
+final answer. It is the only place that runs a conversation: inference, evaluation, dataset building,
+GRPO rollouts and annotation (paper eqs. 1-5, with :class:`core.protocol.AnnotationPrompts` and an
+annotator as the policy) all go through it.
 
 ``investigate`` is a generator of :mod:`core.events`, so a UI can stream every step and storage can
 commit every turn as soon as it exists. Nothing the policy does can crash the loop: malformed text and
-invalid tool calls are recorded and fed back (bounded by ``max_format_errors``); an exception inside
-the policy ends the investigation as ``failed`` with the turns produced so far kept.
+invalid tool calls are recorded and, with the inference prompts, fed back (bounded by
+``max_format_errors``); an exception inside the policy ends the investigation as ``failed`` with the
+turns produced so far kept. Tools, and the expert readings of their images, come from the
+:class:`~core.registry.ToolRegistry`; what the loop says around the policy's turns comes from its
+:class:`~core.protocol.Prompts`.
 """
 
 from __future__ import annotations
@@ -52,19 +57,24 @@ def investigate(
     policy: Policy,
     config: AgentConfig | None = None,
     *,
-    experts=None,
+    registry: ToolRegistry | None = None,
+    prompts: protocol.Prompts | None = None,
     source: str | None = None,
     image_sha256: str | None = None,
     label: str | None = None,
+    meta: dict | None = None,
 ) -> Iterator[Event]:
     """Run one investigation, yielding events. The last event is always InvestigationFinished.
 
-    ``experts``: an :class:`core.experts.ExpertBank`; when given, every tool result carries its
-    expert's P(spoof trace) (shown to the analyst, used by the expert policy and the annotator).
+    ``registry``: the tools (default: all, without readers), restricted to ``config.allowed_tools``; a
+    registry with readers (an expert bank) gives every tool result its expert's P(spoof trace) (shown
+    to the analyst, used by the expert policy and the annotator). ``prompts``: the loop's side of the
+    conversation (default: inference). ``meta`` starts the trajectory's ``meta`` (annotation: the hint).
     """
     config = config or AgentConfig()
-    registry = ToolRegistry(config.allowed_tools)
-    system = protocol.system_prompt(registry.schemas())
+    prompts = prompts or protocol.Prompts()
+    registry = (registry or ToolRegistry()).only(config.allowed_tools)
+    system = prompts.system(registry.schemas())
     traj = Trajectory(
         policy=policy.name,
         policy_version=getattr(policy, "version", ""),
@@ -75,11 +85,12 @@ def investigate(
         crop=face.crop,
         tools=registry.names,
         label=label,
+        meta=dict(meta or {}),
     )
     t_start = time.perf_counter()
     yield InvestigationStarted(traj)
     try:
-        yield from _loop(traj, face, policy, registry, system, config, experts)
+        yield from _loop(traj, face, policy, registry, system, config, prompts)
         traj.status = "completed"
     except Exception as exc:  # the policy (model, server, weights) failed: keep what we have
         traj.status = "failed"
@@ -97,21 +108,23 @@ def run(face: FaceCrop, policy: Policy, config: AgentConfig | None = None, **kwa
     raise AssertionError("investigate() ended without InvestigationFinished")
 
 
-def _ask(traj: Trajectory, face: FaceCrop, policy: Policy, registry: ToolRegistry, system: str, calls_left: int, kind: str):
-    messages = to_messages(traj, system=system, next_prompt=True, next_kind=kind)
-    conv = Conversation(face.crop, traj, messages, registry, calls_left)
+def _ask(traj: Trajectory, face: FaceCrop, policy: Policy, registry: ToolRegistry, system: str, prompts: protocol.Prompts,
+         kind: str, calls_left: int, turns_left: int):
+    messages = to_messages(traj, system=system, next_prompt=True, next_kind=kind, prompts=prompts)
+    conv = Conversation(face.crop, traj, messages, registry, calls_left, kind, turns_left)
     t0 = time.perf_counter()
     out = policy.next_turn(conv)
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def _loop(traj, face, policy, registry, system, config, experts) -> Iterator[Event]:
+def _loop(traj, face, policy, registry, system, config, prompts) -> Iterator[Event]:
+    max_turns = prompts.max_reasoning_turns(config.max_tool_calls, config.max_format_errors)
     # Turn 1: the fast answer, no tools.
     errors = 0
     while True:
         index = len(traj.turns)
         yield TurnStarted(index, "fast")
-        out, ms = _ask(traj, face, policy, registry, system, config.max_tool_calls, "fast")
+        out, ms = _ask(traj, face, policy, registry, system, prompts, "fast", config.max_tool_calls, max_turns)
         turn = Turn(index, "fast", out.text, score_spoof=out.score_spoof, elapsed_ms=ms, notes=out.notes)
         try:
             turn.fast = protocol.parse_fast_answer(out.text)
@@ -121,16 +134,32 @@ def _loop(traj, face, policy, registry, system, config, experts) -> Iterator[Eve
         traj.turns.append(turn)
         traj.timings_ms["fast"] = traj.timings_ms.get("fast", 0.0) + ms
         yield TurnCompleted(turn)
-        if turn.fast or errors > config.max_format_errors:
+        if turn.fast or errors > config.max_format_errors or not prompts.feeds_back_errors:
             break
 
-    # Later turns: think, call tools, answer.
+    if turn.fast is None and not prompts.feeds_back_errors:
+        traj.error = f"stopped at a malformed fast answer: {turn.parse_error}"  # no feedback: the conversation ends
+    else:
+        yield from _reasoning(traj, face, policy, registry, system, config, prompts, max_turns)
+
+    if traj.final is None and prompts.falls_back_to_fast:
+        # The reasoning never concluded: fall back to the fast answer, and say so.
+        fast = traj.fast_answer
+        if fast is None:
+            raise ProtocolParseError(traj.error or "the policy produced neither a fast answer nor a final answer")
+        score = traj.fast_score if traj.fast_score is not None else (1.0 if fast.verdict == "spoof" else 0.0)
+        traj.final = Final(fast.verdict, float(score), "fast_answer_fallback")
+    if traj.final is not None:
+        yield VerdictReached(traj.final)
+
+
+def _reasoning(traj, face, policy, registry, system, config, prompts, max_turns) -> Iterator[Event]:
+    """Later turns: think, call tools, answer."""
     tool_calls, errors = 0, 0
-    max_turns = config.max_tool_calls + config.max_format_errors + 1
-    for _ in range(max_turns):
+    for i in range(max_turns):
         index = len(traj.turns)
         yield TurnStarted(index, "reasoning")
-        out, ms = _ask(traj, face, policy, registry, system, config.max_tool_calls - tool_calls, "reasoning")
+        out, ms = _ask(traj, face, policy, registry, system, prompts, "reasoning", config.max_tool_calls - tool_calls, max_turns - i)
         turn = Turn(index, "reasoning", out.text, score_spoof=out.score_spoof, elapsed_ms=ms, notes=out.notes)
         traj.timings_ms["reasoning"] = traj.timings_ms.get("reasoning", 0.0) + ms
         try:
@@ -151,18 +180,18 @@ def _loop(traj, face, policy, registry, system, config, experts) -> Iterator[Eve
                     turn.tool_error = str(exc)
                 else:
                     tool_calls += 1
-                    t0 = time.perf_counter()
-                    p = experts.p_spoof(ex.name, ex.output.image) if experts is not None else None
-                    expert_ms = (time.perf_counter() - t0) * 1e3
-                    turn.tool_result = ToolResult(ex.name, ex.arguments, ex.output.stats, p, ex.elapsed_ms, ex.output.image)
+                    turn.tool_result = ToolResult(ex.name, ex.arguments, ex.output.stats, ex.expert_p_spoof, ex.elapsed_ms, ex.output.image)
                     traj.timings_ms["tools"] = traj.timings_ms.get("tools", 0.0) + ex.elapsed_ms
-                    traj.timings_ms["experts"] = traj.timings_ms.get("experts", 0.0) + expert_ms
+                    traj.timings_ms["experts"] = traj.timings_ms.get("experts", 0.0) + ex.reading_ms
+                    guidance = prompts.guidance(ex.name, ex.expert_p_spoof)
+                    if guidance is not None:
+                        traj.meta.setdefault("guidance", {})[str(index)] = guidance
                     yield ToolResultReady(index, turn.tool_result)
         traj.turns.append(turn)
         yield TurnCompleted(turn)
         if turn.error:
             errors += 1
-            if errors > config.max_format_errors:
+            if errors > config.max_format_errors or not prompts.feeds_back_errors:
                 traj.error = f"stopped after {errors} malformed turns or invalid tool calls; last: {turn.error}"
                 break
         if turn.answer is not None:
@@ -171,12 +200,3 @@ def _loop(traj, face, policy, registry, system, config, experts) -> Iterator[Eve
             break
     else:
         traj.error = f"no final answer within {max_turns} reasoning turns"
-
-    if traj.final is None:
-        # The reasoning never concluded: fall back to the fast answer, and say so.
-        fast = traj.fast_answer
-        if fast is None:
-            raise ProtocolParseError(traj.error or "the policy produced neither a fast answer nor a final answer")
-        score = traj.fast_score if traj.fast_score is not None else (1.0 if fast.verdict == "spoof" else 0.0)
-        traj.final = Final(fast.verdict, float(score), "fast_answer_fallback")
-    yield VerdictReached(traj.final)

@@ -137,7 +137,7 @@ class DatasetWriter:
                     raise DatasetError(f"{self.folder} holds a {manifest.get('source')!r} dataset, not {source!r}")
                 self.created_at = manifest.get("created_at", self.created_at)
                 self.extra = manifest.get("extra", {}) | self.extra
-        self._ids = {TRAJECTORIES: _repair_and_ids(self.folder / TRAJECTORIES), QUERIES: _repair_and_ids(self.folder / QUERIES)}
+        self._ids = {TRAJECTORIES: repair_jsonl(self.folder / TRAJECTORIES), QUERIES: repair_jsonl(self.folder / QUERIES)}
         self._files = {name: open(self.folder / name, "a", encoding="utf-8") for name in (TRAJECTORIES, QUERIES)}
 
     # --- adding -------------------------------------------------------------------------------
@@ -221,8 +221,9 @@ class DatasetWriter:
         self.close()
 
 
-def _repair_and_ids(path: Path) -> set[str]:
-    """Ids already in a JSONL file; a torn last line (killed writer) is cut off."""
+def repair_jsonl(path: Path) -> set[str]:
+    """Ids already in a JSONL file of records with an ``id``, for a writer that resumes it: a torn last
+    line (killed writer) is cut off."""
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -293,8 +294,8 @@ def read_dataset(folder: str | Path, *, verify: bool = True) -> Dataset:
         for name, sha in manifest.get("files", {}).items():
             if not (folder / name).exists() or sha256_file(folder / name) != sha:
                 raise DatasetError(f"{folder / name} does not match the SHA-256 in {MANIFEST}: changed after the export")
-    trajectories = [TrajectoryRecord(**obj) for obj in _read_jsonl(folder / TRAJECTORIES)]
-    queries = [QueryRecord(**obj) for obj in _read_jsonl(folder / QUERIES)]
+    trajectories = [TrajectoryRecord(**obj) for obj in read_jsonl(folder / TRAJECTORIES)]
+    queries = [QueryRecord(**obj) for obj in read_jsonl(folder / QUERIES)]
     for r in trajectories:
         _check_label(r.label, required=False)
     for q in queries:
@@ -302,7 +303,8 @@ def read_dataset(folder: str | Path, *, verify: bool = True) -> Dataset:
     return Dataset(folder, manifest, trajectories, queries)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file ([] when there is none); a line that is not JSON is a DatasetError."""
     if not path.exists():
         return []
     out = []

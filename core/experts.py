@@ -27,11 +27,11 @@ from . import ASSETS_DIR
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2
 from .errors import WeightsError
 from .evidence import sigmoid
-from .registry import TOOL_NAMES
+from .registry import SPECS
 
-EXPERT_TOOLS = [n for n in TOOL_NAMES if n != "ZoomInTool"]  # the paper trains no ZoomIn expert
+EXPERT_TOOLS = [s.name for s in SPECS if s.has_expert]  # the paper trains no ZoomIn expert
 RGB = "RGB"  # key of the RGB face classifier in the bank
-ZOOM = "ZoomInTool"  # evidence key of the RGB network on the zoomed region
+ZOOM = "ZoomInTool"  # evidence key of the RGB network on the zoomed region (experts.json "zoom")
 DEFAULT_DIR = ASSETS_DIR / "experts"
 CROP_SIZE = 224
 FORMAT = 2
@@ -251,13 +251,24 @@ class ExpertBank:
         net, spec = self.nets[key], self.specs[key]
         return np.concatenate([net(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]).astype(np.float64)
 
+    def reads(self, key: str) -> bool:
+        """Whether the bank can read ``key``: a network of its own, or a view of the face (the zoomed
+        region) that the RGB network reads with the view's own calibration."""
+        return key in self.nets or (key in self.calibration and RGB in self.nets)
+
     def logit(self, key: str, image: np.ndarray) -> float:
         """Calibrated logit of P(spoof) for one image: a tool output for a tool key, the RGB crop for
-        RGB, the zoomed region for ZOOM (the RGB network with the zoom view's own calibration)."""
-        net_key = RGB if key == ZOOM else key
-        if net_key not in self.nets:
+        RGB, a view of the face (ZOOM: the zoomed region) for a calibrated key without a network of its
+        own (the RGB network with the view's own calibration)."""
+        if not self.reads(key):
             raise KeyError(f"no expert for {key!r}")
+        net_key = key if key in self.nets else RGB
         return float(self.calibration[key].apply(self.raw_logits(net_key, [image])[0]))
+
+    def view_args(self, key: str) -> dict:
+        """The tool arguments a view's calibration was fitted with (the zoom box), {} for other keys."""
+        zoom = self.meta.get("zoom", {})
+        return {"bbox": list(zoom["bbox"])} if key == ZOOM and "bbox" in zoom else {}
 
     def p_spoof(self, key: str, image: np.ndarray) -> float | None:
         """Calibrated P(spoof trace) of a tool image; None for tools without an expert (ZoomInTool)."""

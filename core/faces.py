@@ -255,6 +255,12 @@ def crop_square(rgb: np.ndarray, box: tuple[int, int, int, int], margin: float =
     return np.ascontiguousarray(crop), (sx1, sy1, sx2, sy2)
 
 
+def crop_face(crop: np.ndarray) -> FaceCrop:
+    """An image that already is the face crop (a dataset or benchmark crop) as the agent's input."""
+    h, w = crop.shape[:2]
+    return FaceCrop(crop, None, (0, 0, w, h), (w, h), True)
+
+
 def prepare_face(rgb: np.ndarray, *, on_no_face: str = "error", margin: float = FACE_MARGIN) -> FaceCrop:
     """Detect the largest face and crop it to 224x224.
 

@@ -194,11 +194,15 @@ def annotation_first_prompt(hint: str) -> str:
     return f"{ANNOTATION_QUERY} {hint}\n{ANNOTATION_FAST_REQUEST}"
 
 
+def annotation_guidance(tool_name: str, p_spoof: float | None) -> str:
+    """The guidance of eq. 5 after a tool result: the expert's reading, or only the tool's name when no
+    expert read it (ZoomInTool has none)."""
+    return expert_guidance(tool_name, p_spoof) + "." if p_spoof is not None else f"This is the result of {tool_name}."
+
+
 def annotation_tool_prompt(tool_name: str, p_spoof: float | None) -> str:
-    """Text beside a tool's output image in annotation (eq. 5): the expert guidance (none for
-    ZoomInTool, which has no expert) and the format declaration."""
-    guidance = expert_guidance(tool_name, p_spoof) + "." if p_spoof is not None else f"This is the result of {tool_name}."
-    return f"{guidance}\n{FORMAT_DECLARATION}"
+    """Text beside a tool's output image in annotation (eq. 5): the guidance and the format declaration."""
+    return AnnotationPrompts().after_tool(tool_name, p_spoof)
 
 
 def error_feedback(message: str) -> str:
@@ -212,6 +216,78 @@ def fast_answer_feedback(message: str) -> str:
 
 
 TOOL_LIMIT_MESSAGE = "the maximum number of tool calls is reached; give your final <answer> now"
+
+
+# --- who says what around the policy's turns -------------------------------------------------------
+class Prompts:
+    """The loop's side of the conversation, as a strategy given to :func:`core.agent.investigate` and
+    :func:`core.trajectory.to_messages`. This default is inference (paper App. B): the Role & Mission
+    system prompt, the first-round query, the format declaration beside each tool image, and errors fed
+    back to the model (a malformed fast answer is asked again) so that it can correct itself. Every
+    other user text of a conversation is one of these methods' results.
+    """
+
+    feeds_back_errors = True  # False: the first malformed turn or invalid call ends the conversation
+    falls_back_to_fast = True  # no final answer: the fast answer becomes the verdict
+
+    def system(self, tool_schemas: list[dict]) -> str:
+        return system_prompt(tool_schemas)
+
+    def first_round(self, meta: dict) -> str:
+        """Text beside the face image; ``meta`` is the trajectory's (the annotation hint lives there)."""
+        return FIRST_ROUND_QUERY
+
+    def after_fast(self, error: str | None, retry: bool) -> str | None:
+        """After the fast answer: the second-round prompt, or after a malformed one the request to
+        answer again (``retry``) or the second-round prompt with the error; None ends the conversation."""
+        if error and not self.feeds_back_errors:
+            return None
+        if error and retry:
+            return fast_answer_feedback(error)
+        return second_round_prompt(error)
+
+    def after_error(self, error: str) -> str | None:
+        """After a malformed reasoning turn or a refused tool call; None ends the conversation."""
+        return error_feedback(error) if self.feeds_back_errors else None
+
+    def guidance(self, tool_name: str, p_spoof: float | None) -> str | None:
+        """What the loop says about a tool result beside its image (None: nothing; the model reads the
+        image itself). Recorded in the trajectory's ``meta["guidance"]`` when there is any."""
+        return None
+
+    def after_tool(self, tool_name: str, p_spoof: float | None) -> str:
+        """Text beside a tool's output image."""
+        guidance = self.guidance(tool_name, p_spoof)
+        return f"{guidance}\n{FORMAT_DECLARATION}" if guidance else tool_result_prompt(tool_name)
+
+    def max_reasoning_turns(self, max_tool_calls: int, max_format_errors: int) -> int:
+        """Reasoning turns allowed: each tool call, each tolerated error, and the answer."""
+        return max_tool_calls + max_format_errors + 1
+
+
+class AnnotationPrompts(Prompts):
+    """The annotation conversation (§3.1.2, eqs. 1-5): the Fig. S8 system prompt, the face with the query
+    and the hint (``meta["hint"]["text"]``), each tool image with the expert guidance, at most
+    ``max_turns`` reasoning turns (L_max), and no error feedback: the first malformed reply or invalid
+    call ends the attempt (verification rejects it), so a kept conversation is clean."""
+
+    feeds_back_errors = False
+    falls_back_to_fast = False  # an annotation without an answer has none: verification rejects it
+
+    def __init__(self, max_turns: int = 6):
+        self.max_turns = max_turns
+
+    def system(self, tool_schemas: list[dict]) -> str:
+        return annotator_system_prompt(tool_schemas)
+
+    def first_round(self, meta: dict) -> str:
+        return annotation_first_prompt(meta["hint"]["text"])
+
+    def guidance(self, tool_name: str, p_spoof: float | None) -> str | None:
+        return annotation_guidance(tool_name, p_spoof)
+
+    def max_reasoning_turns(self, max_tool_calls: int, max_format_errors: int) -> int:
+        return self.max_turns
 
 
 # --- parsed turns --------------------------------------------------------------------------------

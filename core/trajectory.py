@@ -29,7 +29,7 @@ class ToolResult:
     name: str
     arguments: dict
     stats: dict[str, float]
-    expert_p_spoof: float | None  # the tool's expert network (paper Fig. S9); None for ZoomInTool
+    expert_p_spoof: float | None  # the tool's expert network (paper Fig. S9), from the registry's readers; None when none reads it (ZoomInTool)
     elapsed_ms: float
     image: np.ndarray | None = field(default=None, repr=False)  # uint8 gray or RGB
     image_path: str | None = None  # where the image was written, relative to the trajectory file
@@ -94,6 +94,7 @@ class Trajectory:
     error_traceback: str | None = None  # where a failed policy broke, for whoever debugs it
     label: Verdict | None = None  # ground truth when known (datasets, analyst corrections)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # what the loop's prompts added (annotation: hint, guidance, attempt)
 
     # --- views -------------------------------------------------------------------------------
     @property
@@ -117,6 +118,8 @@ class Trajectory:
         """JSON-ready dict. Arrays are left out; their files are named by ``crop_path``/``image_path``."""
         d = asdict(_without_arrays(self))
         d.pop("crop", None)
+        if not d["meta"]:
+            d.pop("meta")  # inference trajectories have none: their JSON stays as it always was
         for t in d["turns"]:
             if t.get("tool_result"):
                 t["tool_result"].pop("image", None)
@@ -180,22 +183,30 @@ def _without_arrays(traj: Trajectory) -> Trajectory:
 
 
 # --- chat messages --------------------------------------------------------------------------------
-def prompt_after(turn: Turn, next_kind: str = "reasoning") -> list[dict] | None:
-    """The user content that follows an assistant turn in the protocol, or None after the answer.
-    ``next_kind`` is the kind of the following assistant turn ("fast" again = a fast-answer retry)."""
+INFERENCE = protocol.Prompts()
+
+
+def prompt_after(turn: Turn, next_kind: str = "reasoning", prompts: protocol.Prompts = INFERENCE) -> list[dict] | None:
+    """The user content that follows an assistant turn in the protocol, or None when the conversation
+    ends there (the answer; an error, for prompts that do not feed errors back). ``next_kind`` is the
+    kind of the following assistant turn ("fast" again = a fast-answer retry)."""
     if turn.kind == "fast":
-        if turn.parse_error and next_kind == "fast":
-            return [_text(protocol.fast_answer_feedback(turn.parse_error))]
-        return [_text(protocol.second_round_prompt(turn.parse_error))]
-    if turn.error:
-        return [_text(protocol.error_feedback(turn.error))]
-    if turn.tool_result is not None:
-        return [_image(turn.tool_result.image, turn.tool_result.image_path), _text(protocol.tool_result_prompt(turn.tool_result.name))]
-    return None
+        text = prompts.after_fast(turn.parse_error, retry=next_kind == "fast")
+    elif turn.error:
+        text = prompts.after_error(turn.error)
+    elif turn.tool_result is not None:
+        r = turn.tool_result
+        return [_image(r.image, r.image_path), _text(prompts.after_tool(r.name, r.expert_p_spoof))]
+    else:
+        return None
+    return [_text(text)] if text is not None else None
 
 
-def to_messages(traj: Trajectory, *, system: str | None, next_prompt: bool = False, next_kind: str = "reasoning") -> list[dict]:
-    """Render the trajectory as chat messages (Qwen2.5-VL content-part layout).
+def to_messages(traj: Trajectory, *, system: str | None, next_prompt: bool = False, next_kind: str = "reasoning",
+                prompts: protocol.Prompts = INFERENCE) -> list[dict]:
+    """Render the trajectory as chat messages (Qwen2.5-VL content-part layout), with the user texts of
+    ``prompts`` (default: inference; :class:`core.protocol.AnnotationPrompts` renders the annotator's
+    conversation).
 
     Image parts are ``{"type": "image", "image": <ndarray or None>, "path": <file or None>}``. With
     ``next_prompt=True`` the user message that the policy must answer next (a turn of ``next_kind``)
@@ -204,11 +215,11 @@ def to_messages(traj: Trajectory, *, system: str | None, next_prompt: bool = Fal
     msgs: list[dict] = []
     if system:
         msgs.append({"role": "system", "content": [_text(system)]})
-    msgs.append({"role": "user", "content": [_image(traj.crop, traj.crop_path), _text(protocol.FIRST_ROUND_QUERY)]})
+    msgs.append({"role": "user", "content": [_image(traj.crop, traj.crop_path), _text(prompts.first_round(traj.meta))]})
     for i, turn in enumerate(traj.turns):
         msgs.append({"role": "assistant", "content": [_text(turn.text)]})
         last = i == len(traj.turns) - 1
-        after = prompt_after(turn, next_kind if last else traj.turns[i + 1].kind)
+        after = prompt_after(turn, next_kind if last else traj.turns[i + 1].kind, prompts)
         if after is None:
             break
         if not last or next_prompt:

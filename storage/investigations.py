@@ -158,6 +158,13 @@ class InvestigationRecorder:
             inv.finished_at = utcnow()
             audit.record(s, self.user, "investigation.finish", "investigation", inv.id, before, _outcome(inv))
 
+    def record_finished(self, traj: Trajectory) -> None:
+        """Record an investigation that already ran elsewhere (e.g. an annotation) as its event stream."""
+        self.on_event(InvestigationStarted(traj))
+        for turn in traj.turns:
+            self.on_event(TurnCompleted(turn))
+        self.on_event(InvestigationFinished(traj))
+
     def _require_started(self) -> str:
         if self.investigation_id is None:
             raise InvestigationStateError("a turn or the end of an investigation arrived before InvestigationStarted; record the whole event stream")
@@ -204,6 +211,10 @@ def _runner_alive(runner: str | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def has_investigation(session: Session, investigation_id: str) -> bool:
+    return session.get(Investigation, investigation_id) is not None
 
 
 def get_investigation(session: Session, investigation_id: str) -> Investigation:

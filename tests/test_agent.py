@@ -148,7 +148,7 @@ def test_trajectory_records_face_config_and_timings(face):
 
 def test_experts_annotate_tool_results(face):
     experts = MeanBrightnessExperts()
-    traj = run(face, ScriptedPolicy([FAST_REAL, ZOOM, FFT, ANSWER_REAL]), experts=experts)
+    traj = run(face, ScriptedPolicy([FAST_REAL, ZOOM, FFT, ANSWER_REAL]), registry=ToolRegistry(readers=experts))
     zoom, fft = traj.tool_turns
     assert experts.calls == ["ZoomInTool", "FFTTool"]
     assert zoom.tool_result.expert_p_spoof is None

@@ -30,8 +30,10 @@ from PIL import Image
 from core import protocol
 from core.dataset import read_dataset
 from core.experts import ExpertBank
-from core.protocol import render_structured
+from core.policies import Conversation
+from core.protocol import AnnotationPrompts, render_structured
 from core.registry import ToolRegistry
+from core.trajectory import Trajectory, to_messages
 from training.annotate import (
     REJECTED,
     AnnotateConfig,
@@ -40,11 +42,11 @@ from training.annotate import (
     run_annotation,
 )
 from training.annotators import (
-    Annotation,
-    AnnotationRequest,
     AnnotatorError,
     Hint,
     OpenAIAnnotator,
+    final_answer,
+    stop_reason,
 )
 
 torch.set_num_threads(1)
@@ -114,6 +116,12 @@ def bank() -> ExpertBank:
     return ExpertBank.load()
 
 
+@pytest.fixture(scope="module")
+def tools(bank) -> ToolRegistry:
+    """The tools, read by the shipped experts for the guidance."""
+    return ToolRegistry(readers=bank)
+
+
 FAST = "<Spoof><reason>The face looks flat, with a paper-like surface.</reason>"
 CALL_FFT = protocol.format_tool_call_turn("I look for halftone peaks in the spectrum.", protocol.ToolCall("FFTTool", {}))
 ANSWER = protocol.format_answer_turn("The spectrum shows periodic peaks of a print: a printed photo.", "spoof")
@@ -147,10 +155,10 @@ def spoof_rows(tiny_manifest, n=1):
     return [r for r in load_rows(tiny_manifest) if r.label == "spoof"][:n]
 
 
-def test_text_annotation_through_a_real_http_server(server, tiny_manifest, bank, tmp_path):
+def test_text_annotation_through_a_real_http_server(server, tiny_manifest, bank, tools, tmp_path):
     server.script = text_script()
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=10, retries=0)
-    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", experts=bank, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
     assert summary.accepted == 1 and ann.calls == 3
     first, second, third = server.requests
     # eq. 4: the face image + query + hint; Fig. S8 system prompt; the image as a PNG data URI
@@ -167,7 +175,7 @@ def test_text_annotation_through_a_real_http_server(server, tiny_manifest, bank,
     assert rec.meta["annotation"]["annotator"] == "openai:scripted"
 
 
-def test_concurrency_limits_the_requests_in_flight(server, tiny_manifest, bank, tmp_path):
+def test_concurrency_limits_the_requests_in_flight(server, tiny_manifest, bank, tools, tmp_path):
     def respond(body):  # answer each conversation by where it stands, whatever the interleaving
         last = request_texts(body)[-1]
         content = FAST if protocol.ANNOTATION_QUERY in last else (CALL_FFT if protocol.TOOL_GUIDANCE in last else ANSWER)
@@ -176,7 +184,7 @@ def test_concurrency_limits_the_requests_in_flight(server, tiny_manifest, bank, 
     server.responder = respond
     rows = load_rows(tiny_manifest)[:5]
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=10, retries=0)
-    summary = run_annotation(rows, ann, tmp_path / "ds", experts=bank, config=AnnotateConfig(concurrency=2, **QUIET))
+    summary = run_annotation(rows, ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(concurrency=2, **QUIET))
     assert summary.accepted + summary.rejected == 5 and summary.failed == 0
     assert server.max_in_flight == 2
     # the scripted annotator always says spoof: real faces fail, are re-annotated once, and are rejected
@@ -186,75 +194,81 @@ def test_concurrency_limits_the_requests_in_flight(server, tiny_manifest, bank, 
     assert summary.stats["rejection_reasons"] == {"correctness:wrong_answer": n_real}
 
 
-def test_structured_output_is_requested_and_rendered_in_the_protocol_format(server, crop, bank):
+def test_structured_output_is_requested_and_rendered_in_the_protocol_format(server, crop, bank, tools):
     server.script = [
         {"content": json.dumps({"verdict": "Spoof", "reason": "Flat, paper-like face."})},
         {"content": json.dumps({"think": "Zoom into the cheeks.", "action": "tool_call", "tool_name": "ZoomInTool", "arguments": {"bbox": [60, 80, 160, 180]}})},
         {"content": "```json\n" + json.dumps({"think": "Print dots on the cheeks.", "action": "answer", "answer": "Spoof"}) + "\n```"},
     ]
     ann = OpenAIAnnotator("scripted", server.url, structured="auto", timeout=10, retries=0)
-    result = annotate_image(crop, Hint("spoof", "print"), ann, experts=bank)
-    assert result.stop == "answered" and result.final == "spoof" and result.tool_steps[0].tool.name == "ZoomInTool"
-    assert result.steps[1].text == protocol.format_tool_call_turn("Zoom into the cheeks.", protocol.ToolCall("ZoomInTool", {"bbox": [60, 80, 160, 180]}))
+    result = annotate_image(crop, Hint("spoof", "print"), ann, registry=tools)
+    assert stop_reason(result) == "answered" and final_answer(result) == "spoof" and result.tool_turns[0].tool_result.name == "ZoomInTool"
+    assert result.turns[1].text == protocol.format_tool_call_turn("Zoom into the cheeks.", protocol.ToolCall("ZoomInTool", {"bbox": [60, 80, 160, 180]}))
     rf = server.requests[1]["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["properties"]["tool_name"]["enum"] == ToolRegistry().names
     assert request_texts(server.requests[0])[-1] == protocol.ANNOTATION_JSON_FAST
 
 
-def test_an_endpoint_that_refuses_structured_output_gets_text(server, crop, bank):
+def test_an_endpoint_that_refuses_structured_output_gets_text(server, crop, bank, tools):
     server.script = [{"status": 400, "error": "response_format is not supported"}, *text_script()]
     ann = OpenAIAnnotator("scripted", server.url, structured="auto", timeout=10, retries=0)
-    result = annotate_image(crop, Hint("spoof", "print"), ann, experts=bank)
-    assert result.final == "spoof" and ann.structured == "off" and ann.retried == {"no_structured_output": 1}
+    result = annotate_image(crop, Hint("spoof", "print"), ann, registry=tools)
+    assert final_answer(result) == "spoof" and ann.structured == "off" and ann.retried == {"no_structured_output": 1}
     assert "response_format" in server.requests[0] and all("response_format" not in r for r in server.requests[1:])
 
 
-def test_timeouts_and_server_errors_are_retried_with_backoff(server, crop, bank):
+def test_timeouts_and_server_errors_are_retried_with_backoff(server, crop, bank, tools):
     server.script = [{"sleep": 1.5, "content": FAST}, {"status": 503, "error": "overloaded"}, {"status": 500, "error": "boom"},
                      {"content": FAST}, {"content": ""}, {"content": CALL_FFT}, {"content": ANSWER}]
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=0.5, retries=3, backoff=0.05)
     t0 = time.perf_counter()
-    result = annotate_image(crop, Hint("spoof", "print"), ann, experts=bank)
-    assert result.stop == "answered" and result.final == "spoof"
+    result = annotate_image(crop, Hint("spoof", "print"), ann, registry=tools)
+    assert stop_reason(result) == "answered" and final_answer(result) == "spoof"
     assert ann.retried == {"timeout": 1, "InternalServerError": 2, "empty_reply": 1}
     assert time.perf_counter() - t0 >= 0.5 + 0.05 + 0.1 + 0.2  # timeout + three backoffs
 
 
-def test_an_annotator_that_never_answers_fails_the_sample_for_the_next_run(server, tiny_manifest, bank, tmp_path):
+def test_an_annotator_that_never_answers_fails_the_sample_for_the_next_run(server, tiny_manifest, bank, tools, tmp_path):
     rows = spoof_rows(tiny_manifest)
     server.script = [{"status": 502, "error": "bad gateway"}] * 2
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=5, retries=1, backoff=0.01)
-    summary = run_annotation(rows, ann, tmp_path / "ds", experts=bank, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(rows, ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
     assert (summary.accepted, summary.rejected, summary.failed) == (0, 0, 1)
     assert "no usable reply after 2 tries" in summary.failures[0]
     server.script = text_script()  # the endpoint is back: the next run annotates the sample
-    again = run_annotation(rows, ann, tmp_path / "ds", experts=bank, config=AnnotateConfig(**QUIET))
+    again = run_annotation(rows, ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
     assert again.todo == 1 and again.accepted == 1
 
 
 def test_malformed_structured_replies_are_retried_then_fail(server, crop, bank):
     server.script = [{"content": '{"verdict": "Maybe"}'}, {"content": "{not json"}]
     ann = OpenAIAnnotator("scripted", server.url, structured="on", timeout=5, retries=1, backoff=0.01)
-    ann_so_far = Annotation(crop=crop, hint=Hint("spoof"), annotator="x", tools=ToolRegistry().names)
-    req = AnnotationRequest(ann_so_far, "fast", ann_so_far.messages(next_kind="fast"), ToolRegistry(), 6, 5)
+    so_far = Trajectory(policy="x", crop=crop, tools=ToolRegistry().names, meta={"hint": Hint("spoof").as_meta()})
+    prompts = AnnotationPrompts()
+    messages = to_messages(so_far, system=prompts.system(ToolRegistry().schemas()), next_prompt=True, next_kind="fast", prompts=prompts)
     with pytest.raises(AnnotatorError, match="malformed structured reply"):
-        ann.reply(req)
+        ann.next_turn(Conversation(crop, so_far, messages, ToolRegistry(), 5, "fast", 6))
     assert ann.retried == {"malformed_reply": 2}
     with pytest.raises(Exception, match='"action" must be'):
         render_structured("reasoning", '{"think": "x", "action": "dance"}')
 
 
-def test_authentication_errors_are_not_retried(server, crop, bank):
+def test_authentication_errors_are_not_retried(server, crop, bank, tools, monkeypatch):
     server.script = [{"status": 401, "error": "invalid api key"}]
+    monkeypatch.setenv("TARFAS_TEST_NO_SUCH_KEY", "a key the server does not know")
     ann = OpenAIAnnotator("scripted", server.url, api_key_env="TARFAS_TEST_NO_SUCH_KEY", structured="off", retries=3)
-    result = annotate_image(crop, Hint("real"), ann, experts=bank)
-    assert result.stop == "annotator_error" and "$TARFAS_TEST_NO_SUCH_KEY" in result.error and ann.calls == 1
+    result = annotate_image(crop, Hint("real"), ann, registry=tools)
+    assert stop_reason(result) == "annotator_error" and "$TARFAS_TEST_NO_SUCH_KEY" in result.error and ann.calls == 1
+    # a key variable that is named but not set is a clear error before any request (the vllm policy's rule)
+    monkeypatch.delenv("TARFAS_TEST_NO_SUCH_KEY")
+    with pytest.raises(ValueError, match="TARFAS_TEST_NO_SUCH_KEY"):
+        OpenAIAnnotator("scripted", server.url, api_key_env="TARFAS_TEST_NO_SUCH_KEY")
 
 
-def test_protocol_breaking_replies_are_re_annotated_once_then_rejected(server, tiny_manifest, bank, tmp_path):
+def test_protocol_breaking_replies_are_re_annotated_once_then_rejected(server, tiny_manifest, bank, tools, tmp_path):
     server.script = [{"content": "Spoof. It looks flat."}, {"content": FAST}, {"content": "I would call the FFT tool now."}]
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=5, retries=0)
-    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", experts=bank, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
     assert summary.rejected == 1
     bad = json.loads((tmp_path / "ds" / REJECTED).read_text())
     assert [a["issues"][0]["code"] for a in bad["attempts"]] == ["malformed_fast_answer", "malformed_turn"]
@@ -273,10 +287,10 @@ def nano_server(tmp_path_factory):
         yield url, str(model)
 
 
-def test_transformers_serve_nano_model_garbage_is_rejected_as_malformed(nano_server, tiny_manifest, bank, tmp_path):
+def test_transformers_serve_nano_model_garbage_is_rejected_as_malformed(nano_server, tiny_manifest, bank, tools, tmp_path):
     url, model = nano_server
     ann = OpenAIAnnotator(model, url, structured="auto", timeout=60, retries=1, backoff=0.1, max_tokens=24, temperature=0.0)
-    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", experts=bank, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
     assert (summary.accepted, summary.rejected, summary.failed) == (0, 1, 0)
     # transformers serve ignores response_format (a warning, no error): detected, text from then on
     assert ann.structured == "off" and ann.retried.get("no_structured_output") == 1
@@ -286,8 +300,8 @@ def test_transformers_serve_nano_model_garbage_is_rejected_as_malformed(nano_ser
     assert reply.strip() and not reply.startswith("<Real>") and not reply.startswith("<Spoof>")
 
 
-def test_transformers_serve_unknown_model_is_a_clear_error(nano_server, crop, bank):
+def test_transformers_serve_unknown_model_is_a_clear_error(nano_server, crop, bank, tools):
     url, _ = nano_server
     ann = OpenAIAnnotator("no-such-model", url, structured="off", timeout=30, retries=0)
-    result = annotate_image(crop, Hint("real"), ann, experts=bank)
-    assert result.stop == "annotator_error" and "refused the request" in result.error and ann.calls == 1  # not retried
+    result = annotate_image(crop, Hint("real"), ann, registry=tools)
+    assert stop_reason(result) == "annotator_error" and "refused the request" in result.error and ann.calls == 1  # not retried

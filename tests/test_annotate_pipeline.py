@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.review_queue import import_review_queue
 from core import protocol
 from core.dataset import read_dataset
 from core.evaluation.manifest import read_manifest
+from core.policies import Conversation, PolicyOutput
 from core.registry import ToolRegistry
 from core.trajectory import Trajectory
 from training.annotate import (
@@ -25,11 +27,10 @@ from training.annotate import (
     REVIEW_QUEUE,
     STATS,
     AnnotateConfig,
-    import_review_queue,
     load_rows,
     run_annotation,
 )
-from training.annotators import AnnotationRequest, ExpertAnnotator
+from training.annotators import ExpertAnnotator, attempt_of
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def all_texts(record) -> list[str]:
 def test_offline_annotator_builds_a_training_dataset_from_fasdev(fasdev, annotator, tmp_path):
     rows = load_rows(fasdev / "manifest.csv", domains=["nuaa", "apfol"], limit=6, seed=3)
     out = tmp_path / "ds"
-    summary = run_annotation(rows, annotator, out, experts=annotator.policy.bank, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
     assert summary.todo == 6 and summary.failed == 0
     assert summary.accepted == 6, json.loads((out / REJECTED).read_text() or "{}") if (out / REJECTED).stat().st_size else None
 
@@ -102,15 +103,16 @@ def test_resume_after_a_real_kill_finishes_without_duplicates(tiny_manifest, ann
     script = f"""
 import time, torch
 torch.set_num_threads(1)
+from core.registry import ToolRegistry
 from training.annotate import AnnotateConfig, load_rows, run_annotation
 from training.annotators import ExpertAnnotator
 class Slow(ExpertAnnotator):
-    def reply(self, request):
+    def next_turn(self, conv):
         time.sleep(0.1)
-        return super().reply(request)
+        return super().next_turn(conv)
 base = ExpertAnnotator.load()
 ann = Slow(base.policy)
-run_annotation(load_rows({str(tiny_manifest)!r}), ann, {str(out)!r}, experts=base.policy.bank, config=AnnotateConfig(progress=False))
+run_annotation(load_rows({str(tiny_manifest)!r}), ann, {str(out)!r}, registry=ToolRegistry(readers=base.policy.bank), config=AnnotateConfig(progress=False))
 """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stderr=subprocess.PIPE)
@@ -132,7 +134,7 @@ run_annotation(load_rows({str(tiny_manifest)!r}), ann, {str(out)!r}, experts=bas
     assert not (out / "manifest.json").exists()  # killed before it could finish
 
     rows = load_rows(tiny_manifest)
-    summary = run_annotation(rows, annotator, out, experts=annotator.policy.bank, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
     assert summary.skipped >= 3 and summary.todo == len(rows) - summary.skipped
     ds = read_dataset(out)
     rejected = [json.loads(line) for line in (out / REJECTED).read_text().splitlines()]
@@ -140,14 +142,14 @@ run_annotation(load_rows({str(tiny_manifest)!r}), ann, {str(out)!r}, experts=bas
     assert len(ids) == len(set(ids)) == len(rows)  # everything once
     assert all(Path(ds.folder / p).is_file() for r in ds.trajectories for p in r.image_paths)
 
-    again = run_annotation(rows, annotator, out, experts=annotator.policy.bank, config=AnnotateConfig(**QUIET))
+    again = run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
     assert again.todo == 0 and again.skipped == len(rows)
 
 
 def test_concurrent_annotation_writes_the_same_dataset(tiny_manifest, annotator, tmp_path):
     rows = load_rows(tiny_manifest, limit=8, seed=1)
-    seq = run_annotation(rows, annotator, tmp_path / "seq", experts=annotator.policy.bank, config=AnnotateConfig(**QUIET))
-    par = run_annotation(rows, annotator, tmp_path / "par", experts=annotator.policy.bank, config=AnnotateConfig(concurrency=3, **QUIET))
+    seq = run_annotation(rows, annotator, tmp_path / "seq", registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
+    par = run_annotation(rows, annotator, tmp_path / "par", registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(concurrency=3, **QUIET))
     assert (seq.accepted, seq.rejected) == (par.accepted, par.rejected)
     a = {r.id: r.messages for r in read_dataset(tmp_path / "seq").trajectories}
     b = {r.id: r.messages for r in read_dataset(tmp_path / "par").trajectories}
@@ -161,24 +163,24 @@ class Leaky(ExpertAnnotator):
         super().__init__(policy)
         self.always = always
 
-    def reply(self, request: AnnotationRequest) -> str:
-        text = super().reply(request)
-        turn = protocol.parse_reasoning_turn(text) if request.kind == "reasoning" else None
-        if turn is not None and turn.answer is not None and (self.always or request.annotation.attempt == 1):
-            return protocol.format_answer_turn(turn.think + " The expert predicts 91% there's spoof trace.", turn.answer)
-        return text
+    def next_turn(self, conv: Conversation) -> PolicyOutput:
+        out = super().next_turn(conv)
+        turn = protocol.parse_reasoning_turn(out.text) if conv.kind == "reasoning" else None
+        if turn is not None and turn.answer is not None and (self.always or attempt_of(conv.trajectory) == 1):
+            return PolicyOutput(protocol.format_answer_turn(turn.think + " The expert predicts 91% there's spoof trace.", turn.answer))
+        return out
 
 
 def test_failed_verification_is_re_annotated_once_then_discarded(tiny_manifest, annotator, tmp_path):
     rows = load_rows(tiny_manifest, limit=3, seed=2)
-    once = run_annotation(rows, Leaky(annotator.policy, always=False), tmp_path / "once", experts=annotator.policy.bank,
+    once = run_annotation(rows, Leaky(annotator.policy, always=False), tmp_path / "once", registry=ToolRegistry(readers=annotator.policy.bank),
                           config=AnnotateConfig(**QUIET))
     assert once.accepted == 3  # the re-annotation passed
     recs = read_dataset(tmp_path / "once").trajectories
     assert all(len(r.meta["annotation"]["attempts"]) == 2 and "re-annotated" in r.meta["annotation"]["review"] for r in recs)
     assert once.stats["first_attempt_failures"] == {"leakage:mentions_expert": 3}
 
-    always = run_annotation(rows, Leaky(annotator.policy, always=True), tmp_path / "always", experts=annotator.policy.bank,
+    always = run_annotation(rows, Leaky(annotator.policy, always=True), tmp_path / "always", registry=ToolRegistry(readers=annotator.policy.bank),
                             config=AnnotateConfig(**QUIET))
     assert always.rejected == 3 and always.accepted == 0
     bad = [json.loads(line) for line in (tmp_path / "always" / REJECTED).read_text().splitlines()]
@@ -193,7 +195,7 @@ def test_unreadable_images_are_rejected_and_the_run_goes_on(tiny_manifest, annot
     manifest = tmp_path / "m.csv"
     lines = tiny_manifest.read_text().splitlines()
     manifest.write_text("\n".join([lines[0], *[f"{folder}/{ln}" for ln in lines[1:3]], f"{broken},spoof,print,x,train"]) + "\n")
-    summary = run_annotation(read_manifest(manifest), annotator, tmp_path / "ds", experts=annotator.policy.bank, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(read_manifest(manifest), annotator, tmp_path / "ds", registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
     assert (summary.accepted, summary.rejected) == (2, 1)
     bad = json.loads((tmp_path / "ds" / REJECTED).read_text())
     assert bad["reasons"] == ["input:unreadable"]
@@ -206,7 +208,7 @@ def test_review_queue_is_imported_into_the_workbench_store(tiny_manifest, annota
 
     rows = load_rows(tiny_manifest, limit=6, seed=4)
     out = tmp_path / "ds"
-    run_annotation(rows, annotator, out, experts=annotator.policy.bank, config=AnnotateConfig(review_rate=1.0, **QUIET))
+    run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(review_rate=1.0, **QUIET))
     queue = [json.loads(line) for line in (out / REVIEW_QUEUE).read_text().splitlines()]
     assert len(queue) == 6 and all("random_sample" in q["reasons"] for q in queue)
 
@@ -251,6 +253,6 @@ def test_images_without_a_face_are_rejected_when_asked(annotator, tmp_path):
     Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(tmp_path / "wall.png")
     (tmp_path / "m.csv").write_text("path,label,attack_type,domain,split\nwall.png,real,,x,train\n")
     rows = read_manifest(tmp_path / "m.csv")
-    summary = run_annotation(rows, annotator, tmp_path / "ds", experts=annotator.policy.bank,
+    summary = run_annotation(rows, annotator, tmp_path / "ds", registry=ToolRegistry(readers=annotator.policy.bank),
                              config=AnnotateConfig(on_no_face="error", **QUIET))
     assert summary.rejected == 1 and summary.stats["rejection_reasons"] == {"input:no_face": 1}

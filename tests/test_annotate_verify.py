@@ -6,38 +6,54 @@ from __future__ import annotations
 import pytest
 
 from core import protocol
+from core.errors import ProtocolParseError
 from core.registry import ToolRegistry
-from training.annotators import Annotation, Hint, Step, ToolOutcome
+from core.trajectory import ToolResult, Trajectory, Turn
+from training.annotators import Hint
 from training.verify import check_correctness, check_format, check_leakage, review_flags, verify
 
 REG = ToolRegistry()
 
 
-def tool_step(crop, name: str, think: str, p: float | None, arguments: dict | None = None) -> Step:
+def reply(kind: str, text: str) -> Turn:
+    """An annotator reply as the agent loop records it (parsed, or with its parse error)."""
+    turn = Turn(0, kind, text)
+    try:
+        if kind == "fast":
+            turn.fast = protocol.parse_fast_answer(text)
+        else:
+            parsed = protocol.parse_reasoning_turn(text)
+            turn.think, turn.tool_call, turn.answer = parsed.think, parsed.tool_call, parsed.answer
+    except ProtocolParseError as exc:
+        turn.parse_error = str(exc)
+    return turn
+
+
+def tool_step(crop, name: str, think: str, p: float | None, arguments: dict | None = None) -> Turn:
     args = arguments if arguments is not None else ({"bbox": [56, 72, 168, 184]} if name == "ZoomInTool" else {})
     ex = REG.execute(name, args, crop)
-    text = protocol.format_tool_call_turn(think, protocol.ToolCall(name, args))
-    step = Step("reasoning", text, turn=protocol.parse_reasoning_turn(text))
-    step.tool = ToolOutcome(ex.name, ex.arguments, ex.output.image, ex.output.stats, p)
+    step = reply("reasoning", protocol.format_tool_call_turn(think, protocol.ToolCall(name, args)))
+    step.tool_result = ToolResult(ex.name, ex.arguments, ex.output.stats, p, 0.0, ex.output.image)
     return step
 
 
-def answer_step(think: str, verdict: str) -> Step:
-    text = protocol.format_answer_turn(think, verdict)
-    return Step("reasoning", text, turn=protocol.parse_reasoning_turn(text))
+def answer_step(think: str, verdict: str) -> Turn:
+    return reply("reasoning", protocol.format_answer_turn(think, verdict))
 
 
-def fast_step(verdict: str, reason: str) -> Step:
-    text = protocol.format_fast_answer(verdict, reason)
-    return Step("fast", text, fast=protocol.parse_fast_answer(text))
+def fast_step(verdict: str, reason: str) -> Turn:
+    return reply("fast", protocol.format_fast_answer(verdict, reason))
 
 
-def make(crop, steps: list[Step], label="spoof", attack="print", attempt=1, stop="answered") -> Annotation:
-    return Annotation(crop=crop, hint=Hint(label, attack), annotator="crafted", tools=REG.names, steps=steps, attempt=attempt, stop=stop)
+def make(crop, steps: list[Turn], label="spoof", attack="print", attempt=1) -> Trajectory:
+    for i, t in enumerate(steps):
+        t.index = i
+    return Trajectory(policy="crafted", crop=crop, tools=REG.names, turns=list(steps), label=label, status="completed",
+                      meta={"hint": Hint(label, attack).as_meta(), "attempt": attempt})
 
 
 @pytest.fixture
-def good(crop) -> Annotation:
+def good(crop) -> Trajectory:
     return make(crop, [
         fast_step("spoof", "The face looks flat, with a paper-like surface."),
         tool_step(crop, "FFTTool", "I check the spectrum for periodic halftone peaks.", 0.87),
@@ -57,24 +73,24 @@ def test_a_clean_annotation_passes_every_rule(good):
 
 # --- correctness ----------------------------------------------------------------------------------
 def test_correctness_rejects_a_final_answer_that_contradicts_the_label(crop, good):
-    good.steps[-1] = answer_step("The spectrum is smooth and the skin texture looks live.", "real")
+    good.turns[-1] = answer_step("The spectrum is smooth and the skin texture looks live.", "real")
     assert codes(check_correctness(good)) == {"correctness:wrong_answer"}
 
 
 def test_correctness_rejects_an_annotation_without_final_answer(crop, good):
-    bad = make(crop, good.steps[:-1], stop="turn_limit")
+    bad = make(crop, good.turns[:-1])  # ran out of turns after a tool call
     issues = check_correctness(bad)
     assert codes(issues) == {"correctness:no_answer"} and "turn limit" in issues[0].message
 
 
 # --- format ---------------------------------------------------------------------------------------
 def test_format_rejects_a_malformed_fast_answer(crop, good):
-    good.steps[0] = Step("fast", "Spoof, because it looks flat.")
+    good.turns[0] = reply("fast", "Spoof, because it looks flat.")
     assert codes(check_format(good)) == {"format:malformed_fast_answer"}
 
 
 def test_format_rejects_a_reasoning_turn_without_think(crop, good):
-    good.steps[1] = Step("reasoning", '<tool_call>\n{"name": "FFTTool", "arguments": {}}\n</tool_call>')
+    good.turns[1] = reply("reasoning", '<tool_call>\n{"name": "FFTTool", "arguments": {}}\n</tool_call>')
     assert codes(check_format(good)) == {"format:malformed_turn"}
 
 
@@ -83,17 +99,17 @@ def test_format_rejects_tool_calls_that_break_the_schema(crop, good):
     bad_args = protocol.format_tool_call_turn("Zoom.", protocol.ToolCall("ZoomInTool", {"bbox": [10, 10]}))
     extra = protocol.format_tool_call_turn("FFT.", protocol.ToolCall("FFTTool", {"scale": 2}))
     for text in (unknown, bad_args, extra):
-        ann = make(crop, [good.steps[0], Step("reasoning", text, turn=protocol.parse_reasoning_turn(text)), good.steps[-1]])
+        ann = make(crop, [good.turns[0], reply("reasoning", text), good.turns[-1]])
         assert codes(check_format(ann)) == {"format:invalid_tool_call"}, text
 
 
 def test_format_rejects_an_answer_that_is_not_the_last_turn(crop, good):
-    ann = make(crop, [good.steps[0], answer_step("Flat face.", "spoof"), good.steps[1], good.steps[-1]])
+    ann = make(crop, [good.turns[0], answer_step("Flat face.", "spoof"), good.turns[1], good.turns[-1]])
     assert "format:answer_not_last" in codes(check_format(ann))
 
 
 def test_format_requires_the_fast_answer_first(crop, good):
-    assert codes(check_format(make(crop, good.steps[1:]))) == {"format:no_fast_answer"}
+    assert codes(check_format(make(crop, good.turns[1:]))) == {"format:no_fast_answer"}
 
 
 # --- leakage --------------------------------------------------------------------------------------
@@ -108,18 +124,18 @@ def test_format_requires_the_fast_answer_first(crop, good):
     ("The spectrum scores 0.87 on the spoof side.", "leakage:expert_value"),
 ])
 def test_leakage_rejects_texts_that_mention_the_hint_or_the_experts_confidence(good, think, code):
-    good.steps[-1] = answer_step(think, "spoof")
+    good.turns[-1] = answer_step(think, "spoof")
     assert code in codes(check_leakage(good))
     assert code in codes(verify(good))
 
 
 def test_leakage_rejects_a_fast_reason_that_repeats_the_hint(crop, good):
-    good.steps[0] = fast_step("spoof", "This is a spoof face, print attack (a printed photo), clearly.")
+    good.turns[0] = fast_step("spoof", "This is a spoof face, print attack (a printed photo), clearly.")
     assert codes(check_leakage(good)) == {"leakage:mentions_hint"}
 
 
 def test_leakage_accepts_evidence_in_words(good):
-    good.steps[-1] = answer_step("Halftone peaks in the spectrum and print dots on the cheeks: a printed photo, not a live face.", "spoof")
+    good.turns[-1] = answer_step("Halftone peaks in the spectrum and print dots on the cheeks: a printed photo, not a live face.", "spoof")
     assert check_leakage(good) == []
 
 

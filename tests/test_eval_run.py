@@ -19,6 +19,7 @@ from core.evaluation.scoring import FaceCache, Variant, score_variant
 from core.evaluation.manifest import read_manifest
 from core.evaluation.metrics import eer_threshold, fas_metrics
 from core.policies.expert import ExpertPolicy
+from core.registry import ToolRegistry
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def policy(tiny_weights):
 def full(small, policy):
     from core.evaluation.protocols import load_protocol
 
-    return run_evaluation(load_protocol(small["protocol"]), policy, experts=policy.bank, analyses=("fast", "tools", "tool-use", "max-calls"), max_calls_grid=(1, 3), n_boot=50, progress=False)
+    return run_evaluation(load_protocol(small["protocol"]), policy, registry=ToolRegistry(readers=policy.bank), analyses=("fast", "tools", "tool-use", "max-calls"), max_calls_grid=(1, 3), n_boot=50, progress=False)
 
 
 def test_main_folds_use_the_source_eer_threshold(full):
@@ -126,9 +127,9 @@ def test_tool_use_counts_by_hand():
 def test_variant_restricts_the_tools(small, policy):
     rows = read_manifest(small["manifest"])[:4]
     cache = FaceCache()
-    scored = score_variant(rows, cache, policy, Variant("tex", ("LBPTool",), 3), experts=policy.bank, progress=False)
+    scored = score_variant(rows, cache, policy, Variant("tex", ("LBPTool",), 3), registry=ToolRegistry(readers=policy.bank), progress=False)
     assert all(set(s.tool_calls) <= {"LBPTool"} for s in scored.values())
-    none = score_variant(rows, cache, policy, Variant("none", None, 0), experts=policy.bank, progress=False)
+    none = score_variant(rows, cache, policy, Variant("none", None, 0), registry=ToolRegistry(readers=policy.bank), progress=False)
     assert all(s.tool_calls == [] and s.score_spoof is not None for s in none.values())
 
 
@@ -136,7 +137,7 @@ def test_unreadable_image_is_recorded_not_fatal(small, policy, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     rows = read_manifest(write_manifest(tmp_path / "m.csv", [{"path": str(bad), "label": "real", "domain": "x"}]))
-    scored = score_variant(rows, FaceCache(), policy, Variant("main", None, 3), experts=policy.bank, progress=False)
+    scored = score_variant(rows, FaceCache(), policy, Variant("main", None, 3), registry=ToolRegistry(readers=policy.bank), progress=False)
     (s,) = scored.values()
     assert s.score_spoof is None and s.error
 
@@ -203,7 +204,7 @@ def test_policy_threshold_mode(small, policy, tmp_path):
 
     p = load_protocol(small["protocol"])
     p.threshold = "policy"
-    res = run_evaluation(p, policy, experts=policy.bank, n_boot=0, progress=False, limit_per_domain=2)
+    res = run_evaluation(p, policy, registry=ToolRegistry(readers=policy.bank), n_boot=0, progress=False, limit_per_domain=2)
     assert res.folds[0].threshold == policy.threshold and "shipped threshold" in res.folds[0].threshold_source
     assert all(len(rows) <= 2 for rows in res.picked.values())
     assert np.isfinite([s.score_spoof for s in res.scores.values()]).all()

@@ -17,6 +17,7 @@ from core.policies import load_policy
 from core.evidence import EvidenceModel, expected_gain
 from core.policies.expert import ExpertPolicy
 from core.registry import TOOL_NAMES, ToolRegistry
+from training.experts import score_crop
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +175,12 @@ def _check_trajectory(traj, policy, max_tool_calls, allowed=None):
 
 @pytest.mark.parametrize("max_tool_calls", [1, 2, 3, 6])
 def test_policy_investigation_follows_the_protocol(policy, face, max_tool_calls):
-    traj = run(face, policy, AgentConfig(max_tool_calls=max_tool_calls), experts=policy.bank)
+    traj = run(face, policy, AgentConfig(max_tool_calls=max_tool_calls), registry=ToolRegistry(readers=policy.bank))
     _check_trajectory(traj, policy, max_tool_calls)
 
 
 def test_zero_tool_calls_answers_directly(policy, face):
-    traj = run(face, policy, AgentConfig(max_tool_calls=0), experts=policy.bank)
+    traj = run(face, policy, AgentConfig(max_tool_calls=0), registry=ToolRegistry(readers=policy.bank))
     assert traj.status == "completed" and traj.error is None
     assert traj.tool_calls_used == 0
     assert [t.kind for t in traj.turns] == ["fast", "reasoning"]
@@ -192,14 +193,14 @@ def test_zero_tool_calls_answers_directly(policy, face):
 
 def test_allowed_tools_subset_is_respected(policy, face):
     allowed = ["FFTTool", "LBPTool"]
-    traj = run(face, policy, AgentConfig(max_tool_calls=3, allowed_tools=allowed), experts=policy.bank)
+    traj = run(face, policy, AgentConfig(max_tool_calls=3, allowed_tools=allowed), registry=ToolRegistry(readers=policy.bank))
     names = _check_trajectory(traj, policy, 2, allowed)
     assert traj.tools == allowed
     assert len(names) >= 1
 
 
 def test_only_zoom_allowed(policy, face):
-    traj = run(face, policy, AgentConfig(max_tool_calls=3, allowed_tools=["ZoomInTool"]), experts=policy.bank)
+    traj = run(face, policy, AgentConfig(max_tool_calls=3, allowed_tools=["ZoomInTool"]), registry=ToolRegistry(readers=policy.bank))
     names = _check_trajectory(traj, policy, 1, ["ZoomInTool"])
     assert names == ["ZoomInTool"]
     assert traj.tool_turns[0].tool_result.arguments == {"bbox": policy.zoom_box}
@@ -207,8 +208,8 @@ def test_only_zoom_allowed(policy, face):
 
 def test_score_does_not_depend_on_tool_annotation(policy, face):
     """Without ``experts`` the loop leaves expert_p_spoof empty and the policy runs the experts itself."""
-    with_bank = run(face, policy, AgentConfig(), experts=policy.bank)
-    without = run(face, policy, AgentConfig(), experts=None)
+    with_bank = run(face, policy, AgentConfig(), registry=ToolRegistry(readers=policy.bank))
+    without = run(face, policy, AgentConfig(), registry=ToolRegistry())
     assert [t.tool_result.name for t in without.tool_turns] == [t.tool_result.name for t in with_bank.tool_turns]
     assert all(t.tool_result.expert_p_spoof is None for t in without.tool_turns)
     assert without.final.score_spoof == pytest.approx(with_bank.final.score_spoof, abs=1e-6)
@@ -217,9 +218,9 @@ def test_score_does_not_depend_on_tool_annotation(policy, face):
 def test_policy_is_deterministic(tiny_weights, face):
     a = ExpertPolicy.load(tiny_weights)
     b = ExpertPolicy.load(tiny_weights)
-    t1 = run(face, a, AgentConfig(), experts=a.bank)
-    t2 = run(face, a, AgentConfig(), experts=a.bank)  # same policy object (its cache is per trajectory)
-    t3 = run(face, b, AgentConfig(), experts=b.bank)
+    t1 = run(face, a, AgentConfig(), registry=ToolRegistry(readers=a.bank))
+    t2 = run(face, a, AgentConfig(), registry=ToolRegistry(readers=a.bank))  # same policy object (its cache is per trajectory)
+    t3 = run(face, b, AgentConfig(), registry=ToolRegistry(readers=b.bank))
     texts = [t.text for t in t1.turns]
     assert [t.text for t in t2.turns] == texts
     assert [t.text for t in t3.turns] == texts
@@ -248,16 +249,16 @@ def test_threshold_shipped_with_the_weights(tiny_weights):
 def test_threshold_decides_the_verdict(tiny_weights, face):
     low = ExpertPolicy.load(tiny_weights, threshold=0.0)
     high = ExpertPolicy.load(tiny_weights, threshold=1.0 + 1e-9)
-    t_low = run(face, low, AgentConfig(), experts=low.bank)
-    t_high = run(face, high, AgentConfig(), experts=high.bank)
+    t_low = run(face, low, AgentConfig(), registry=ToolRegistry(readers=low.bank))
+    t_high = run(face, high, AgentConfig(), registry=ToolRegistry(readers=high.bank))
     assert t_low.final.verdict == "spoof" and t_low.fast_answer.verdict == "spoof"
     assert t_high.final.verdict == "real" and t_high.fast_answer.verdict == "real"
 
 
 def test_score_crop(policy, crop, face):
-    s = policy.score_crop(crop)
+    s = score_crop(policy, crop)
     assert 0.0 <= s <= 1.0
-    assert s == pytest.approx(run(face, policy, AgentConfig(), experts=policy.bank).final.score_spoof, abs=1e-9)
+    assert s == pytest.approx(run(face, policy, AgentConfig(), registry=ToolRegistry(readers=policy.bank)).final.score_spoof, abs=1e-9)
 
 
 # --- tool choice ----------------------------------------------------------------------------------

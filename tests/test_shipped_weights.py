@@ -14,6 +14,7 @@ from core import agent, faces, protocol
 from core.experts import DEFAULT_DIR, EXPERT_TOOLS, RGB, ZOOM, ExpertBank
 from core.evaluation.manifest import read_manifest
 from core.policies import load_policy
+from core.registry import ToolRegistry
 from core.samples import SAMPLES
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_DIR / "experts.json").exists(), reason="no shipped weights in assets/experts")
@@ -49,7 +50,7 @@ def test_the_lodo_table_is_what_the_stored_out_of_fold_logits_give():
 def test_default_policy_calls_the_demo_samples_right(name):
     path = DEFAULT_DIR.parent / "samples" / name
     policy = load_policy("expert")
-    traj = agent.run(faces.prepare_face(faces.load_image(path)), policy, experts=policy.bank)
+    traj = agent.run(faces.prepare_face(faces.load_image(path)), policy, registry=ToolRegistry(readers=policy.bank))
     assert traj.status == "completed" and traj.final.source == "answer"
     assert 1 <= traj.tool_calls_used <= 3
     for t in traj.turns:

@@ -1,5 +1,5 @@
 """The CPU end-to-end run, shortened: nano model -> KT -> FI -> DT-GRPO -> `tarfas eval` on a few fas-dev
-images, every step through the real `tarfas` commands (training/nano_e2e.py). Skipped without fas-dev."""
+images, every step through the real `tarfas` commands (training/cli/nano_e2e.py). Skipped without fas-dev."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def test_nano_pipeline_runs_end_to_end_on_fas_dev(fasdev, tmp_path):
     from training.lineage import read_lineage
-    from training.nano_e2e import pipeline
+    from training.cli.nano_e2e import pipeline
 
     summary = pipeline(tmp_path, fasdev / "manifest.csv", quick=True)
     kt, fi, rl = read_lineage(tmp_path / "kt" / "model"), read_lineage(tmp_path / "fi" / "model"), read_lineage(tmp_path / "grpo" / "model")

@@ -193,9 +193,10 @@ def test_scores_rank_without_ties(tiny_weights, tiny_manifest):
     from core.faces import load_image, prepare_face
     from core.evaluation.manifest import read_manifest
     from core.policies.expert import ExpertPolicy
+    from core.registry import ToolRegistry
 
     policy = ExpertPolicy.load(tiny_weights)
-    scores = [run(prepare_face(load_image(r.path), on_no_face="whole"), policy, experts=policy.bank).final.score_spoof for r in read_manifest(tiny_manifest)]
+    scores = [run(prepare_face(load_image(r.path), on_no_face="whole"), policy, registry=ToolRegistry(readers=policy.bank)).final.score_spoof for r in read_manifest(tiny_manifest)]
     assert len(set(scores)) == len(scores)
 
 

@@ -10,6 +10,7 @@ from core.agent import investigate
 from core.policies import ScriptedPolicy
 from core.policies.base import PolicyOutput
 from core.protocol import ToolCall
+from core.registry import ToolRegistry
 from storage.cases import create_case, set_attack_type
 from storage.investigations import InvestigationRecorder
 from storage.reviews import NO_REVIEW, load_review, submit_review
@@ -41,7 +42,7 @@ def run_case(storage, face, replies, *, filename="suspect.png", data: bytes | No
         with storage.sessions() as s:
             sha = get_case(s, case_id).image_sha256
     rec = InvestigationRecorder(storage.sessions, storage.files, case_id, user=user)
-    for _ in rec.record(investigate(face, ScriptedPolicy(replies), image_sha256=sha, source=filename, experts=experts)):
+    for _ in rec.record(investigate(face, ScriptedPolicy(replies), image_sha256=sha, source=filename, registry=ToolRegistry(readers=experts))):
         pass
     return case_id, rec.investigation_id
 

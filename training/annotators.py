@@ -1,9 +1,12 @@
-"""Annotators for the tool-augmented annotation pipeline (paper §3.1.2), and the annotation
-conversation they answer.
+"""Annotators for the tool-augmented annotation pipeline (paper §3.1.2), and the facts of the
+annotation conversation they answer.
 
-An annotator gets the conversation of eqs. 2-5 so far (Fig. S8 system prompt, the face image with the
-query and the hint, its own earlier replies, each tool image with the expert guidance) and returns its
-next reply as protocol text. Two kinds:
+An annotator is a :class:`core.policies.Policy`: the agent loop (:mod:`core.agent`, with
+:class:`core.protocol.AnnotationPrompts`) asks it for each turn of the conversation of eqs. 2-5 (Fig. S8
+system prompt, the face image with the query and the hint, its own earlier replies, each tool image
+with the expert guidance) and it returns its next reply as protocol text. The conversation is a
+:class:`core.trajectory.Trajectory` whose ``meta`` holds the hint (:class:`Hint`), the attempt and the
+guidance given after each tool. Two annotators:
 
 - :class:`OpenAIAnnotator`: any OpenAI-compatible vision chat endpoint (vLLM, ``transformers serve``,
   a hosted API): base URL + key from an environment variable, images as PNG data URIs, timeouts,
@@ -12,27 +15,24 @@ next reply as protocol text. Two kinds:
   sees the hint and the expert guidance; it chooses tools by the policy's expected information gain and
   writes its analysis in words, without the hint or any expert number.
 
-The pipeline itself (tools, experts, verification, writing) is :mod:`training.annotate`.
+The pipeline itself (conversation, verification, writing) is :mod:`training.annotate`.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
-
-import numpy as np
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 from core import protocol
 from core.errors import ProtocolParseError, TarfasError
-from core.protocol import FastAnswer, ReasoningTurn, Verdict
-from core.registry import ToolRegistry
+from core.policies.base import Conversation, Policy, PolicyOutput
+from core.protocol import ReasoningTurn, Verdict
+from core.registry import ToolRegistry, tool_spec
+from core.trajectory import Trajectory
 
-Kind = Literal["fast", "reasoning"]
 Stop = Literal["answered", "turn_limit", "format", "annotator_error"]
 
 
@@ -53,130 +53,60 @@ class Hint:
     def text(self) -> str:
         return protocol.annotation_hint(self.label, self.attack_type)
 
+    def as_meta(self) -> dict:
+        """As the annotation trajectory carries it (``meta["hint"]``; the text is what the annotator read)."""
+        return {"label": self.label, "attack_type": self.attack_type, "text": self.text}
 
-@dataclass
-class ToolOutcome:
-    """A tool call that ran: normalised arguments, the output image and the expert's reading."""
-
-    name: str
-    arguments: dict
-    image: np.ndarray = field(repr=False)
-    stats: dict[str, float]
-    expert_p_spoof: float | None  # None for ZoomInTool (no expert, paper §3.1.2)
-    elapsed_ms: float = 0.0
-
-    @property
-    def guidance(self) -> str:
-        """The user text sent back with the tool image (eq. 5)."""
-        return protocol.annotation_tool_prompt(self.name, self.expert_p_spoof)
+    @classmethod
+    def of(cls, traj: Trajectory) -> Hint:
+        h = traj.meta["hint"]
+        return cls(h["label"], h.get("attack_type"))
 
 
-@dataclass
-class Step:
-    """One annotator reply (a sub-annotation Ann(l)) and what came of it."""
-
-    kind: Kind
-    text: str
-    fast: FastAnswer | None = None
-    turn: ReasoningTurn | None = None
-    tool: ToolOutcome | None = None
-    parse_error: str | None = None
-    tool_error: str | None = None
-    elapsed_ms: float = 0.0
-
-    @property
-    def error(self) -> str | None:
-        return self.parse_error or self.tool_error
+def attempt_of(traj: Trajectory) -> int:
+    """1, or 2 for the re-annotation of §3.1.3."""
+    return int(traj.meta.get("attempt", 1))
 
 
-@dataclass
-class Annotation:
-    """One attempt at annotating one image: the multi-turn conversation of eqs. 1-5."""
-
-    crop: np.ndarray = field(repr=False)  # the 224x224 RGB face crop
-    hint: Hint
-    annotator: str
-    tools: list[str]  # tools offered
-    attempt: int = 1  # 1, or 2 for the re-annotation of §3.1.3
-    annotator_version: str = ""
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    steps: list[Step] = field(default_factory=list)
-    stop: Stop | None = None
-    error: str | None = None  # why the annotator failed (stop == "annotator_error")
-
-    @property
-    def fast(self) -> FastAnswer | None:
-        return next((s.fast for s in self.steps if s.kind == "fast" and s.fast), None)
-
-    @property
-    def final(self) -> Verdict | None:
-        last = self.steps[-1] if self.steps else None
-        return last.turn.answer if last is not None and last.turn is not None else None
-
-    @property
-    def tool_steps(self) -> list[Step]:
-        return [s for s in self.steps if s.tool is not None]
-
-    @property
-    def reasoning_turns(self) -> int:
-        return sum(1 for s in self.steps if s.kind == "reasoning")
-
-    def messages(self, *, next_kind: Kind | None = None) -> list[dict]:
-        """The annotator's conversation in the content-part layout of :func:`core.trajectory.to_messages`
-        (images as ndarrays): system, first user turn, then each reply and the user turn after it.
-        ``next_kind`` appends the user prompt that the annotator must answer next."""
-        system = protocol.annotator_system_prompt(ToolRegistry(self.tools).schemas())
-        msgs = [
-            {"role": "system", "content": [_text(system)]},
-            {"role": "user", "content": [_image(self.crop), _text(protocol.annotation_first_prompt(self.hint.text))]},
-        ]
-        for i, step in enumerate(self.steps):
-            msgs.append({"role": "assistant", "content": [_text(step.text)]})
-            after = _prompt_after(step)
-            if after is not None and (i < len(self.steps) - 1 or next_kind is not None):
-                msgs.append({"role": "user", "content": after})
-        return msgs
+def final_answer(traj: Trajectory) -> Verdict | None:
+    """The annotation's answer: its last turn's (None when it broke off or ran out of turns)."""
+    return traj.turns[-1].answer if traj.turns else None
 
 
-def _prompt_after(step: Step) -> list[dict] | None:
-    if step.kind == "fast":
-        return [_text(protocol.second_round_prompt())]
-    if step.tool is not None:
-        return [_image(step.tool.image), _text(step.tool.guidance)]
-    return None  # the answer ends the conversation; an error ends the attempt
+def stop_reason(traj: Trajectory) -> Stop:
+    """Why the conversation ended: the annotator failed (an exception: the sample is retried by a later
+    run), it answered, a reply broke the protocol or called a tool wrongly, or it ran out of turns."""
+    if traj.status == "failed" or not traj.turns:
+        return "annotator_error"
+    last = traj.turns[-1]
+    if last.answer is not None:
+        return "answered"
+    return "format" if last.error else "turn_limit"
 
 
-def _text(text: str) -> dict:
-    return {"type": "text", "text": text}
+def resolve_annotator(name: str = "expert", *, weights=None, **options) -> tuple[Policy, ToolRegistry]:
+    """``(annotator, registry)`` for an annotation run, like :func:`core.policies.resolve` for inference:
 
+    - "expert": :class:`ExpertAnnotator` on the expert policy at ``weights`` (default: the shipped one);
+      its own bank reads the tool images;
+    - "openai": ``OpenAIAnnotator(**options)`` (model, base_url, api_key_env, timeout, retries,
+      structured, temperature, max_tokens); the bank at ``weights`` reads the tool images.
 
-def _image(image: np.ndarray) -> dict:
-    return {"type": "image", "image": image, "path": None}
+    The bank must load (WeightsError otherwise): the guidance of eq. 5 is its reading.
+    """
+    from core.policies import readers_for
 
-
-@dataclass
-class AnnotationRequest:
-    """What an annotator answers: the messages (LLM annotators) and the same content structured
-    (the offline annotator reads the hint and the tool readings without parsing text)."""
-
-    annotation: Annotation
-    kind: Kind
-    messages: list[dict]
-    registry: ToolRegistry
-    turns_left: int  # reasoning turns left including this one (eq. 1: L <= L_max)
-    tool_calls_left: int
-
-
-@runtime_checkable
-class Annotator(Protocol):
-    name: str  # short id recorded with every trajectory ("expert", "openai:<model>")
-    version: str
-
-    def reply(self, request: AnnotationRequest) -> str: ...
+    if name == "expert":
+        annotator = ExpertAnnotator.load(weights)
+    elif name == "openai":
+        annotator = OpenAIAnnotator(**options)
+    else:
+        raise ValueError(f"unknown annotator {name!r}; use 'expert' or 'openai'")
+    return annotator, ToolRegistry(readers=readers_for(annotator, weights, required=True))
 
 
 # --- OpenAI-compatible endpoints ------------------------------------------------------------------
-def _structured_schema(kind: Kind, tools: list[str]) -> dict:
+def _structured_schema(kind: str, tools: list[str]) -> dict:
     if kind == "fast":
         return {
             "type": "object",
@@ -211,7 +141,7 @@ class OpenAIAnnotator:
         model: str,
         base_url: str,
         *,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
         timeout: float = 120.0,
         retries: int = 3,
         backoff: float = 1.0,
@@ -221,28 +151,30 @@ class OpenAIAnnotator:
     ):
         import openai
 
+        from core.policies.openai_chat import openai_client
+
         if structured not in ("auto", "on", "off"):
             raise ValueError(f"structured must be auto, on or off, got {structured!r}")
-        key = os.environ.get(api_key_env)
-        if not key:
-            # Local servers (vLLM, transformers serve) accept any key; a hosted API answers 401, reported below.
-            key = "EMPTY"
         self.model = model
         self.name = f"openai:{model}"
         self.version = base_url
+        self.description = f"annotator {model} behind the OpenAI-compatible endpoint {base_url}"
         self.api_key_env = api_key_env
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.structured = structured
         self.temperature, self.max_tokens = temperature, max_tokens
         self._openai = openai
         # Our own retry loop (below) also covers malformed replies, so the client's is off.
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=0)
+        self.client = openai_client(base_url, api_key_env, timeout)
         self._structured_seen = False  # a structured reply has parsed: the endpoint honours response_format
         self.calls = 0  # requests sent, for progress and tests
         self.retried: dict[str, int] = {}  # why requests were retried
         self._lock = threading.Lock()
 
-    def reply(self, request: AnnotationRequest) -> str:
+    def next_turn(self, conv: Conversation) -> PolicyOutput:
+        return PolicyOutput(self._reply(conv))
+
+    def _reply(self, conv: Conversation) -> str:
         from core.mllm.messages import to_openai_messages
 
         last, fallback, failures = "no request sent", False, 0  # failures: tries that count against retries
@@ -251,13 +183,13 @@ class OpenAIAnnotator:
                 time.sleep(self.backoff * 2 ** (failures - 1) * (1 + 0.1 * random.random()))
             fallback = False
             use_json = self.structured != "off"
-            messages = to_openai_messages(request.messages)
+            messages = to_openai_messages(conv.messages)
             kwargs: dict[str, Any] = {}
             if use_json:
-                hint = protocol.ANNOTATION_JSON_FAST if request.kind == "fast" else protocol.ANNOTATION_JSON_REASONING
+                hint = protocol.ANNOTATION_JSON_FAST if conv.kind == "fast" else protocol.ANNOTATION_JSON_REASONING
                 messages[-1] = _append_text(messages[-1], hint)
-                schema = _structured_schema(request.kind, request.registry.names)
-                kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": f"annotation_{request.kind}", "schema": schema}}
+                schema = _structured_schema(conv.kind, conv.registry.names)
+                kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": f"annotation_{conv.kind}", "schema": schema}}
             try:
                 self.calls += 1
                 resp = self.client.chat.completions.create(
@@ -271,9 +203,8 @@ class OpenAIAnnotator:
                     continue
                 raise AnnotatorError(f"{self.name}: the endpoint refused the request: {_short(exc)}") from exc
             except (self._openai.AuthenticationError, self._openai.PermissionDeniedError, self._openai.NotFoundError) as exc:
-                raise AnnotatorError(
-                    f"{self.name}: {_short(exc)} (is ${self.api_key_env} set, and does the endpoint serve model {self.model!r}?)"
-                ) from exc
+                key = f"${self.api_key_env}" if self.api_key_env else "an API key (no key variable named: 'EMPTY' was sent)"
+                raise AnnotatorError(f"{self.name}: {_short(exc)} (is {key} right, and does the endpoint serve model {self.model!r}?)") from exc
             except self._openai.APITimeoutError:
                 last = f"timed out after {self.timeout:g} s"
                 self._count("timeout")
@@ -302,7 +233,7 @@ class OpenAIAnnotator:
             if not use_json:
                 return content.strip()
             try:
-                text = protocol.render_structured(request.kind, content)
+                text = protocol.render_structured(conv.kind, content)
             except ProtocolParseError as exc:
                 if self.structured == "auto" and not self._structured_seen and not content.lstrip().startswith("{"):
                     # Not JSON at all before any JSON reply: the endpoint ignores response_format
@@ -337,15 +268,7 @@ def _short(exc: Exception, n: int = 200) -> str:
 
 
 # --- offline: the expert ensemble as annotator ----------------------------------------------------
-# What each tool's output shows, in words: (spoof trace seen, no trace seen).
-OBSERVATIONS = {
-    "ZoomInTool": ("print dots, paper grain or screen pixels on the cheeks and nose", "natural pores and fine skin detail on the cheeks and nose"),
-    "FFTTool": ("periodic peaks in the spectrum, typical of screen moire or print halftone", "a smooth spectrum without periodic peaks"),
-    "LBPTool": ("a regular, grainy micro-texture like paper or a screen surface", "an irregular micro-texture typical of live skin"),
-    "WaveletTransformTool": ("fine-scale noise that does not look like natural camera noise", "fine-scale detail consistent with natural camera noise"),
-    "EdgeDetectionTool": ("soft, blurred fine edges and flat regions typical of a recapture", "crisp, natural facial edges"),
-    "HOGTool": ("a flattened gradient structure that lacks 3D relief", "a coherent gradient structure with natural 3D relief"),
-}
+# What each tool's output shows, in words, is the tool's own fact (ToolSpec.seen / .purpose).
 FAST_REASONS = {
     ("spoof", "print", True): "The face looks flat, with a paper-like surface and dull, uneven skin tones.",
     ("spoof", "replay", True): "The face looks flat and slightly washed out, with a glossy, screen-like sheen.",
@@ -377,6 +300,7 @@ class ExpertAnnotator:
     """
 
     name = "expert"
+    description = "Offline annotator: the expert ensemble policy, told the label (the hint), writing its analysis in words."
     enough_tools = 3  # stop once this many tools agree with the hint (the paper's best tool budget)
 
     def __init__(self, policy):
@@ -394,93 +318,75 @@ class ExpertAnnotator:
 
         return cls(ExpertPolicy.load(weights))
 
-    def reply(self, request: AnnotationRequest) -> str:
-        ann = request.annotation
-        if request.kind == "fast":
-            return self._fast(ann)
-        traj = self._trajectory(ann)
-        conv = self._conversation(ann, traj, request)
-        out = self._by_attempt[min(ann.attempt, 2)].next_turn(conv)  # attempt 2 looks at one more tool
+    @property
+    def bank(self):
+        """The policy's expert bank: it also reads the tool images for the guidance."""
+        return self.policy.bank
+
+    def next_turn(self, conv: Conversation) -> PolicyOutput:
+        traj, hint = conv.trajectory, Hint.of(conv.trajectory)
+        if conv.kind == "fast":
+            return PolicyOutput(self._fast(conv, hint))
+        turns_left = conv.turns_left if conv.turns_left is not None else conv.tool_calls_left + 1
+        look = replace(conv, tool_calls_left=min(conv.tool_calls_left, turns_left - 1))  # the last turn must answer
+        out = self._by_attempt[min(attempt_of(traj), 2)].next_turn(look)  # attempt 2 looks at one more tool
         turn = protocol.parse_reasoning_turn(out.text)
         evidence: dict[str, float] = out.notes.get("evidence", {})
         p = float(out.notes.get("p_spoof_so_far", 0.5))
-        agrees = (p >= self.policy.threshold) == (ann.hint.label == "spoof")
-        if turn.answer is not None and not agrees and request.tool_calls_left > 0 and request.turns_left > 1:
+        agrees = (p >= self.policy.threshold) == (hint.label == "spoof")
+        may_call = conv.tool_calls_left > 0 and turns_left > 1
+        if turn.answer is not None and not agrees and may_call:
             # The evidence contradicts the hint: look further before concluding.
-            turn = protocol.parse_reasoning_turn(self._persistent.next_turn(conv).text)
-        elif turn.tool_call is not None and agrees and len(ann.tool_steps) >= self.enough_tools:
-            turn = ReasoningTurn(turn.think, answer=ann.hint.label)  # enough agreeing evidence
-        if turn.tool_call is not None and request.tool_calls_left > 0 and request.turns_left > 1:
-            return protocol.format_tool_call_turn(self._plan(ann, turn.tool_call.name, evidence, agrees), turn.tool_call)
-        return protocol.format_answer_turn(self._conclusion(ann, evidence), ann.hint.label)
-
-    # --- structured view for the policy -------------------------------------------------------
-    def _trajectory(self, ann: Annotation):
-        from core.trajectory import ToolResult, Trajectory, Turn
-
-        traj = Trajectory(policy=self.name, id=ann.id, tools=list(ann.tools), crop=ann.crop)
-        for i, s in enumerate(ann.steps):
-            t = Turn(i, s.kind, s.text, fast=s.fast)
-            if s.tool is not None:
-                o = s.tool
-                t.tool_result = ToolResult(o.name, o.arguments, o.stats, o.expert_p_spoof, o.elapsed_ms, o.image)
-            traj.turns.append(t)
-        return traj
-
-    @staticmethod
-    def _conversation(ann: Annotation, traj, request: AnnotationRequest):
-        from core.policies.base import Conversation
-
-        return Conversation(ann.crop, traj, request.messages, request.registry, min(request.tool_calls_left, request.turns_left - 1))
+            turn = protocol.parse_reasoning_turn(self._persistent.next_turn(look).text)
+        elif turn.tool_call is not None and agrees and len(traj.tool_turns) >= self.enough_tools:
+            turn = ReasoningTurn(turn.think, answer=hint.label)  # enough agreeing evidence
+        if turn.tool_call is not None and may_call:
+            return PolicyOutput(protocol.format_tool_call_turn(self._plan(traj, turn.tool_call.name, evidence, agrees), turn.tool_call))
+        return PolicyOutput(protocol.format_answer_turn(self._conclusion(traj, hint, evidence), hint.label))
 
     # --- texts --------------------------------------------------------------------------------
-    def _fast(self, ann: Annotation) -> str:
+    def _fast(self, conv: Conversation, hint: Hint) -> str:
         from core.experts import RGB
 
-        p = self.policy.p_spoof({RGB: self.policy.bank.logit(RGB, ann.crop)})  # the policy's own fast answer
-        label = ann.hint.label
-        agrees = (p >= self.policy.threshold) == (label == "spoof")
-        attack = ann.hint.attack_type if ann.hint.attack_type in ("print", "replay") and agrees else None
-        reason = FAST_REASONS[(label, attack, agrees)]
-        return protocol.format_fast_answer(label, reason)
+        p = self.policy.p_spoof({RGB: self.policy.bank.logit(RGB, conv.crop)})  # the policy's own fast answer
+        agrees = (p >= self.policy.threshold) == (hint.label == "spoof")
+        attack = hint.attack_type if hint.attack_type in ("print", "replay") and agrees else None
+        return protocol.format_fast_answer(hint.label, FAST_REASONS[(hint.label, attack, agrees)])
 
     @staticmethod
     def _seen(name: str, p: float) -> str:
-        spoof, live = OBSERVATIONS[name]
+        spoof, live = tool_spec(name).seen
         return f"{name} {_strength(p)} {spoof if p >= 0.5 else live}"
 
-    def _last_observation(self, ann: Annotation, evidence: dict[str, float]) -> str:
-        last = ann.steps[-1] if ann.steps else None
-        if last is None or last.tool is None or last.tool.name not in evidence:
-            return ""
-        return self._seen(last.tool.name, evidence[last.tool.name]) + "."
+    def _last_observation(self, traj: Trajectory, evidence: dict[str, float]) -> str:
+        last = traj.turns[-1] if traj.turns else None
+        if last is None or last.tool_result is None or last.tool_result.name not in evidence:
+            return ""  # nothing read (e.g. a tool no expert reads)
+        return self._seen(last.tool_result.name, evidence[last.tool_result.name]) + "."
 
-    def _plan(self, ann: Annotation, tool: str, evidence: dict[str, float], agrees: bool) -> str:
-        from core.policies.expert import PURPOSE
-
-        first = len(ann.tool_steps) == 0
-        parts = [self._last_observation(ann, evidence)]
-        if first:
+    def _plan(self, traj: Trajectory, tool: str, evidence: dict[str, float], agrees: bool) -> str:
+        parts = [self._last_observation(traj, evidence)]
+        if not traj.tool_turns:
             parts.append("My first impression needs checking against finer visual evidence.")
         elif agrees:
             parts.append("This fits what I have seen so far; I want one more independent check.")
         else:
             parts.append("The evidence so far is mixed, so I look further.")
-        parts.append(f"Next I use {tool} {PURPOSE[tool]}.")
+        parts.append(f"Next I use {tool} {tool_spec(tool).purpose}.")
         return " ".join(s for s in parts if s)
 
-    def _conclusion(self, ann: Annotation, evidence: dict[str, float]) -> str:
-        label = ann.hint.label
-        tools = [s.tool.name for s in ann.tool_steps if s.tool.name in evidence]
+    def _conclusion(self, traj: Trajectory, hint: Hint, evidence: dict[str, float]) -> str:
+        label = hint.label
+        tools = [t.tool_result.name for t in traj.tool_turns if t.tool_result.name in evidence]
         support = [t for t in tools if (evidence[t] >= 0.5) == (label == "spoof")]
         against = [t for t in tools if t not in support]
-        parts = [self._last_observation(ann, evidence)]
+        parts = [self._last_observation(traj, evidence)]
         if support:
             parts.append("Taken together: " + "; ".join(self._seen(t, evidence[t]) for t in support) + ".")
         if against:
             parts.append("Against this, " + "; ".join(self._seen(t, evidence[t]) for t in against) + ", which I weigh less.")
         if label == "spoof":
-            what = ATTACK_WORDS.get(ann.hint.attack_type or "", "a recaptured face")
+            what = ATTACK_WORDS.get(hint.attack_type or "", "a recaptured face")
             parts.append(f"The face is {what}, not a live person: this is a presentation attack.")
         else:
             parts.append("I find no trace of a print or screen recapture: this is a live face.")

@@ -108,7 +108,7 @@ def build_from_manifest(
     from core import agent
     from core.evaluation.scoring import load_face
     from core.evaluation.manifest import read_manifest, select
-    from core.policies import load_policy
+    from core.policies import resolve
 
     rows = select(read_manifest(manifest), domains or None, split)
     if limit is not None and limit < len(rows):
@@ -118,7 +118,7 @@ def build_from_manifest(
     out = Path(out)
     if (out / "manifest.json").exists():
         return out  # built before with the same selection (the folder name is its hash)
-    policy = load_policy("expert", weights=weights)
+    policy, registry = resolve("expert", weights=weights)
     config = agent.AgentConfig(max_tool_calls=max_tool_calls, extra={"on_no_face": "whole"})
     writer = DatasetWriter(out, source="manifest-expert", created_by="tarfas train", resume=True,
                            extra={"manifest": str(manifest), "domains": domains, "split": split, "limit": limit, "seed": seed})  # fmt: skip
@@ -132,7 +132,7 @@ def build_from_manifest(
             if isinstance(face, str):
                 skipped["unreadable"] += 1
                 continue
-            traj = agent.run(face, policy, config, experts=policy.bank, source=row.rel_path, label=row.label)
+            traj = agent.run(face, policy, config, registry=registry, source=row.rel_path, label=row.label)
             meta = {"path": row.rel_path, "domain": row.domain}
             if traj.status == "completed":
                 writer.add_trajectory(traj, id=rid, label=row.label, attack_type=row.attack_type or None, meta=meta)

@@ -45,11 +45,11 @@ from core.evidence import EvidenceModel, replay
 from core.experts import EXPERT_TOOLS, RGB, ZOOM, Calibration, ExpertBank, network_spec
 from core.evaluation.manifest import ManifestRow, read_manifest
 from core.evaluation.metrics import domain_eer_threshold, summarize
-from core.registry import ToolRegistry
+from core.registry import ToolRegistry, tool_spec
 
 from .configs import ExpertTrainConfig
 
-ZOOM_BOX = (56, 72, 168, 184)  # cheeks-nose region of the 224 crop, used by the policy's ZoomInTool
+ZOOM_BOX = tuple(tool_spec(ZOOM).default_args["bbox"])  # the region the zoom view is calibrated on (experts.json "zoom")
 KEYS = [RGB, *EXPERT_TOOLS]  # networks
 EVIDENCE_KEYS = [RGB, *EXPERT_TOOLS, ZOOM]  # what the policy can observe
 
@@ -328,6 +328,17 @@ def _digest(ids: list[str], y: np.ndarray) -> str:
     for i, label in sorted(zip(ids, y.tolist())):
         h.update(f"{i}\0{label}\n".encode())
     return h.hexdigest()[:16]
+
+
+def score_crop(policy, crop: np.ndarray, max_tool_calls: int = 3) -> float:
+    """Final P(spoof) of a full investigation of a 224x224 crop by an expert policy, its own bank reading
+    the tools (benchmarks and spot checks of trained weights)."""
+    from core.agent import AgentConfig, run
+
+    traj = run(faces.crop_face(crop), policy, AgentConfig(max_tool_calls=max_tool_calls), registry=ToolRegistry(readers=policy.bank))
+    if traj.final is None:
+        raise RuntimeError(traj.error or "investigation failed")
+    return traj.final.score_spoof
 
 
 def write_lodo_logits(path: Path, ids: list[str], domain: np.ndarray, y: np.ndarray, raw: dict[str, np.ndarray]) -> None:

@@ -37,7 +37,7 @@ from core.registry import ToolRegistry
 from .configs import GRPOConfig
 from .datasets import grpo_queries, to_hf_dataset
 from .lineage import write_lineage
-from .rewards import RewardConfig, fast_format, final_answer, make_reward_funcs, reasoning_format
+from .rewards import fast_format, final_answer, make_reward_funcs, reasoning_format
 from .rollout import TokenPolicy, face_from_image, run_rollouts
 from .sft import load_data, load_policy_model, precision_flags
 
@@ -126,6 +126,14 @@ class DTGRPOTrainer(GRPOTrainer):
         return rewards
 
 
+# GRPOConfig fields that trl.GRPOConfig takes under the same name and with the same meaning.
+TRL_GRPO_FIELDS = (
+    "num_generations", "beta", "max_completion_length", "temperature", "top_p", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_steps", "logging_steps",
+    "save_steps", "report_to", "seed", "gradient_checkpointing",
+)
+
+
 def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     """Run DT-GRPO (or the ST-GRPO baseline); returns the output folder (a model, or an adapter with use_lora)."""
     import trl
@@ -137,8 +145,7 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
         raise ValueError(f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a multiple of num_generations ({cfg.num_generations})")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    reward_cfg = RewardConfig(kind=cfg.reward, beta_fast=cfg.beta_fast, beta_rsn=cfg.beta_rsn, beta_tool=cfg.beta_tool,
-                              gamma={name: cfg.gamma for name in ToolRegistry(None).names})  # fmt: skip
+    reward_cfg = cfg.reward_config()
     tools = ["ZoomInTool"] if cfg.reward == "st" else (cfg.tools or None)
     agent_config = AgentConfig(max_tool_calls=cfg.max_tool_calls, max_format_errors=cfg.max_format_errors, allowed_tools=tools)
 
@@ -154,19 +161,14 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     if cfg.use_lora and cfg.adapter is None:
         peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
     funcs, weights = make_reward_funcs(reward_cfg)
-    args = trl.GRPOConfig(
-        output_dir=str(out / "checkpoints"), num_generations=cfg.num_generations, beta=cfg.beta, loss_type="grpo",
-        scale_rewards="group", num_iterations=1, reward_weights=weights, max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature, top_p=cfg.top_p,
-        generation_kwargs={"max_new_tokens": cfg.max_new_tokens, "suppress_tokens": vision_token_ids(processor.tokenizer)},
-        use_vllm=cfg.use_vllm, vllm_mode=cfg.vllm_mode, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-        per_device_train_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, optim="adamw_torch", lr_scheduler_type="constant",
-        max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no", save_only_model=True, report_to=cfg.report_to, seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing, remove_unused_columns=False, log_completions=False,
-        **precision_flags(cfg.precision),
-    )  # fmt: skip
+    args = trl.GRPOConfig(**{
+        **{name: getattr(cfg, name) for name in TRL_GRPO_FIELDS},
+        "output_dir": str(out / "checkpoints"), "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1,
+        "reward_weights": weights, "optim": "adamw_torch", "lr_scheduler_type": "constant",
+        "generation_kwargs": {"max_new_tokens": cfg.max_new_tokens, "suppress_tokens": vision_token_ids(processor.tokenizer)},
+        "save_strategy": "steps" if cfg.save_steps > 0 else "no", "save_only_model": True,
+        "remove_unused_columns": False, "log_completions": False, **precision_flags(cfg.precision),
+    })  # fmt: skip
     trainer = DTGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds, processing_class=processor,
                             peft_config=peft_config, agent_config=agent_config, callbacks=callbacks)  # fmt: skip
     if cfg.use_vllm:  # TRL's vLLM budget is per call; our calls are single turns

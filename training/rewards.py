@@ -16,31 +16,11 @@ fmt is -1 on a wrong format (or, for the reasoning, an invalid tool call) and 0 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from core.registry import ToolRegistry
 from core.trajectory import Trajectory
 
-DEFAULT_GAMMA = 0.2
-
-
-@dataclass
-class RewardConfig:
-    """Weights of the DT-GRPO reward (paper §4.1 defaults) and the choice of reward."""
-
-    kind: str = "dt"  # "dt" (DT-GRPO, eqs. 10-14) or "st" (ST-GRPO baseline, eq. S15)
-    beta_fast: float = 0.1
-    beta_rsn: float = 0.5
-    beta_tool: float = 0.4
-    gamma: dict[str, float] = field(default_factory=lambda: {name: DEFAULT_GAMMA for name in ToolRegistry(None).names})
-
-    def __post_init__(self):
-        if self.kind not in ("dt", "st"):
-            raise ValueError(f"reward kind must be 'dt' or 'st', got {self.kind!r}")
-        unknown = set(self.gamma) - set(ToolRegistry(None).names)
-        if unknown:
-            raise ValueError(f"gamma names unknown tools {sorted(unknown)}; tools: {ToolRegistry(None).names}")
-
+from .configs import RewardConfig
 
 @dataclass
 class RewardBreakdown:

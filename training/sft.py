@@ -129,6 +129,13 @@ def load_data(cfg, out: Path):
                             max_examples=cfg.max_examples, seed=cfg.seed)  # fmt: skip
 
 
+# SFTConfig fields that trl.SFTConfig takes under the same name and with the same meaning.
+TRL_SFT_FIELDS = (
+    "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "lr_scheduler_type",
+    "max_steps", "num_train_epochs", "logging_steps", "save_steps", "report_to", "seed", "gradient_checkpointing",
+)
+
+
 def train_sft(cfg: SFTConfig, callbacks: list | None = None) -> Path:
     """Run one SFT stage; returns the adapter folder ``OUT/adapter`` (or ``OUT/model`` without LoRA), with its
     lineage (tarfas_lineage.json) inside."""
@@ -159,15 +166,13 @@ def train_sft(cfg: SFTConfig, callbacks: list | None = None) -> Path:
     if cfg.use_lora and cfg.adapter is None:
         peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
-    args = trl.SFTConfig(
-        output_dir=str(out / "checkpoints"), assistant_only_loss=True, max_length=cfg.max_length,
-        per_device_train_batch_size=cfg.per_device_train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, optim="adamw_torch", lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio, max_steps=cfg.max_steps, num_train_epochs=cfg.num_train_epochs,
-        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_only_model=True, report_to=cfg.report_to, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
-        remove_unused_columns=False, dataloader_num_workers=0, **precision_flags(cfg.precision),
-    )  # fmt: skip
+    args = trl.SFTConfig(**{
+        **{name: getattr(cfg, name) for name in TRL_SFT_FIELDS},
+        "output_dir": str(out / "checkpoints"), "assistant_only_loss": True, "optim": "adamw_torch",
+        "warmup_steps": cfg.warmup_ratio,  # a float < 1 is a ratio of the steps (warmup_ratio is deprecated)
+        "save_strategy": "steps" if cfg.save_steps > 0 else "no", "save_only_model": True,
+        "remove_unused_columns": False, "dataloader_num_workers": 0, **precision_flags(cfg.precision),
+    })  # fmt: skip
     collator = None
     if cfg.stage == "fi":
         collator = TurnWeightedCollator(processor, max_length=cfg.max_length, assistant_only_loss=True, first_turn_weight=cfg.first_turn_weight)

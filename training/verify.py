@@ -1,9 +1,11 @@
 """Verification of annotations (paper §3.1.3): correctness, format and leakage, plus the flags that
 send an accepted annotation to manual verification.
 
-Each rule reads the annotation's raw reply texts again with :mod:`core.protocol`'s parsers and the
-tool calls against the registry's JSON Schemas, so it judges what will be trained on, not what the
-pipeline believed while it ran. A rule returns a list of :class:`Issue`; no issue means it passed.
+An annotation is the :class:`core.trajectory.Trajectory` of the annotation conversation (its ``meta``
+holds the hint and the attempt, see :mod:`training.annotators`). Each rule reads the annotation's raw
+reply texts again with :mod:`core.protocol`'s parsers and the tool calls against the registry's JSON
+Schemas, so it judges what will be trained on, not what the pipeline believed while it ran. A rule
+returns a list of :class:`Issue`; no issue means it passed.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 from core import protocol
 from core.errors import ProtocolParseError, ToolCallError
 from core.registry import ToolRegistry
+from core.trajectory import Trajectory
 
-from .annotators import Annotation
+from .annotators import Hint, attempt_of, final_answer, stop_reason
 
 Rule = str  # "correctness" | "format" | "leakage"
 
@@ -43,26 +46,26 @@ EXPERT_PATTERNS = [
 ]
 
 
-def check_correctness(ann: Annotation) -> list[Issue]:
+def check_correctness(ann: Trajectory) -> list[Issue]:
     """The final answer exists and matches the ground-truth label."""
-    final = ann.final
+    final, label = final_answer(ann), Hint.of(ann).label
     if final is None:
         why = {"turn_limit": "no answer within the turn limit", "format": "the conversation broke off at a malformed turn",
-               "annotator_error": f"the annotator failed ({ann.error})"}.get(ann.stop or "", "no final answer")
+               "annotator_error": f"the annotator failed ({ann.error})"}.get(stop_reason(ann), "no final answer")
         return [Issue("correctness", "no_answer", why)]
-    if final != ann.hint.label:
-        return [Issue("correctness", "wrong_answer", f"final answer {final} does not match the label {ann.hint.label}")]
+    if final != label:
+        return [Issue("correctness", "wrong_answer", f"final answer {final} does not match the label {label}")]
     return []
 
 
-def check_format(ann: Annotation, registry: ToolRegistry | None = None) -> list[Issue]:
+def check_format(ann: Trajectory, registry: ToolRegistry | None = None) -> list[Issue]:
     """Every reply parses (fast answer first, then think + one tool call or the answer, the answer
     last) and every tool call is valid against the tool's schema on this image."""
     registry = registry or ToolRegistry(ann.tools)
     issues: list[Issue] = []
-    if not ann.steps or ann.steps[0].kind != "fast":
+    if not ann.turns or ann.turns[0].kind != "fast":
         return [Issue("format", "no_fast_answer", "the annotation does not start with a fast answer")]
-    for i, step in enumerate(ann.steps):
+    for i, step in enumerate(ann.turns):
         where = f"turn {i}"
         if step.kind == "fast":
             if i != 0:
@@ -78,7 +81,7 @@ def check_format(ann: Annotation, registry: ToolRegistry | None = None) -> list[
         except ProtocolParseError as exc:
             issues.append(Issue("format", "malformed_turn", f"{where}: {exc}"))
             continue
-        last = i == len(ann.steps) - 1
+        last = i == len(ann.turns) - 1
         if turn.answer is not None and not last:
             issues.append(Issue("format", "answer_not_last", f"{where}: the conversation goes on after the answer"))
         if turn.tool_call is not None:
@@ -91,10 +94,10 @@ def check_format(ann: Annotation, registry: ToolRegistry | None = None) -> list[
     return issues
 
 
-def _texts(ann: Annotation) -> list[tuple[int, str]]:
+def _texts(ann: Trajectory) -> list[tuple[int, str]]:
     """The analysis texts of the annotation (fast reasons and thoughts; tool-call JSON excluded)."""
     out = []
-    for i, step in enumerate(ann.steps):
+    for i, step in enumerate(ann.turns):
         try:
             if step.kind == "fast":
                 out.append((i, protocol.parse_fast_answer(step.text).reason))
@@ -105,16 +108,16 @@ def _texts(ann: Annotation) -> list[tuple[int, str]]:
     return out
 
 
-def check_leakage(ann: Annotation) -> list[Issue]:
+def check_leakage(ann: Trajectory) -> list[Issue]:
     """The analysis mentions neither the hint nor the expert's confidence (§3.1.3, format verification).
 
     Flags: words that refer to a hint or label, the hint sentence itself, any mention of an expert,
     percentages and probabilities, and the exact values the expert guidance gave (87, 0.87).
     """
-    hint_text = ann.hint.text.lower().removeprefix("hint:").strip().rstrip(".")
+    hint_text = Hint.of(ann).text.lower().removeprefix("hint:").strip().rstrip(".")
     values = set()
-    for s in ann.tool_steps:
-        p = s.tool.expert_p_spoof
+    for t in ann.tool_turns:
+        p = t.tool_result.expert_p_spoof
         if p is not None:
             values |= {str(round(100 * p)), f"{p:.2f}", f"{p:.2f}".lstrip("0")}
     issues: list[Issue] = []
@@ -136,27 +139,28 @@ def check_leakage(ann: Annotation) -> list[Issue]:
     return issues
 
 
-def verify(ann: Annotation, registry: ToolRegistry | None = None) -> list[Issue]:
+def verify(ann: Trajectory, registry: ToolRegistry | None = None) -> list[Issue]:
     """All automatic rules; an empty list means the annotation is accepted."""
     return check_format(ann, registry) + check_correctness(ann) + check_leakage(ann)
 
 
-def review_flags(ann: Annotation, threshold: float = 0.5) -> list[str]:
+def review_flags(ann: Trajectory, threshold: float = 0.5) -> list[str]:
     """Why an accepted annotation deserves a human look (borderline cases for manual verification):
     re-annotated, a fast answer that disagrees with the label, no tool used, or tool experts that mostly
     read the opposite of the label (the analysis may argue against its own evidence)."""
+    label = Hint.of(ann).label
     flags = []
-    if ann.attempt > 1:
+    if attempt_of(ann) > 1:
         flags.append("re-annotated")
-    if ann.fast is not None and ann.fast.verdict != ann.hint.label:
+    if ann.fast_answer is not None and ann.fast_answer.verdict != label:
         flags.append("fast_answer_disagrees")
-    if not ann.tool_steps:
+    if not ann.tool_turns:
         flags.append("no_tool_used")
-    if len(ann.tool_steps) > 3:
+    if len(ann.tool_turns) > 3:
         flags.append("long_investigation")  # more tool calls than inference allows: the annotator searched
-    ps = [s.tool.expert_p_spoof for s in ann.tool_steps if s.tool.expert_p_spoof is not None]
+    ps = [t.tool_result.expert_p_spoof for t in ann.tool_turns if t.tool_result.expert_p_spoof is not None]
     if ps:
-        against = sum((p >= threshold) != (ann.hint.label == "spoof") for p in ps)
+        against = sum((p >= threshold) != (label == "spoof") for p in ps)
         if against * 2 > len(ps):
             flags.append("experts_disagree")
     return flags

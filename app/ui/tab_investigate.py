@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from app.runner import Job, RunSettings
-from core.registry import ToolRegistry
+from core.registry import SPECS, ToolRegistry
 from core.trajectory import Trajectory
 from storage import audit
 from storage.cases import cases_with_image
@@ -22,6 +22,7 @@ from .render import Transcript
 
 BATCH_COLUMNS = ["file", "status", "verdict", "P(spoof)", "investigation", "message"]
 TOOLS = ToolRegistry().names
+BOX_TOOLS = [s for s in SPECS if "bbox" in s.parameters["properties"]]  # tools that take a box (ZoomIn)
 JOB_IDLE_TIMEOUT_S = 600  # a policy that says nothing for this long is reported, not waited on forever
 
 
@@ -171,8 +172,9 @@ def build(ctx: AppContext, current: gr.Textbox):
     gallery = gr.Gallery(label="All tool outputs of this case (click to compare)", format="png", columns=6, height=180, allow_preview=False, object_fit="contain")
     with gr.Accordion("Run a tool by hand on this case", open=False):
         with gr.Row():
-            manual_tool = gr.Dropdown(TOOLS, value="ZoomInTool", label="Tool")
-            bbox = gr.Textbox(value="56, 72, 168, 184", label="ZoomInTool box x1, y1, x2, y2 (pixels of the 224x224 crop)")
+            manual_tool = gr.Dropdown(TOOLS, value=BOX_TOOLS[0].name, label="Tool")
+            bbox = gr.Textbox(value=", ".join(map(str, BOX_TOOLS[0].default_args["bbox"])),
+                              label=f"{'/'.join(t.name for t in BOX_TOOLS)} box x1, y1, x2, y2 (pixels of the 224x224 crop)")
             run_tool = gr.Button("Run tool")
         manual_info = gr.Markdown()
     batch = gr.Dataframe(headers=BATCH_COLUMNS, label="Batch", interactive=False, wrap=True)
@@ -212,7 +214,7 @@ def build(ctx: AppContext, current: gr.Textbox):
         if not inv_id:
             raise gr.Error("investigate or open a case first")
         args = {}
-        if tool == "ZoomInTool":
+        if tool in {t.name for t in BOX_TOOLS}:
             try:
                 args = {"bbox": [float(v) for v in box.replace(";", ",").split(",")]}
             except ValueError:
@@ -240,18 +242,15 @@ def run_manual_tool(ctx: AppContext, inv_id: str, tool: str, arguments: dict, us
         raise gr.Error(f"investigation {inv_id} has no stored face crop")
     crop = ctx.storage.files.read_png(crop_sha)
     t0 = time.perf_counter()
-    try:
-        ex = ToolRegistry().execute(tool, arguments, crop)
+    try:  # the default policy's registry: its expert bank reads the output too
+        ex = ctx.runner.registry(ctx.runner.policy(RunSettings())).execute(tool, arguments, crop)
     except ToolCallError as exc:
         raise gr.Error(str(exc)) from None
     image_sha = ctx.storage.files.put_png(ex.output.image)
     with ctx.storage.sessions.begin() as s:
         audit.record(s, user, "tool.manual_run", "investigation", inv.id, None,
                      {"tool": ex.name, "arguments": ex.arguments, "stats": ex.output.stats, "image_sha256": image_sha})
-    p = None
-    bank = ctx.runner.experts_for(ctx.runner.policy(RunSettings()))
-    if bank is not None and ex.name in getattr(bank, "nets", {}):
-        p = bank.p_spoof(ex.name, ex.output.image)
+    p = ex.expert_p_spoof
     stats = ", ".join(f"{k} = {v:.4g}" for k, v in ex.output.stats.items())
     info = f"**{ex.name}** `{ex.arguments}` in {(time.perf_counter() - t0) * 1e3:.0f} ms · {stats}" + (f" · expert P(spoof trace) = {p:.2f}" if p is not None else "")
     return ctx.png.path(ex.output.image), info

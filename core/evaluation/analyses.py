@@ -17,6 +17,7 @@ since each is its own classifier), the policy's shipped threshold, or a given nu
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..registry import TOOL_FAMILIES, TOOL_NAMES
+from ..registry import FAMILIES, TOOL_FAMILIES, TOOL_NAMES, ToolRegistry
 from .manifest import ManifestRow
 from .metrics import FasMetrics, attack_type_key, eer_threshold, fas_metrics
 from .protocols import Fold, Protocol, ProtocolError, Selection
@@ -32,18 +33,27 @@ from .scoring import FaceCache, ScoredImage, Variant, score_variant
 
 ANALYSES = ("fast", "tools", "tool-use", "max-calls")
 MAX_CALLS_GRID = (1, 2, 3, 4)  # paper Fig. S11
-# Paper Table 2: ZoomIn alone, then with each family of tools, then all six.
-ABLATION = (
-    ("ZoomIn only", ("zoom",)),
-    ("ZoomIn + frequency (FFT, Wavelet)", ("zoom", "frequency")),
-    ("ZoomIn + texture (LBP)", ("zoom", "texture")),
-    ("ZoomIn + structure (Edge, HOG)", ("zoom", "structure")),
-    ("All tools", None),
-)
 
 
 def tools_of(families: tuple[str, ...] | None) -> tuple[str, ...] | None:
     return None if families is None else tuple(n for n in TOOL_NAMES if TOOL_FAMILIES[n] in families)
+
+
+def _short(names) -> str:
+    """"FFTTool", "WaveletTransformTool" -> "FFT, Wavelet": tool names as the paper's tables write them."""
+    return ", ".join(re.sub(r"(Transform|Detection)?Tool$", "", n) for n in names)
+
+
+def _ablation() -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+    """Paper Table 2: the zoom tools alone, then with each other family of tools, then all tools."""
+    base, others = FAMILIES[0], FAMILIES[1:]
+    zoom = _short(tools_of((base,)))
+    rows = [(f"{zoom} only", (base,))]
+    rows += [(f"{zoom} + {f} ({_short(tools_of((f,)))})", (base, f)) for f in others if tools_of((f,))]
+    return (*rows, ("All tools", None))
+
+
+ABLATION = _ablation()
 
 
 # --- fold metrics --------------------------------------------------------------------------------
@@ -186,7 +196,7 @@ def tool_use_by_attack_type(scored: list[ScoredImage]) -> dict[str, dict]:
             "n": len(items),
             "mean_calls": float(np.mean([len(s.tool_calls) for s in items])),
             "tool_rate": {t: sum(1 for s in items if t in s.tool_calls) / len(items) for t in TOOL_NAMES},
-            "family_share": {f: (fam[f] / len(calls) if calls else 0.0) for f in ("zoom", "frequency", "texture", "structure")},
+            "family_share": {f: (fam[f] / len(calls) if calls else 0.0) for f in FAMILIES},
             "first_tool": {t: first[t] / len(items) for t in TOOL_NAMES},
         }
     return out
@@ -264,7 +274,7 @@ def run_evaluation(
     protocol: Protocol,
     policy,
     *,
-    experts=None,
+    registry: ToolRegistry | None = None,
     tools: tuple[str, ...] | None = None,
     max_tool_calls: int = 3,
     analyses: tuple[str, ...] | list[str] = (),
@@ -290,7 +300,7 @@ def run_evaluation(
     def scores_of(v: Variant) -> dict[Path, ScoredImage]:
         if v.key not in cache:
             t = time.perf_counter()
-            cache[v.key] = (score_variant(rows, face_cache, policy, v, experts=experts, progress=progress), time.perf_counter() - t)
+            cache[v.key] = (score_variant(rows, face_cache, policy, v, registry=registry, progress=progress), time.perf_counter() - t)
         return cache[v.key][0]
 
     def folds_of(v: Variant, answer="reasoning", boot=0) -> list[FoldResult]:

@@ -326,13 +326,14 @@ def markdown(result: EvaluationResult, info: RunInfo, images: list[str]) -> str:
         L += [f"![{im}]({im})" for im in images if im == "max_tool_calls.png"] + [""]
     if result.tool_use is not None:
         L += ["## Tool use per attack type", "", "Over every image investigated by the main configuration (source and targets): % of images that called each tool, mean calls per image, and each family's share of the calls.", ""]
-        from ..registry import TOOL_NAMES
+        from ..registry import FAMILIES, TOOL_NAMES
 
-        header = ["group", "n", "mean calls"] + [f"{t} %" for t in TOOL_NAMES] + ["frequency / texture / structure / zoom share %"]
+        families = (*FAMILIES[1:], FAMILIES[0])  # the image-analysis families first, then zoom
+        header = ["group", "n", "mean calls"] + [f"{t} %" for t in TOOL_NAMES] + [" / ".join(families) + " share %"]
         rows = []
         for g, u in result.tool_use.items():
             fam = u["family_share"]
-            rows.append([g, str(u["n"]), f"{u['mean_calls']:.2f}"] + [pct(u["tool_rate"][t], 1) for t in TOOL_NAMES] + [" / ".join(pct(fam[k], 0) for k in ("frequency", "texture", "structure", "zoom"))])
+            rows.append([g, str(u["n"]), f"{u['mean_calls']:.2f}"] + [pct(u["tool_rate"][t], 1) for t in TOOL_NAMES] + [" / ".join(pct(fam[k], 0) for k in families)])
         L += [format_table(header, rows), ""]
     L += ["## Definitions", "", "Spoof is the positive class; an image is called spoof when P(spoof) >= threshold. APCER: attacks accepted as real; BPCER: real faces rejected; HTER = (APCER + BPCER)/2 at the a-priori threshold; ACER = (worst per-attack-type APCER + BPCER)/2; BPCER@APCER=x: the lowest BPCER among the ROC thresholds whose APCER <= x; EER and AUC are threshold-free. Spoofs without an attack type are grouped as `unspecified`.", ""]
     return "\n".join(L)

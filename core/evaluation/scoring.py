@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import agent, faces
 from ..errors import InputImageError
-from ..registry import TOOL_NAMES
+from ..registry import TOOL_NAMES, ToolRegistry
 from .manifest import ManifestRow
 from .metrics import summarize
 
@@ -92,26 +92,30 @@ class FaceCache:
                 self.get(row)
 
 
-def score_face(row: ManifestRow, face: faces.FaceCrop | str, policy, config=None, *, experts=None, t0: float | None = None) -> ScoredImage:
-    """Investigate one prepared face (or record the error that replaced it). ``ms`` runs from ``t0``
-    (default: now), so callers choose whether face preparation counts."""
+def score_face(row: ManifestRow, face: faces.FaceCrop | str, policy, config=None, *, registry: ToolRegistry | None = None,
+               t0: float | None = None) -> ScoredImage:
+    """Investigate one prepared face (or record the error that replaced it) with the tools of ``registry``
+    (see :func:`core.agent.investigate`). ``ms`` runs from ``t0`` (default: now), so callers choose
+    whether face preparation counts."""
     if isinstance(face, str):
         return ScoredImage(row, None, error=face)
     t0 = time.perf_counter() if t0 is None else t0
-    traj = agent.run(face, policy, config, experts=experts, source=row.rel_path)
+    traj = agent.run(face, policy, config, registry=registry, source=row.rel_path)
     ms = (time.perf_counter() - t0) * 1e3
     if traj.final is None:
         return ScoredImage(row, None, face.face_detected, error=traj.error or "no verdict", ms=ms)
     return ScoredImage(row, traj.final.score_spoof, face.face_detected, [t.tool_result.name for t in traj.tool_turns], traj.fast_score, ms=ms)
 
 
-def score_variant(rows, face_cache: FaceCache, policy, variant: Variant, *, experts=None, progress: bool = True) -> dict[Path, ScoredImage]:
-    """Investigate every row with one variant; unreadable images are recorded, never abort the run."""
+def score_variant(rows, face_cache: FaceCache, policy, variant: Variant, *, registry: ToolRegistry | None = None,
+                  progress: bool = True) -> dict[Path, ScoredImage]:
+    """Investigate every row with one variant (its tools taken from ``registry``); unreadable images are
+    recorded, never abort the run."""
     config = variant.config(face_cache.on_no_face)
     out = {}
     for row in tqdm(rows, desc=variant.name, unit="img", disable=not progress, dynamic_ncols=True):
         t0 = time.perf_counter()
-        out[row.path] = score_face(row, face_cache.get(row), policy, config, experts=experts, t0=t0)
+        out[row.path] = score_face(row, face_cache.get(row), policy, config, registry=registry, t0=t0)
     return out
 
 

@@ -21,6 +21,8 @@ class Conversation:
     messages: list[dict]  # system + turns + the user prompt to answer now
     registry: ToolRegistry  # tools offered in this investigation
     tool_calls_left: int
+    kind: str = "reasoning"  # the turn asked for: "fast" (turn 1, no tools) or "reasoning"
+    turns_left: int | None = None  # reasoning turns left, this one included (annotation: L <= L_max)
 
 
 @dataclass

@@ -4,8 +4,8 @@
 - Tool choice: the tool with the largest expected information gain about real/spoof given the
   evidence seen so far (:mod:`core.evidence`): a tool that would repeat known evidence is passed over;
   stop early once the evidence is decisive, or at the tool-call limit.
-- Evidence: each tool's expert network (paper Fig. S9) on the tool image; ZoomInTool's evidence is the
-  RGB network on the enlarged region.
+- Evidence: each tool's expert network (paper Fig. S9) on the tool image; a tool whose output is a view
+  of the face (ZoomInTool) is read by the RGB network with that view's calibration.
 - Final score: P(spoof | the evidence observed), from the evidence model fitted on out-of-domain scores,
   compared with the threshold shipped with the weights (also fixed on out-of-domain scores).
 - Text: written from the measured numbers in the protocol's format, and it says what it is.
@@ -19,20 +19,12 @@ import numpy as np
 
 from .. import protocol
 from ..evidence import MIN_GAIN_BITS, EvidenceModel, choose
+from ..errors import UnknownToolError
 from ..experts import RGB, ZOOM, ExpertBank, sigmoid
-from ..faces import FaceCrop
-from ..registry import TOOL_FAMILIES
+from ..registry import tool_spec
 from ..trajectory import Trajectory
 from .base import Conversation, PolicyOutput
 
-PURPOSE = {
-    "ZoomInTool": "to inspect the cheeks and nose up close for print dots, paper grain or screen pixels",
-    "FFTTool": "to look for periodic peaks of screen moire or print halftone in the spectrum",
-    "LBPTool": "to look for paper grain or screen texture in the skin micro-texture",
-    "WaveletTransformTool": "to compare the fine-scale noise with natural camera noise",
-    "EdgeDetectionTool": "to look for blurred fine edges of a recapture or straight paper/bezel borders",
-    "HOGTool": "to check whether the facial gradient structure looks flattened",
-}
 STAT_LABELS = {
     "sharpness": ("sharpness", "{:.0f}"),
     "magnification": ("magnification", "{:.1f}x"),
@@ -63,7 +55,7 @@ class ExpertPolicy:
         self.version = bank.version
         shipped = bank.meta.get("policy", {}).get("threshold")
         self.threshold = float(threshold if threshold is not None else (shipped if shipped is not None else 0.5))
-        self.zoom_box = list(bank.meta.get("zoom", {}).get("bbox", [56, 72, 168, 184]))
+        self.zoom_box = bank.view_args(ZOOM).get("bbox") or tool_spec(ZOOM).default_args["bbox"]
         self.evidence_model = EvidenceModel(bank.meta["evidence_model"])
         self._cache: dict[tuple[str, int], float] = {}
 
@@ -80,11 +72,9 @@ class ExpertPolicy:
             if r is None or r.image is None:
                 continue
             p = r.expert_p_spoof
-            if r.name == ZOOM:  # the RGB network on the enlarged region, with the zoom view's calibration
-                observed[ZOOM] = self._cached(traj, t.index, lambda img=r.image: self.bank.logit(ZOOM, img))
-            elif p is not None and 0.0 < p < 1.0:  # the loop already ran the expert
+            if p is not None and 0.0 < p < 1.0:  # the registry's readers already ran the expert
                 observed[r.name] = float(np.log(p) - np.log1p(-p))
-            else:
+            elif self.bank.reads(r.name):  # an expert, or a view of the face (ZoomIn) for the RGB network
                 observed[r.name] = self._cached(traj, t.index, lambda img=r.image, k=r.name: self.bank.logit(k, img))
         return observed
 
@@ -107,7 +97,7 @@ class ExpertPolicy:
         if traj.fast_answer is None:
             return self._fast_turn(self.p_spoof({RGB: observed[RGB]}))
         used = [t.tool_result.name for t in traj.turns if t.tool_result is not None]
-        candidates = [n for n in conv.registry.names if n not in used and (n == ZOOM or n in self.bank.nets)]
+        candidates = [n for n in conv.registry.names if n not in used and self.bank.reads(n)]
         c = choose(self.evidence_model, observed, candidates, len(used), conv.tool_calls_left, self.min_tool_calls)
         notes = {
             "p_spoof_so_far": c.p_spoof,
@@ -116,7 +106,7 @@ class ExpertPolicy:
         }
         if c.tool is None:
             return self._answer_turn(traj, observed, c.p_spoof, notes)
-        return self._tool_turn(traj, observed, c.p_spoof, c.tool, c.gains[c.tool], notes)
+        return self._tool_turn(traj, observed, c.p_spoof, conv.registry.spec(c.tool), c.gains[c.tool], notes)
 
     def _fast_turn(self, p: float) -> PolicyOutput:
         verdict = "spoof" if p >= self.threshold else "real"
@@ -124,7 +114,8 @@ class ExpertPolicy:
         reason = f"At a glance the face {look}; the RGB face network gives P(spoof) = {p:.2f}."
         return PolicyOutput(protocol.format_fast_answer(verdict, reason), score_spoof=p, notes={"evidence": {RGB: round(p, 4)}, "policy": "expert ensemble"})
 
-    def _tool_turn(self, traj, observed, p, tool, gain, notes) -> PolicyOutput:
+    def _tool_turn(self, traj, observed, p, spec, gain, notes) -> PolicyOutput:
+        tool = spec.name
         parts = [self._last_result_sentence(traj, observed)]
         lean = "spoof" if p >= self.threshold else "real"
         first = len(observed) == 1
@@ -134,12 +125,12 @@ class ExpertPolicy:
         if gain < MIN_GAIN_BITS:  # a check the protocol asks for, not one the evidence needs
             parts.append(f"{'My first impression' if first else 'The evidence so far'} leans {lean} (P(spoof) = {p:.2f}), "
                          f"and no tool left is expected to change it much; I still check it once.")
-            parts.append(f"I use {tool} {PURPOSE[tool]}: the most informative {TOOL_FAMILIES[tool]} check left ({why}).")
+            parts.append(f"I use {tool} {spec.purpose}: the most informative {spec.family} check left ({why}).")
         else:
             parts.append(f"My first impression leans {lean} (P(spoof) = {p:.2f}) and needs checking." if first
                          else f"The evidence so far leans {lean} (P(spoof) = {p:.2f}).")
-            parts.append(f"Next I use {tool} {PURPOSE[tool]}: it is the most informative {TOOL_FAMILIES[tool]} check left ({why}).")
-        args = {"bbox": list(self.zoom_box)} if tool == ZOOM else {}
+            parts.append(f"Next I use {tool} {spec.purpose}: it is the most informative {spec.family} check left ({why}).")
+        args = self.bank.view_args(tool) or dict(spec.default_args)  # a view is looked at as it was calibrated
         text = protocol.format_tool_call_turn(" ".join(s for s in parts if s), protocol.ToolCall(tool, args))
         return PolicyOutput(text, score_spoof=None, notes=notes)
 
@@ -167,17 +158,14 @@ class ExpertPolicy:
         if r is None:
             return ""
         stats = ", ".join(STAT_LABELS[k][0] + " " + STAT_LABELS[k][1].format(v) for k, v in r.stats.items() if k in STAT_LABELS)
-        who = "the RGB network on the enlarged region" if r.name == ZOOM else "the expert"
+        who = _reader(r.name)
         reading = f"{who} reads {sigmoid(observed[r.name]):.0%} spoof trace" if r.name in observed else "no expert reading"
         return f"{r.name} result: {reading}" + (f" ({stats})." if stats else ".")
 
-    # --- convenience ------------------------------------------------------------------------------
-    def score_crop(self, crop: np.ndarray, max_tool_calls: int = 3) -> float:
-        """Final P(spoof) of a full investigation of a 224x224 crop (benchmarks and spot checks)."""
-        from ..agent import AgentConfig, run
 
-        face = FaceCrop(crop, None, (0, 0, crop.shape[1], crop.shape[0]), (crop.shape[1], crop.shape[0]), True)
-        traj = run(face, self, AgentConfig(max_tool_calls=max_tool_calls), experts=self.bank)
-        if traj.final is None:
-            raise RuntimeError(traj.error or "investigation failed")
-        return traj.final.score_spoof
+def _reader(tool: str) -> str:
+    """Who reads a tool's output, in words (a tool unknown to this version: its expert)."""
+    try:
+        return tool_spec(tool).reader
+    except UnknownToolError:
+        return "the expert"

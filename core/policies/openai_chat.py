@@ -23,6 +23,25 @@ STOP_STRINGS = ["</tool_call>", "</answer>", "</reason>"]
 _OPEN_TAGS = ("tool_call", "answer", "reason")
 
 
+def openai_client(base_url: str, api_key_env: str | None, timeout_s: float):
+    """The OpenAI client of every OpenAI-compatible endpoint tarfas talks to (this policy and the
+    annotation pipeline's annotator), with one rule for the API key:
+
+    - ``api_key_env`` names the environment variable that holds the key; when it is not set, that is an
+      error now (ValueError), rather than a 401 on every request later;
+    - no variable named: a local server (``vllm serve``, ``transformers serve``), which accepts any key,
+      gets "EMPTY".
+
+    The client's own retries are off: callers retry what they can recover from themselves.
+    """
+    from openai import OpenAI
+
+    key = os.environ.get(api_key_env) if api_key_env else None
+    if api_key_env and not key:
+        raise ValueError(f"environment variable {api_key_env} (the API key) is not set")
+    return OpenAI(base_url=base_url, api_key=key or "EMPTY", timeout=timeout_s, max_retries=0)
+
+
 class OpenAIChatPolicy:
     name = "vllm"
 
@@ -40,17 +59,12 @@ class OpenAIChatPolicy:
         image_root: str | None = None,
     ):
         """``logprobs=None`` asks for them and falls back (once, recorded) if the server refuses."""
-        from openai import OpenAI
-
         if not base_url or not model:
             raise ValueError("the vllm policy needs base_url and model")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        key = os.environ.get(api_key_env) if api_key_env else None
-        if api_key_env and not key:
-            raise ValueError(f"environment variable {api_key_env} (the API key) is not set")
         self.base_url, self.model = base_url.rstrip("/"), model
-        self.client = OpenAI(base_url=self.base_url, api_key=key or "EMPTY", timeout=timeout_s, max_retries=0)
+        self.client = openai_client(self.base_url, api_key_env, timeout_s)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.logprobs = logprobs

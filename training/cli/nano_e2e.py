@@ -1,7 +1,7 @@
 """The whole tool-aware training pipeline on a CPU in minutes: nano model -> KT -> FI -> DT-GRPO -> eval.
 
-    .venv/bin/python -m training.nano_e2e --out runs/nano-e2e            # fas-dev NUAA subset, a few minutes
-    .venv/bin/python -m training.nano_e2e --out /tmp/e2e --quick         # the shortened run CI does
+    .venv/bin/python -m training.cli.nano_e2e --out runs/nano-e2e            # fas-dev NUAA subset, a few minutes
+    .venv/bin/python -m training.cli.nano_e2e --out /tmp/e2e --quick         # the shortened run CI does
 
 Every step is the real ``tarfas`` command (run in-process, printed as it runs), so this file is also a
 worked example of the commands. The nano model (~1M parameters) is trained with all its parameters: LoRA
@@ -83,7 +83,7 @@ def pipeline(out: Path, manifest: Path, *, quick: bool = False, threads: int = 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.nano_e2e", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.cli.nano_e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/nano-e2e")
     p.add_argument("--manifest", default=str(FAS_DEV))
     p.add_argument("--quick", action="store_true", help="the shortened CI run (seconds per stage)")
