@@ -93,35 +93,44 @@ def _context(s: Session, files: FileStore, inv_id: str) -> dict:
     turns = []
     for t in inv.turns:
         r = t.tool_result
-        turns.append({
-            "index": t.index,
-            "kind": t.kind,
-            "text": t.text,
-            "fast": t.fast,
-            "think": t.think,
-            "tool_call": t.tool_call,
-            "arguments": json.dumps(t.tool_call.get("arguments", {}), ensure_ascii=False) if t.tool_call else None,
-            "tool": None if r is None else {
-                "name": r.name,
-                "arguments": json.dumps(r.arguments, ensure_ascii=False),
-                "stats": r.stats,
-                "expert_p_spoof": r.expert_p_spoof,
-                "elapsed_ms": r.elapsed_ms,
-                "image": _data_uri(files.read(r.image_sha256)) if r.image_sha256 else None,
-                "image_sha256": r.image_sha256,
-            },
-            "answer": t.answer,
-            "parse_error": t.parse_error,
-            "tool_error": t.tool_error,
-            "score_spoof": t.score_spoof,
-            "elapsed_ms": t.elapsed_ms,
-            "flags": flags.get(t.index, []),
-        })
+        turns.append(
+            {
+                "index": t.index,
+                "kind": t.kind,
+                "text": t.text,
+                "fast": t.fast,
+                "think": t.think,
+                "tool_call": t.tool_call,
+                "arguments": json.dumps(t.tool_call.get("arguments", {}), ensure_ascii=False) if t.tool_call else None,
+                "tool": None
+                if r is None
+                else {
+                    "name": r.name,
+                    "arguments": json.dumps(r.arguments, ensure_ascii=False),
+                    "stats": r.stats,
+                    "expert_p_spoof": r.expert_p_spoof,
+                    "elapsed_ms": r.elapsed_ms,
+                    "image": _data_uri(files.read(r.image_sha256)) if r.image_sha256 else None,
+                    "image_sha256": r.image_sha256,
+                },
+                "answer": t.answer,
+                "parse_error": t.parse_error,
+                "tool_error": t.tool_error,
+                "score_spoof": t.score_spoof,
+                "elapsed_ms": t.elapsed_ms,
+                "flags": flags.get(t.index, []),
+            }
+        )
 
     turn_index = {str(t.id): t.index for t in inv.turns}
     turn_ids = list(turn_index)
     export_ids = [str(i) for i in s.scalars(select(Export.id).where(Export.investigation_id == inv.id))]
-    dataset_ids = [str(i) for i in s.scalars(select(DatasetExportItem.dataset_export_id).where(DatasetExportItem.investigation_id == inv.id))]
+    dataset_ids = [
+        str(i)
+        for i in s.scalars(
+            select(DatasetExportItem.dataset_export_id).where(DatasetExportItem.investigation_id == inv.id)
+        )
+    ]
     about = [
         and_(AuditEvent.entity == "case", AuditEvent.entity_id == case.id),
         and_(AuditEvent.entity == "investigation", AuditEvent.entity_id == inv.id),
@@ -134,25 +143,61 @@ def _context(s: Session, files: FileStore, inv_id: str) -> dict:
     events = s.scalars(select(AuditEvent).where(or_(*about)).order_by(AuditEvent.at, AuditEvent.id)).all()
 
     return {
-        "case": {"id": case.id, "filename": case.filename, "image_sha256": case.image_sha256, "byte_size": case.byte_size,
-                 "created_by": case.created_by, "created_at": _time(case.created_at), "attack_type": case.attack_type},
-        "inv": {"id": inv.id, "policy": inv.policy, "policy_version": inv.policy_version, "status": inv.status, "verdict": inv.verdict,
-                "score_spoof": inv.score_spoof, "final_source": inv.final_source, "error": inv.error, "started_by": inv.started_by,
-                "started_at": _time(inv.started_at), "finished_at": _time(inv.finished_at), "rerun_of": inv.rerun_of,
-                "params": json.dumps(inv.params or {}, ensure_ascii=False, sort_keys=True), "tools": ", ".join(inv.tools or []),
-                "timings": {k: round(v, 1) for k, v in (inv.timings_ms or {}).items()}},
+        "case": {
+            "id": case.id,
+            "filename": case.filename,
+            "image_sha256": case.image_sha256,
+            "byte_size": case.byte_size,
+            "created_by": case.created_by,
+            "created_at": _time(case.created_at),
+            "attack_type": case.attack_type,
+        },
+        "inv": {
+            "id": inv.id,
+            "policy": inv.policy,
+            "policy_version": inv.policy_version,
+            "status": inv.status,
+            "verdict": inv.verdict,
+            "score_spoof": inv.score_spoof,
+            "final_source": inv.final_source,
+            "error": inv.error,
+            "started_by": inv.started_by,
+            "started_at": _time(inv.started_at),
+            "finished_at": _time(inv.finished_at),
+            "rerun_of": inv.rerun_of,
+            "params": json.dumps(inv.params or {}, ensure_ascii=False, sort_keys=True),
+            "tools": ", ".join(inv.tools or []),
+            "timings": {k: round(v, 1) for k, v in (inv.timings_ms or {}).items()},
+        },
         "face": inv.face,
         "crop": _data_uri(files.read(inv.crop_sha256)) if inv.crop_sha256 else None,
         "crop_sha256": inv.crop_sha256,
-        "source_preview": _source_preview(files, case.image_sha256, (inv.face or {}).get("bbox"), (inv.face or {}).get("crop_box")),
+        "source_preview": _source_preview(
+            files, case.image_sha256, (inv.face or {}).get("bbox"), (inv.face or {}).get("crop_box")
+        ),
         "turns": turns,
-        "review": None if review is None else {
-            "verdict": review.verdict, "notes": review.notes, "corrected_answer": review.corrected_answer, "reviewer": review.reviewer,
-            "version": review.version, "created_at": _time(review.created_at), "updated_at": _time(review.updated_at),
+        "review": None
+        if review is None
+        else {
+            "verdict": review.verdict,
+            "notes": review.notes,
+            "corrected_answer": review.corrected_answer,
+            "reviewer": review.reviewer,
+            "version": review.version,
+            "created_at": _time(review.created_at),
+            "updated_at": _time(review.updated_at),
             "flags": sorted(flags.items()),
         },
-        "audit": [{"at": _time(e.at), "actor": e.actor, "action": e.action, "entity": _entity(e, turn_index),
-                   "change": _change(e.before, e.after)} for e in events],
+        "audit": [
+            {
+                "at": _time(e.at),
+                "actor": e.actor,
+                "action": e.action,
+                "entity": _entity(e, turn_index),
+                "change": _change(e.before, e.after),
+            }
+            for e in events
+        ],
     }
 
 
@@ -192,7 +237,10 @@ def _change(before, after) -> str:
         return json.dumps(after, ensure_ascii=False, sort_keys=True)
     keys = sorted(set(before or {}) | set(after or {}))
     changed = {k: [before.get(k), (after or {}).get(k)] for k in keys if before.get(k) != (after or {}).get(k)}
-    return " ; ".join(f"{k}: {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}" for k, (a, b) in changed.items())
+    return " ; ".join(
+        f"{k}: {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}"
+        for k, (a, b) in changed.items()
+    )
 
 
 def _time(dt: datetime | None) -> str | None:

@@ -31,7 +31,9 @@ def _module(verb: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tarfas", description="Forensic face anti-spoofing with tool-augmented reasoning (TAR-FAS).")
+    parser = argparse.ArgumentParser(
+        prog="tarfas", description="Forensic face anti-spoofing with tool-augmented reasoning (TAR-FAS)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in VERBS:
         module = _module(verb)
@@ -52,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a flag argparse refused (it has printed why): an exit status, as every verb returns
+    except (
+        SystemExit
+    ) as exc:  # --help, or a flag argparse refused (it has printed why): an exit status, as every verb returns
         return exc.code if isinstance(exc.code, int) else EXIT_INPUT
     if args.command in INFERENCE_VERBS:
         _single_thread_inference()

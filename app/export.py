@@ -80,7 +80,9 @@ class _Plan:
     replace_index: int | None = None  # the model's answer turn it replaces (None: appended)
 
 
-def export_dataset(storage: Storage, out_dir: str | Path, *, user: str, investigation_ids: list[str] | None = None) -> ExportResult:
+def export_dataset(
+    storage: Storage, out_dir: str | Path, *, user: str, investigation_ids: list[str] | None = None
+) -> ExportResult:
     """Write the reviewed investigations (all of them, or those of ``investigation_ids``) to the new or
     empty folder ``out_dir`` and record the export. Raises :class:`ExportError` before writing anything
     when there is nothing to export or a review cannot be applied; :class:`storage.errors.NotFoundError`
@@ -102,10 +104,21 @@ def export_dataset(storage: Storage, out_dir: str | Path, *, user: str, investig
         traj.label = plan.label
         if plan.corrected_text is not None:
             _apply_correction(traj, plan)
-        writer.add_trajectory(traj, id=plan.investigation_id, label=plan.label, attack_type=plan.attack_type, meta=plan.meta)
+        writer.add_trajectory(
+            traj, id=plan.investigation_id, label=plan.label, attack_type=plan.attack_type, meta=plan.meta
+        )
         if plan.case_id not in cases:
-            writer.add_query(traj.crop, plan.label, id=plan.case_id, attack_type=plan.attack_type,
-                             meta={"case_id": plan.case_id, "investigation_id": plan.investigation_id, "image_sha256": traj.image_sha256})
+            writer.add_query(
+                traj.crop,
+                plan.label,
+                id=plan.case_id,
+                attack_type=plan.attack_type,
+                meta={
+                    "case_id": plan.case_id,
+                    "investigation_id": plan.investigation_id,
+                    "image_sha256": traj.image_sha256,
+                },
+            )
             cases[plan.case_id] = plan.investigation_id
     manifest = writer.close()
     manifest_bytes = (out_dir / dataset.MANIFEST).read_bytes()
@@ -114,11 +127,20 @@ def export_dataset(storage: Storage, out_dir: str | Path, *, user: str, investig
     }
     with storage.sessions.begin() as s:
         exp = record_dataset_export(
-            s, storage.files, folder=str(out_dir.resolve()), format=f"{dataset.FORMAT}/{dataset.VERSION}", manifest_bytes=manifest_bytes,
-            file_hashes=manifest["files"], counts=counts, items=[(p.investigation_id, p.review_version, p.label) for p in plans], user=user,
+            s,
+            storage.files,
+            folder=str(out_dir.resolve()),
+            format=f"{dataset.FORMAT}/{dataset.VERSION}",
+            manifest_bytes=manifest_bytes,
+            file_hashes=manifest["files"],
+            counts=counts,
+            items=[(p.investigation_id, p.review_version, p.label) for p in plans],
+            user=user,
         )
         export_id, manifest_sha = exp.id, exp.manifest_sha256
-    return ExportResult(out_dir, export_id, manifest, manifest_sha, [p.investigation_id for p in plans], list(cases), skipped)
+    return ExportResult(
+        out_dir, export_id, manifest, manifest_sha, [p.investigation_id for p in plans], list(cases), skipped
+    )
 
 
 # --- planning -------------------------------------------------------------------------------------
@@ -129,7 +151,9 @@ def _plan(session: Session, ids: list[str] | None) -> tuple[list[_Plan], dict[st
         selectinload(Investigation.review).selectinload(Review.flags).selectinload(TurnFlag.turn),
     )
     if ids is None:
-        stmt = stmt.join(Review, Review.investigation_id == Investigation.id).order_by(Investigation.started_at, Investigation.finished_at, Investigation.id)  # oldest first
+        stmt = stmt.join(Review, Review.investigation_id == Investigation.id).order_by(
+            Investigation.started_at, Investigation.finished_at, Investigation.id
+        )  # oldest first
         invs = list(session.scalars(stmt))
     else:
         wanted = list(dict.fromkeys(ids))
@@ -163,7 +187,9 @@ def _plan(session: Session, ids: list[str] | None) -> tuple[list[_Plan], dict[st
         labels_by_case.setdefault(inv.case_id, set()).add(review.verdict)
     for case_id, labels in labels_by_case.items():
         if len(labels) > 1:
-            problems.append(f"case {case_id} has investigations reviewed as {' and '.join(sorted(labels))}; review them alike or export them separately")
+            problems.append(
+                f"case {case_id} has investigations reviewed as {' and '.join(sorted(labels))}; review them alike or export them separately"
+            )
     if problems:
         raise ExportError("cannot export; nothing was written:\n- " + "\n- ".join(problems))
     return plans, skipped
@@ -238,11 +264,15 @@ def _corrected_turn(inv_id: str, text: str, label: str, original, notes: str) ->
         try:
             parsed = protocol.parse_reasoning_turn(text)
         except ProtocolParseError as exc2:
-            raise ExportError(f"investigation {inv_id}: the review notes cannot serve as the thought of the corrected answer ({exc2})") from None
+            raise ExportError(
+                f"investigation {inv_id}: the review notes cannot serve as the thought of the corrected answer ({exc2})"
+            ) from None
     if parsed.answer is None:
         raise ExportError(f"investigation {inv_id}: the corrected answer must be a final <answer>, not a tool call")
     if parsed.answer != label:
-        raise ExportError(f"investigation {inv_id}: the corrected answer says {parsed.answer} but the analyst's verdict is {label}")
+        raise ExportError(
+            f"investigation {inv_id}: the corrected answer says {parsed.answer} but the analyst's verdict is {label}"
+        )
     return text, source
 
 
@@ -252,7 +282,16 @@ def _apply_correction(traj, plan: _Plan) -> None:
         pos = next(i for i, t in enumerate(traj.turns) if t.index == plan.replace_index)
         del traj.turns[pos:]
     index = plan.replace_index if plan.replace_index is not None else len(traj.turns)
-    traj.turns.append(Turn(index, "reasoning", plan.corrected_text, think=parsed.think, answer=parsed.answer, notes={"corrected_by": plan.meta["review"]["reviewer"]}))
+    traj.turns.append(
+        Turn(
+            index,
+            "reasoning",
+            plan.corrected_text,
+            think=parsed.think,
+            answer=parsed.answer,
+            notes={"corrected_by": plan.meta["review"]["reviewer"]},
+        )
+    )
 
 
 def _utc_iso(dt) -> str:

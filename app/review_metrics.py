@@ -54,7 +54,9 @@ def review_metrics(session: Session, threshold: float | None = None, *, policy: 
     """Agreement, confusion matrix and ROC over the reviewed investigations (of ``policy``, if given)."""
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a P(spoof) in [0, 1], got {threshold}")
-    stmt = select(Review.verdict, Investigation.verdict, Investigation.score_spoof).join(Investigation, Review.investigation_id == Investigation.id)
+    stmt = select(Review.verdict, Investigation.verdict, Investigation.score_spoof).join(
+        Investigation, Review.investigation_id == Investigation.id
+    )
     if policy is not None:
         stmt = stmt.where(Investigation.policy == policy)
     rows = session.execute(stmt).all()
@@ -76,7 +78,9 @@ def review_metrics(session: Session, threshold: float | None = None, *, policy: 
     if scored and 0 < y.sum() < len(y):
         s = np.array([p for _, p in scored], dtype=float)
         fpr, tpr, thr = roc_curve(y, s)
-        roc = RocCurve(fpr.tolist(), tpr.tolist(), thr.tolist(), float(roc_auc_score(y, s)), int((y == 0).sum()), int(y.sum()))
+        roc = RocCurve(
+            fpr.tolist(), tpr.tolist(), thr.tolist(), float(roc_auc_score(y, s)), int((y == 0).sum()), int(y.sum())
+        )
     return ReviewMetrics(
         reviewed=len(rows),
         unsure=sum(1 for a, _, _ in rows if a == "unsure"),
@@ -108,7 +112,14 @@ def roc_figure(metrics: ReviewMetrics) -> Figure:
         ax.legend(loc="lower right")
     else:
         ax.set_title("ROC")
-        ax.text(0.5, 0.5, "needs reviews of both classes\n(real and spoof) with model scores", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "needs reviews of both classes\n(real and spoof) with model scores",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("false positive rate (real called spoof)")
@@ -129,7 +140,15 @@ def confusion_figure(metrics: ReviewMetrics) -> Figure:
     ax.set_ylabel("analyst verdict")
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=14)
+            ax.text(
+                j,
+                i,
+                str(int(cm[i, j])),
+                ha="center",
+                va="center",
+                color="white" if cm[i, j] > cm.max() / 2 else "black",
+                fontsize=14,
+            )
     agreement = "n/a" if metrics.agreement is None else f"{metrics.agreement:.0%}"
     ax.set_title(f"{metrics.compared} compared, agreement {agreement}")
     return fig

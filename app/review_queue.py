@@ -39,9 +39,13 @@ def import_review_queue(folder: str | Path, storage: Storage, *, user: str = "an
             data = png_bytes(traj.crop)
             traj.image_sha256 = faces.sha256_bytes(data)
         with storage.sessions.begin() as s:
-            case = create_case(s, storage.files, data, filename=q.get("rel_path") or Path(traj.source or "crop.png").name, user=user)
+            case = create_case(
+                s, storage.files, data, filename=q.get("rel_path") or Path(traj.source or "crop.png").name, user=user
+            )
             if q.get("label") == "spoof":  # the queue filters on it; fas-style types map onto the store's
-                set_attack_type(s, case.id, q.get("attack_type") if q.get("attack_type") in ATTACK_TYPES else "unknown", user=user)
+                set_attack_type(
+                    s, case.id, q.get("attack_type") if q.get("attack_type") in ATTACK_TYPES else "unknown", user=user
+                )
             case_id = case.id
         traj.params = {**traj.params, "review_reasons": q["reasons"], "dataset_id": q["id"]}
         InvestigationRecorder(storage.sessions, storage.files, case_id, user=user).record_finished(traj)

@@ -213,7 +213,9 @@ class Runner:
         job._set(state="running")
         try:
             # Everything that can refuse the input runs before anything is written.
-            rgb = faces.load_image(data, name=job.filename or "the upload", max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+            rgb = faces.load_image(
+                data, name=job.filename or "the upload", max_bytes=self.max_bytes, max_pixels=self.max_pixels
+            )
             face = faces.prepare_face(rgb, on_no_face=job.settings.on_no_face)
             policy = self.policy(job.settings)
             config = job.settings.agent_config()
@@ -230,13 +232,27 @@ class Runner:
             with self.storage.sessions() as s:
                 old = load_trajectory(s, self.storage.files, investigation_id)
             policy = self.policy(job.settings)
-            self._investigate(job, face_of(old), policy, job.settings.agent_config(), old.image_sha256, rerun_of=investigation_id, source=old.source)
+            self._investigate(
+                job,
+                face_of(old),
+                policy,
+                job.settings.agent_config(),
+                old.image_sha256,
+                rerun_of=investigation_id,
+                source=old.source,
+            )
         except Exception as exc:  # noqa: BLE001
             self._fail(job, exc)
 
-    def _investigate(self, job: Job, face, policy, config, image_sha: str, *, rerun_of: str | None = None, source: str | None = None) -> None:
-        recorder = InvestigationRecorder(self.storage.sessions, self.storage.files, job.case_id, user=job.user, rerun_of=rerun_of)
-        events = investigate(face, policy, config, registry=self.registry(policy), source=source or job.filename, image_sha256=image_sha)
+    def _investigate(
+        self, job: Job, face, policy, config, image_sha: str, *, rerun_of: str | None = None, source: str | None = None
+    ) -> None:
+        recorder = InvestigationRecorder(
+            self.storage.sessions, self.storage.files, job.case_id, user=job.user, rerun_of=rerun_of
+        )
+        events = investigate(
+            face, policy, config, registry=self.registry(policy), source=source or job.filename, image_sha256=image_sha
+        )
         for event in recorder.record(events):
             if job.investigation_id is None:
                 job.investigation_id = recorder.investigation_id

@@ -57,7 +57,9 @@ def build(
     except Exception as exc:  # noqa: BLE001 (e.g. no weights installed: investigations will say so)
         print(f"warning: the default policy could not be loaded: {exc}")
     png = PngCache(Path(tempfile.mkdtemp(prefix="tarfas-ui-")))
-    ctx = AppContext(storage, runner, data_dir, png, max_file_bytes=max_file_mb * 2**20, policy_names=list(POLICY_NAMES))
+    ctx = AppContext(
+        storage, runner, data_dir, png, max_file_bytes=max_file_mb * 2**20, policy_names=list(POLICY_NAMES)
+    )
     return ctx, build_app(ctx)
 
 
@@ -81,7 +83,9 @@ def serve(
     users = users or Users([])
     check_exposure(host, users)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    ctx, demo = build(data_dir, db_url=db_url, concurrency=concurrency, max_file_mb=max_file_mb, policy_loader=policy_loader)
+    ctx, demo = build(
+        data_dir, db_url=db_url, concurrency=concurrency, max_file_mb=max_file_mb, policy_loader=policy_loader
+    )
     # Gradio's own queue only waits on the runner for streaming events; the runner bounds the work.
     demo.queue(default_concurrency_limit=8)
     _, url, _ = demo.launch(

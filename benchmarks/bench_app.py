@@ -45,7 +45,9 @@ def _serve(data_dir, concurrency):
     from app.server import serve
     from app.ui.auth import Users
 
-    return serve(data_dir, host="127.0.0.1", port=_free_port(), users=Users([USER]), concurrency=concurrency, block=False)
+    return serve(
+        data_dir, host="127.0.0.1", port=_free_port(), users=Users([USER]), concurrency=concurrency, block=False
+    )
 
 
 def _images(n: int) -> list:
@@ -53,10 +55,21 @@ def _images(n: int) -> list:
 
     if (FAS_DEV / "manifest.csv").is_file():
         rows = read_manifest(FAS_DEV / "manifest.csv")
-        return sorted(random.Random(0).sample(rows, min(n, len(rows))), key=lambda r: r.rel_path), "fas-dev (seeded sample)"
+        return sorted(
+            random.Random(0).sample(rows, min(n, len(rows))), key=lambda r: r.rel_path
+        ), "fas-dev (seeded sample)"
     samples = sorted((ROOT / "assets" / "samples").glob("*.png"))
-    rows = [ManifestRow(path=p, rel_path=p.name, label="spoof" if "SIMULATED" in p.name else "real", attack_type="", domain="samples", split="")
-            for p in samples]
+    rows = [
+        ManifestRow(
+            path=p,
+            rel_path=p.name,
+            label="spoof" if "SIMULATED" in p.name else "real",
+            attack_type="",
+            domain="samples",
+            split="",
+        )
+        for p in samples
+    ]
     return [rows[i % len(rows)] for i in range(n)], "assets/samples repeated"
 
 
@@ -80,18 +93,24 @@ def first_event(url: str, repeats: int) -> dict:
         total.append(time.perf_counter() - t0)
         first.append(t_first)
         fast.append(t_fast)
-    return {"first_update_s": statistics.median(first), "fast_answer_s": statistics.median(fast), "whole_investigation_s": statistics.median(total)}
+    return {
+        "first_update_s": statistics.median(first),
+        "fast_answer_s": statistics.median(fast),
+        "whole_investigation_s": statistics.median(total),
+    }
 
 
 def throughput(data_dir: Path, n: int, concurrency: int, rounds: int = 2) -> dict:
-    from app.runner import RunSettings, Runner
+    from app.runner import Runner, RunSettings
     from core.evaluation.scoring import FaceCache, Variant, score_variant
     from core.policies import resolve
     from storage.db import open_storage
 
     rows, source = _images(n)
     policy, registry = resolve("expert")
-    score_variant(rows[:3], FaceCache(keep=False), policy, Variant("main", None, 3), registry=registry, progress=False)  # warm-up
+    score_variant(
+        rows[:3], FaceCache(keep=False), policy, Variant("main", None, 3), registry=registry, progress=False
+    )  # warm-up
     data = [(r.rel_path, Path(r.path).read_bytes()) for r in rows]
     settings = RunSettings.make(on_no_face="whole")
     storage = open_storage(data_dir)
@@ -99,7 +118,9 @@ def throughput(data_dir: Path, n: int, concurrency: int, rounds: int = 2) -> dic
     # Interleaved, best of `rounds`: the machine is shared, so each side gets its quietest run.
     for _ in range(rounds):
         t0 = time.perf_counter()
-        scored = score_variant(rows, FaceCache("whole", keep=False), policy, Variant("main", None, 3), registry=registry, progress=False)
+        scored = score_variant(
+            rows, FaceCache("whole", keep=False), policy, Variant("main", None, 3), registry=registry, progress=False
+        )
         eval_s.append(time.perf_counter() - t0)
         runner = Runner(storage, concurrency=concurrency, policy_loader=lambda name, **kw: policy)
         t0 = time.perf_counter()
@@ -114,11 +135,20 @@ def throughput(data_dir: Path, n: int, concurrency: int, rounds: int = 2) -> dic
     from storage.models import Investigation
 
     with storage.sessions() as s:
-        stored = s.scalar(select(func.count()).select_from(Investigation).where(Investigation.status == "completed")) // rounds
+        stored = (
+            s.scalar(select(func.count()).select_from(Investigation).where(Investigation.status == "completed"))
+            // rounds
+        )
     storage.close()
-    return {"images": len(rows), "source": source, "eval_img_s": len(rows) / eval_s, "app_img_s": len(rows) / app_s,
-            "eval_failed": sum(s.score_spoof is None for s in scored), "app_stored_completed": stored,
-            "app_refused": sum(j.state == "error" for j in jobs)}
+    return {
+        "images": len(rows),
+        "source": source,
+        "eval_img_s": len(rows) / eval_s,
+        "app_img_s": len(rows) / app_s,
+        "eval_failed": sum(s.score_spoof is None for s in scored),
+        "app_stored_completed": stored,
+        "app_refused": sum(j.state == "error" for j in jobs),
+    }
 
 
 def sessions(url: str, n: int) -> dict:
@@ -134,7 +164,10 @@ def sessions(url: str, n: int) -> dict:
             barrier.wait()
             t0 = time.perf_counter()
             with httpx.Client() as http:
-                assert http.post(url + "login", data={"username": USER[0], "password": USER[1]}).status_code in (200, 303)
+                assert http.post(url + "login", data={"username": USER[0], "password": USER[1]}).status_code in (
+                    200,
+                    303,
+                )
                 r = http.get(url)
                 assert r.status_code == 200 and "<html" in r.text.lower()
             t1 = time.perf_counter()
@@ -158,8 +191,14 @@ def sessions(url: str, n: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    return {"sessions": n, "ok": len(page_s), "errors": errors, "page_max_s": max(page_s, default=float("nan")),
-            "list_cases_max_s": max(list_s, default=float("nan")), "investigate_max_s": max(inv_s, default=float("nan"))}
+    return {
+        "sessions": n,
+        "ok": len(page_s),
+        "errors": errors,
+        "page_max_s": max(page_s, default=float("nan")),
+        "list_cases_max_s": max(list_s, default=float("nan")),
+        "investigate_max_s": max(inv_s, default=float("nan")),
+    }
 
 
 def main() -> int:
@@ -168,7 +207,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved eval/app rounds of the throughput test (best of)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="interleaved eval/app rounds of the throughput test (best of)"
+    )
     args = ap.parse_args()
     import torch
 
@@ -182,17 +223,29 @@ def main() -> int:
         wb.close()
     tp = throughput(tmp / "batch", args.images, args.concurrency, args.rounds)
 
-    print(f"tarfas app benchmarks ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch threads 1, runner concurrency {args.concurrency})")
+    print(
+        f"tarfas app benchmarks ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch threads 1, runner concurrency {args.concurrency})"
+    )
     print("| what | measured | target | ratio |")
     print("|---|---|---|---|")
-    print(f"| first streamed update after submitting an upload (median of {args.repeats}) | {fe['first_update_s'] * 1e3:.0f} ms | 500 ms | {fe['first_update_s'] / 0.5:.2f} |")
-    print(f"| fast answer visible (median) | {fe['fast_answer_s'] * 1e3:.0f} ms | 500 ms | {fe['fast_answer_s'] / 0.5:.2f} |")
+    print(
+        f"| first streamed update after submitting an upload (median of {args.repeats}) | {fe['first_update_s'] * 1e3:.0f} ms | 500 ms | {fe['first_update_s'] / 0.5:.2f} |"
+    )
+    print(
+        f"| fast answer visible (median) | {fe['fast_answer_s'] * 1e3:.0f} ms | 500 ms | {fe['fast_answer_s'] / 0.5:.2f} |"
+    )
     print(f"| whole investigation through the app (median) | {fe['whole_investigation_s'] * 1e3:.0f} ms | — | — |")
     ratio = tp["app_img_s"] / tp["eval_img_s"]
-    print(f"| {tp['images']} images investigated and stored ({tp['source']}) | {tp['app_img_s']:.1f} img/s vs eval {tp['eval_img_s']:.1f} img/s | >= 0.80 x eval | {ratio:.2f} |")
-    print(f"| {ss['sessions']} concurrent sessions: page + connect + queue + investigation | {ss['ok']}/{ss['sessions']} ok; page max {ss['page_max_s']:.2f} s, "
-          f"queue max {ss['list_cases_max_s']:.2f} s, investigation max {ss['investigate_max_s']:.2f} s | all ok | {ss['ok'] / ss['sessions']:.2f} |")
-    print(f"batch: {tp['app_stored_completed']} completed investigations stored, {tp['app_refused']} refused; eval failures {tp['eval_failed']}")
+    print(
+        f"| {tp['images']} images investigated and stored ({tp['source']}) | {tp['app_img_s']:.1f} img/s vs eval {tp['eval_img_s']:.1f} img/s | >= 0.80 x eval | {ratio:.2f} |"
+    )
+    print(
+        f"| {ss['sessions']} concurrent sessions: page + connect + queue + investigation | {ss['ok']}/{ss['sessions']} ok; page max {ss['page_max_s']:.2f} s, "
+        f"queue max {ss['list_cases_max_s']:.2f} s, investigation max {ss['investigate_max_s']:.2f} s | all ok | {ss['ok'] / ss['sessions']:.2f} |"
+    )
+    print(
+        f"batch: {tp['app_stored_completed']} completed investigations stored, {tp['app_refused']} refused; eval failures {tp['eval_failed']}"
+    )
     for e in ss["errors"]:
         print("error:", e)
     return 0 if not ss["errors"] else 1

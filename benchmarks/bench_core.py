@@ -111,7 +111,9 @@ def main() -> None:
     images = _images(args.images)
     crop = faces.prepare_face(faces.load_image(images[0][1]), on_no_face="whole").crop
     source = "fas-dev + fas-train" if all(m.exists() for m in MANIFESTS) else "skimage astronaut"
-    print(f"one thread (torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}); images from {source}")
+    print(
+        f"one thread (torch {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}); images from {source}"
+    )
     print(f"\n{'tool':<24}{'median ms':>10}{'target':>8}{'ratio':>8}")
     for name, ms in bench_tools(crop, args.repeats).items():
         print(f"{name:<24}{ms:>10.2f}{TOOL_TARGET_MS:>8.0f}{ms / TOOL_TARGET_MS:>8.2f}")
@@ -121,15 +123,22 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     print(f"\nexpert policy [{policy.version}] loaded in {load_s * 1e3:.0f} ms (excluded); {len(images)} images")
     print(f"{'whole investigation':<44}{'median ms':>10}{'target':>8}{'ratio':>8}{'face ms':>9}{'tools/img':>10}")
-    for label, pol in [("exactly 3 tool calls (the target's setting)", ExpertPolicy(policy.bank, min_tool_calls=3)), ("adaptive (default: stops when decisive)", policy)]:
+    for label, pol in [
+        ("exactly 3 tool calls (the target's setting)", ExpertPolicy(policy.bank, min_tool_calls=3)),
+        ("adaptive (default: stops when decisive)", policy),
+    ]:
         r = bench_investigations(images, pol)
         ms = r["investigation_ms"]
-        print(f"{label:<44}{ms:>10.1f}{INVESTIGATION_TARGET_MS:>8.0f}{ms / INVESTIGATION_TARGET_MS:>8.2f}{r['face_ms']:>9.1f}{r['mean_tool_calls']:>10.2f}")
+        print(
+            f"{label:<44}{ms:>10.1f}{INVESTIGATION_TARGET_MS:>8.0f}{ms / INVESTIGATION_TARGET_MS:>8.2f}{r['face_ms']:>9.1f}{r['mean_tool_calls']:>10.2f}"
+        )
     print(f"(face detection and crop included; image decode excluded: median {r['decode_ms']:.1f} ms)")
     from core.experts import DEFAULT_DIR
 
     mb = sum(p.stat().st_size for p in Path(args.weights or DEFAULT_DIR).glob("*.safetensors")) / 1e6
-    print(f"\n{'shipped weights (assets/experts/*.safetensors)':<44}{mb:>8.1f} MB{WEIGHTS_TARGET_MB:>8.0f}{mb / WEIGHTS_TARGET_MB:>8.2f}")
+    print(
+        f"\n{'shipped weights (assets/experts/*.safetensors)':<44}{mb:>8.1f} MB{WEIGHTS_TARGET_MB:>8.0f}{mb / WEIGHTS_TARGET_MB:>8.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -78,7 +78,9 @@ def main() -> None:
 
             def decode():
                 with torch.no_grad():
-                    model.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+                    model.generate(
+                        **batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False
+                    )
 
             def prefill():
                 with torch.no_grad():

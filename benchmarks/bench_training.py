@@ -72,7 +72,13 @@ def tool_call_ms(data_dir: Path) -> float:
     from core.registry import ToolRegistry
 
     reg = ToolRegistry(None)
-    crops = [ds.image(q.image) for d in sorted(data_dir.iterdir()) if (d / "manifest.json").is_file() for ds in [read_dataset(d)] for q in ds.queries]
+    crops = [
+        ds.image(q.image)
+        for d in sorted(data_dir.iterdir())
+        if (d / "manifest.json").is_file()
+        for ds in [read_dataset(d)]
+        for q in ds.queries
+    ]
     times = []
     for crop in crops:
         for name in reg.names:
@@ -94,14 +100,25 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
     nano = build_nano(tmp / "nano")
     manifest, sel = sample_manifest(tmp)
-    common = dict(data=[str(manifest)], build_dir=str(tmp / "data"), threads=1, save_steps=0, logging_steps=1, max_steps=args.steps + 1, **sel)
+    common = dict(
+        data=[str(manifest)],
+        build_dir=str(tmp / "data"),
+        threads=1,
+        save_steps=0,
+        logging_steps=1,
+        max_steps=args.steps + 1,
+        **sel,
+    )
     rows = []
     t0 = time.perf_counter()
     train_sft(SFTConfig(stage="kt", model=str(nano), out=str(tmp / "warm"), **(common | {"max_steps": 1})))
     print(f"data build (expert-policy trajectories) + 1 warm-up step: {time.perf_counter() - t0:.1f} s")
     for stage, batch in (("kt", 4), ("fi", 2)):
         timer = StepTimer()
-        train_sft(SFTConfig(stage=stage, model=str(nano), out=str(tmp / stage), per_device_train_batch_size=batch, **common), callbacks=[timer])
+        train_sft(
+            SFTConfig(stage=stage, model=str(nano), out=str(tmp / stage), per_device_train_batch_size=batch, **common),
+            callbacks=[timer],
+        )
         rows.append((f"SFT {stage.upper()} step (LoRA r16, batch {batch})", median_after_warmup(timer.times), None))
 
     default = ROOT / "runs" / "nano-e2e" / "fi" / "model"
@@ -121,13 +138,17 @@ def main() -> None:
     print(f"{'what':44s} {'s/step':>8s} {'tool share':>11s}")
     for what, s, sh in rows:
         print(f"{what:44s} {s:8.2f} {'' if sh is None else f'{100 * sh:10.3f}%':>11s}")
-    print(f"GRPO model: {model}; tool calls per rollout {calls:.2f} ({1e3 * tools_s:.1f} ms of tools a step, mean); "
-          f"sampling share of the step {100 * gen_share:.0f}%")
+    print(
+        f"GRPO model: {model}; tool calls per rollout {calls:.2f} ({1e3 * tools_s:.1f} ms of tools a step, mean); "
+        f"sampling share of the step {100 * gen_share:.0f}%"
+    )
     # A nano model rarely calls tools; what the share would be at the paper's 3 calls per rollout:
     call_ms = tool_call_ms(tmp / "data")
     full = 3 * 2 * g * call_ms / 1e3 / rows[-1][1]
-    print(f"one tool call: {call_ms:.2f} ms (mean over the six tools on the crops); at 3 calls per rollout the tools "
-          f"would take {100 * full:.2f}% of this GRPO step")
+    print(
+        f"one tool call: {call_ms:.2f} ms (mean over the six tools on the crops); at 3 calls per rollout the tools "
+        f"would take {100 * full:.2f}% of this GRPO step"
+    )
     kt, fi, grpo = (r[1] for r in rows)
     print(f"ratios: FI/KT step {fi / kt:.2f}; GRPO/FI step {grpo / fi:.2f}")
 

@@ -37,19 +37,46 @@ def fill(storage, n: int, seed: int = 0) -> None:
     with storage.sessions.begin() as s:
         for i in range(n):
             sha = f"{rng.getrandbits(256):064x}"
-            case = Case(id=f"{i:032x}", image_sha256=sha, filename=f"upload_{i}.png", byte_size=1000, created_by="bench",
-                        created_at=t0 + timedelta(seconds=10 * i), attack_type=rng.choice((None, *ATTACK_TYPES)))
+            case = Case(
+                id=f"{i:032x}",
+                image_sha256=sha,
+                filename=f"upload_{i}.png",
+                byte_size=1000,
+                created_by="bench",
+                created_at=t0 + timedelta(seconds=10 * i),
+                attack_type=rng.choice((None, *ATTACK_TYPES)),
+            )
             s.add(case)
             for k in range(2 if i % 3 == 0 else 1):
                 p = rng.random()
-                inv = Investigation(id=f"{i:030x}{k:02x}", case_id=case.id, policy="expert", policy_version="bench", params={}, tools=[],
-                                    status="completed", verdict="spoof" if p >= 0.5 else "real", score_spoof=p, timings_ms={},
-                                    started_by="bench", started_at=case.created_at + timedelta(seconds=k), finished_at=case.created_at + timedelta(seconds=k + 1))
+                inv = Investigation(
+                    id=f"{i:030x}{k:02x}",
+                    case_id=case.id,
+                    policy="expert",
+                    policy_version="bench",
+                    params={},
+                    tools=[],
+                    status="completed",
+                    verdict="spoof" if p >= 0.5 else "real",
+                    score_spoof=p,
+                    timings_ms={},
+                    started_by="bench",
+                    started_at=case.created_at + timedelta(seconds=k),
+                    finished_at=case.created_at + timedelta(seconds=k + 1),
+                )
                 s.add(inv)
                 if rng.random() < 2 / 3:
                     truth = "spoof" if rng.random() < p else "real"
-                    s.add(Review(investigation_id=inv.id, verdict=rng.choice((truth,) * 9 + ("unsure",)), notes="", reviewer="bench",
-                                 created_at=inv.finished_at, updated_at=inv.finished_at))
+                    s.add(
+                        Review(
+                            investigation_id=inv.id,
+                            verdict=rng.choice((truth,) * 9 + ("unsure",)),
+                            notes="",
+                            reviewer="bench",
+                            created_at=inv.finished_at,
+                            updated_at=inv.finished_at,
+                        )
+                    )
             if i % 2000 == 1999:
                 s.flush()
 
@@ -87,12 +114,16 @@ def main(argv=None) -> int:
         with storage.sessions() as s:
             for name, f in filters.items():
                 ms = median_ms(lambda f=f: list_cases(s, filters=f), args.repeats)
-                print(f"{'list_cases ' + name:<28}{ms:>10.1f}{ms / TARGET_PAGE_MS:>8.2f}{len(list_cases(s, filters=f)):>7}")
+                print(
+                    f"{'list_cases ' + name:<28}{ms:>10.1f}{ms / TARGET_PAGE_MS:>8.2f}{len(list_cases(s, filters=f)):>7}"
+                )
             ms = median_ms(lambda: count_cases(s), args.repeats)
             print(f"{'count_cases':<28}{ms:>10.1f}{ms / TARGET_PAGE_MS:>8.2f}{count_cases(s):>7}")
             ms = median_ms(lambda: review_metrics(s), args.repeats)
             m = review_metrics(s)
-            print(f"{'review_metrics':<28}{ms:>10.1f}{'':>8}{m.reviewed:>7}  (agreement {m.agreement:.3f}, AUC {m.roc.auc:.3f})")
+            print(
+                f"{'review_metrics':<28}{ms:>10.1f}{'':>8}{m.reviewed:>7}  (agreement {m.agreement:.3f}, AUC {m.roc.auc:.3f})"
+            )
         storage.close()
     return 0
 

@@ -81,7 +81,13 @@ def investigate(
         params={k: v for k, v in asdict(config).items() if k != "extra"} | config.extra,
         source=source,
         image_sha256=image_sha256,
-        face=FaceInfo(face.face_detected, list(face.bbox) if face.bbox else None, list(face.crop_box), list(face.source_size), list(face.notes)),
+        face=FaceInfo(
+            face.face_detected,
+            list(face.bbox) if face.bbox else None,
+            list(face.crop_box),
+            list(face.source_size),
+            list(face.notes),
+        ),
         crop=face.crop,
         tools=registry.names,
         label=label,
@@ -108,8 +114,17 @@ def run(face: FaceCrop, policy: Policy, config: AgentConfig | None = None, **kwa
     raise AssertionError("investigate() ended without InvestigationFinished")
 
 
-def _ask(traj: Trajectory, face: FaceCrop, policy: Policy, registry: ToolRegistry, system: str, prompts: protocol.Prompts,
-         kind: str, calls_left: int, turns_left: int):
+def _ask(
+    traj: Trajectory,
+    face: FaceCrop,
+    policy: Policy,
+    registry: ToolRegistry,
+    system: str,
+    prompts: protocol.Prompts,
+    kind: str,
+    calls_left: int,
+    turns_left: int,
+):
     messages = to_messages(traj, system=system, next_prompt=True, next_kind=kind, prompts=prompts)
     conv = Conversation(face.crop, traj, messages, registry, calls_left, kind, turns_left)
     t0 = time.perf_counter()
@@ -159,7 +174,17 @@ def _reasoning(traj, face, policy, registry, system, config, prompts, max_turns)
     for i in range(max_turns):
         index = len(traj.turns)
         yield TurnStarted(index, "reasoning")
-        out, ms = _ask(traj, face, policy, registry, system, prompts, "reasoning", config.max_tool_calls - tool_calls, max_turns - i)
+        out, ms = _ask(
+            traj,
+            face,
+            policy,
+            registry,
+            system,
+            prompts,
+            "reasoning",
+            config.max_tool_calls - tool_calls,
+            max_turns - i,
+        )
         turn = Turn(index, "reasoning", out.text, score_spoof=out.score_spoof, elapsed_ms=ms, notes=out.notes)
         traj.timings_ms["reasoning"] = traj.timings_ms.get("reasoning", 0.0) + ms
         try:
@@ -180,7 +205,9 @@ def _reasoning(traj, face, policy, registry, system, config, prompts, max_turns)
                     turn.tool_error = str(exc)
                 else:
                     tool_calls += 1
-                    turn.tool_result = ToolResult(ex.name, ex.arguments, ex.output.stats, ex.expert_p_spoof, ex.elapsed_ms, ex.output.image)
+                    turn.tool_result = ToolResult(
+                        ex.name, ex.arguments, ex.output.stats, ex.expert_p_spoof, ex.elapsed_ms, ex.output.image
+                    )
                     traj.timings_ms["tools"] = traj.timings_ms.get("tools", 0.0) + ex.elapsed_ms
                     traj.timings_ms["experts"] = traj.timings_ms.get("experts", 0.0) + ex.reading_ms
                     guidance = prompts.guidance(ex.name, ex.expert_p_spoof)

@@ -19,7 +19,15 @@ from torch import nn
 from .errors import WeightsError
 
 # (expansion t, output channels c, repeats n, first stride s): Table 2 of the paper.
-MOBILENET_V2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+MOBILENET_V2_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 # ImageNet normalisation the pretrained weights expect (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,8 +62,13 @@ MOBILENET_V2_IMAGENET = PretrainedFile(
 )
 
 
-def _conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
+def _conv_bn(
+    c_in: int, c_out: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out),
+    ]
     if act:
         layers.append(nn.ReLU6(inplace=True))
     return nn.Sequential(*layers)
@@ -69,7 +82,11 @@ class InvertedResidual(nn.Module):
         hidden = c_in * expand
         self.use_skip = stride == 1 and c_in == c_out
         layers: list[nn.Module] = [] if expand == 1 else [_conv_bn(c_in, hidden, 1)]
-        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        layers += [
+            _conv_bn(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,23 +139,33 @@ def load_pretrained_state(source: PretrainedFile | Path, sha256: str | None = No
         raise WeightsError(f"pretrained weights not found at {path}")
     got = sha256_of(path)
     if want is None or got != want:
-        raise WeightsError(f"{path} has sha256 {got}, expected {want}: refusing to load a file that is not the pinned one")
+        raise WeightsError(
+            f"{path} has sha256 {got}, expected {want}: refusing to load a file that is not the pinned one"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged zip or pickle
         raise WeightsError(f"{path} is not a readable weight file ({type(exc).__name__}: {exc})") from exc
 
 
-def mobilenet_v2_imagenet(blocks: int = 19, source: PretrainedFile | Path = MOBILENET_V2_IMAGENET, sha256: str | None = None) -> MobileNetV2:
+def mobilenet_v2_imagenet(
+    blocks: int = 19, source: PretrainedFile | Path = MOBILENET_V2_IMAGENET, sha256: str | None = None
+) -> MobileNetV2:
     """MobileNetV2 with its ImageNet weights (the first ``blocks`` feature blocks; the 1000-class head
     is loaded too when the whole trunk is kept)."""
     net = MobileNetV2(blocks=blocks)
     state = load_pretrained_state(source, sha256)
-    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.") and int(k.split(".")[1]) < blocks}
+    features = {
+        k[len("features.") :]: v
+        for k, v in state.items()
+        if k.startswith("features.") and int(k.split(".")[1]) < blocks
+    }
     try:
         net.features.load_state_dict(features, strict=True)
         if blocks == 19:
-            net.classifier.load_state_dict({k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")}, strict=True)
+            net.classifier.load_state_dict(
+                {k[len("classifier.") :]: v for k, v in state.items() if k.startswith("classifier.")}, strict=True
+            )
     except (RuntimeError, ValueError) as exc:
         raise WeightsError(f"the pretrained file does not match MobileNetV2: {exc}") from exc
     return net

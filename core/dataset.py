@@ -120,14 +120,18 @@ class DatasetWriter:
     must be new or empty, so an export never silently mixes with an older one.
     """
 
-    def __init__(self, folder: str | Path, *, source: str, created_by: str, resume: bool = False, extra: dict | None = None):
+    def __init__(
+        self, folder: str | Path, *, source: str, created_by: str, resume: bool = False, extra: dict | None = None
+    ):
         self.folder = Path(folder)
         self.source = source
         self.created_by = created_by
         self.extra = dict(extra or {})
         existing = self.folder.exists() and any(self.folder.iterdir())
         if existing and not resume:
-            raise DatasetError(f"{self.folder} is not empty; choose a new folder (or resume a dataset of the same source)")
+            raise DatasetError(
+                f"{self.folder} is not empty; choose a new folder (or resume a dataset of the same source)"
+            )
         (self.folder / IMAGES).mkdir(parents=True, exist_ok=True)
         self.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if existing:
@@ -137,7 +141,10 @@ class DatasetWriter:
                     raise DatasetError(f"{self.folder} holds a {manifest.get('source')!r} dataset, not {source!r}")
                 self.created_at = manifest.get("created_at", self.created_at)
                 self.extra = manifest.get("extra", {}) | self.extra
-        self._ids = {TRAJECTORIES: repair_jsonl(self.folder / TRAJECTORIES), QUERIES: repair_jsonl(self.folder / QUERIES)}
+        self._ids = {
+            TRAJECTORIES: repair_jsonl(self.folder / TRAJECTORIES),
+            QUERIES: repair_jsonl(self.folder / QUERIES),
+        }
         self._files = {name: open(self.folder / name, "a", encoding="utf-8") for name in (TRAJECTORIES, QUERIES)}
 
     # --- adding -------------------------------------------------------------------------------
@@ -155,8 +162,15 @@ class DatasetWriter:
             os.replace(tmp, path)  # never a half-written image under its final name
         return rel
 
-    def add_trajectory(self, traj: Trajectory, *, id: str | None = None, label: Verdict | None = None,
-                       attack_type: str | None = None, meta: dict | None = None) -> TrajectoryRecord:
+    def add_trajectory(
+        self,
+        traj: Trajectory,
+        *,
+        id: str | None = None,
+        label: Verdict | None = None,
+        attack_type: str | None = None,
+        meta: dict | None = None,
+    ) -> TrajectoryRecord:
         """Render ``traj`` as the messages the model saw (inference system prompt and tools) and append it."""
         label = label if label is not None else traj.label
         _check_label(label, required=False)
@@ -176,8 +190,16 @@ class DatasetWriter:
         self._append(TRAJECTORIES, record.id, asdict(record))
         return record
 
-    def add_query(self, image: np.ndarray, label: Verdict, *, id: str, attack_type: str | None = None,
-                  domain: str | None = None, meta: dict | None = None) -> QueryRecord:
+    def add_query(
+        self,
+        image: np.ndarray,
+        label: Verdict,
+        *,
+        id: str,
+        attack_type: str | None = None,
+        domain: str | None = None,
+        meta: dict | None = None,
+    ) -> QueryRecord:
         _check_label(label, required=True)
         record = QueryRecord(id, self.add_image(image), label, attack_type, domain, self.source, dict(meta or {}))
         self._append(QUERIES, record.id, asdict(record))
@@ -205,7 +227,11 @@ class DatasetWriter:
             "created_by": self.created_by,
             "created_at": self.created_at,
             "closed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "counts": {"trajectories": len(self._ids[TRAJECTORIES]), "queries": len(self._ids[QUERIES]), "images": len(images)},
+            "counts": {
+                "trajectories": len(self._ids[TRAJECTORIES]),
+                "queries": len(self._ids[QUERIES]),
+                "images": len(images),
+            },
             "files": files,
             "extra": self.extra,
         }
@@ -279,7 +305,12 @@ class Dataset:
     def messages(self, record: TrajectoryRecord) -> list[dict]:
         """The record's messages with each image part's pixels loaded into ``"image"``."""
         return [
-            {"role": m["role"], "content": [p | {"image": self.image(p["path"])} if p.get("type") == "image" else p for p in m["content"]]}
+            {
+                "role": m["role"],
+                "content": [
+                    p | {"image": self.image(p["path"])} if p.get("type") == "image" else p for p in m["content"]
+                ],
+            }
             for m in record.messages
         ]
 
@@ -293,7 +324,9 @@ def read_dataset(folder: str | Path, *, verify: bool = True) -> Dataset:
     if verify:
         for name, sha in manifest.get("files", {}).items():
             if not (folder / name).exists() or sha256_file(folder / name) != sha:
-                raise DatasetError(f"{folder / name} does not match the SHA-256 in {MANIFEST}: changed after the export")
+                raise DatasetError(
+                    f"{folder / name} does not match the SHA-256 in {MANIFEST}: changed after the export"
+                )
     trajectories = [TrajectoryRecord(**obj) for obj in read_jsonl(folder / TRAJECTORIES)]
     queries = [QueryRecord(**obj) for obj in read_jsonl(folder / QUERIES)]
     for r in trajectories:

@@ -51,4 +51,12 @@ class InvestigationFinished:
     trajectory: Trajectory  # status "completed" or "failed" (with .error); partial turns kept
 
 
-Event = InvestigationStarted | TurnStarted | ToolCalled | ToolResultReady | TurnCompleted | VerdictReached | InvestigationFinished
+Event = (
+    InvestigationStarted
+    | TurnStarted
+    | ToolCalled
+    | ToolResultReady
+    | TurnCompleted
+    | VerdictReached
+    | InvestigationFinished
+)

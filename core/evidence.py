@@ -54,7 +54,9 @@ class EvidenceModel:
         self.cov = [np.asarray(c, float) for c in spec["cov"]]
 
     @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, keys: list[str], weight: np.ndarray | None = None, ridge: float = 0.05) -> EvidenceModel:
+    def fit(
+        cls, x: np.ndarray, y: np.ndarray, keys: list[str], weight: np.ndarray | None = None, ridge: float = 0.05
+    ) -> EvidenceModel:
         """Fit on calibrated logits ``x`` (N, K) with labels ``y``: class means, and one covariance of the
         class-centred logits shrunk by Ledoit-Wolf plus ``ridge`` on the diagonal (no exact certainties).
         ``weight`` (N,) weighs samples (e.g. so that every domain and class counts the same)."""
@@ -127,7 +129,14 @@ class Choice:
     reason: str = ""  # why it stops: "decisive", "no_gain", "limit", "no_tools"
 
 
-def choose(model: EvidenceModel, observed: dict[str, float], candidates: list[str], calls_made: int, calls_left: int, min_calls: int = 1) -> Choice:
+def choose(
+    model: EvidenceModel,
+    observed: dict[str, float],
+    candidates: list[str],
+    calls_made: int,
+    calls_left: int,
+    min_calls: int = 1,
+) -> Choice:
     """The next step of an investigation: call the most informative candidate tool, or answer.
 
     It always looks at ``min_calls`` tools when it may, then stops once the evidence is decisive or no
@@ -147,13 +156,22 @@ def choose(model: EvidenceModel, observed: dict[str, float], candidates: list[st
     return Choice(best, p, gains)
 
 
-def replay(model: EvidenceModel, logits: dict[str, float], tools: list[str], max_calls: int = 3, min_calls: int = 1, first: str = "RGB") -> tuple[list[str], float]:
+def replay(
+    model: EvidenceModel,
+    logits: dict[str, float],
+    tools: list[str],
+    max_calls: int = 3,
+    min_calls: int = 1,
+    first: str = "RGB",
+) -> tuple[list[str], float]:
     """Run the policy's decisions on stored logits (every expert's logit known in advance, revealed
     only when its tool is called). Returns the tools called, in order, and the final P(spoof)."""
     observed = {first: logits[first]}
     called: list[str] = []
     while True:
-        c = choose(model, observed, [t for t in tools if t not in called], len(called), max_calls - len(called), min_calls)
+        c = choose(
+            model, observed, [t for t in tools if t not in called], len(called), max_calls - len(called), min_calls
+        )
         if c.tool is None:
             return called, c.p_spoof
         called.append(c.tool)

@@ -42,7 +42,9 @@ class ExpertCNN(nn.Module):
     linear layers with a ReLU. The first conv (5x5, stride 2) reads the full-resolution tool output, so
     fine print/screen texture reaches the network, at ~2 ms per image on one CPU thread."""
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (8, 16, 32, 64), pool: int = 1, hidden: int = 64):
+    def __init__(
+        self, in_channels: int = 1, widths: tuple[int, ...] = (8, 16, 32, 64), pool: int = 1, hidden: int = 64
+    ):
         super().__init__()
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, widths[0], 5, stride=2, padding=2, bias=False),
@@ -51,10 +53,21 @@ class ExpertCNN(nn.Module):
             nn.MaxPool2d(2),
         ]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(pool)
-        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(widths[-1] * pool * pool, hidden), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(widths[-1] * pool * pool, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.2),
+            nn.Linear(hidden, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [-1, 1] -> (N,) spoof logits."""
@@ -155,7 +168,11 @@ def network_spec(key: str, rgb_size: int = 128) -> NetSpec:
     """The architecture used for each key (recorded in experts.json, so loading needs no code change)."""
     if key == RGB:
         return NetSpec("mobilenet_v2", rgb_size, {"blocks": RGB_BLOCKS, "taps": list(RGB_TAPS)})
-    return NetSpec("cnn", CROP_SIZE, {"in_channels": 1, "widths": [8, 16, 32, 64], "pool": 4 if key == "FFTTool" else 1, "hidden": 64})
+    return NetSpec(
+        "cnn",
+        CROP_SIZE,
+        {"in_channels": 1, "widths": [8, 16, 32, 64], "pool": 4 if key == "FFTTool" else 1, "hidden": 64},
+    )
 
 
 @dataclass
@@ -172,7 +189,13 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
-        return cls(d.get("a", 1.0), d.get("b", 0.0), tuple(d.get("mu", (-2, 2))), tuple(d.get("sigma", (1.5, 1.5))), d.get("auc"))
+        return cls(
+            d.get("a", 1.0),
+            d.get("b", 0.0),
+            tuple(d.get("mu", (-2, 2))),
+            tuple(d.get("sigma", (1.5, 1.5))),
+            d.get("auc"),
+        )
 
     def apply(self, raw: np.ndarray | float) -> np.ndarray | float:
         return self.a * raw + self.b
@@ -193,7 +216,9 @@ class ExpertBank:
         folder = Path(folder) if folder else DEFAULT_DIR
         meta_path = folder / "experts.json"
         if not meta_path.exists():
-            raise WeightsError(f"no expert weights at {folder} (missing experts.json); train them with `tarfas train experts`")
+            raise WeightsError(
+                f"no expert weights at {folder} (missing experts.json); train them with `tarfas train experts`"
+            )
         try:
             meta = json.loads(meta_path.read_text())
             networks = meta["networks"]
@@ -234,7 +259,11 @@ class ExpertBank:
         for key, net in self.nets.items():
             fname = f"{key.lower()}.safetensors"
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / fname))
-            networks[key] = {"file": fname, "arch": asdict(self.specs[key]), "calibration": asdict(self.calibration.get(key, Calibration()))}
+            networks[key] = {
+                "file": fname,
+                "arch": asdict(self.specs[key]),
+                "calibration": asdict(self.calibration.get(key, Calibration())),
+            }
         meta = dict(self.meta, format=FORMAT, networks=networks)
         if ZOOM in self.calibration:
             meta["zoom"] = dict(meta.get("zoom", {}), **{ZOOM: asdict(self.calibration[ZOOM])})
@@ -249,7 +278,9 @@ class ExpertBank:
         if key not in self.nets:
             raise KeyError(f"no expert for {key!r}")
         net, spec = self.nets[key], self.specs[key]
-        return np.concatenate([net(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]).astype(np.float64)
+        return np.concatenate(
+            [net(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]
+        ).astype(np.float64)
 
     def reads(self, key: str) -> bool:
         """Whether the bank can read ``key``: a network of its own, or a view of the face (the zoomed
@@ -275,4 +306,3 @@ class ExpertBank:
         if key not in self.nets:
             return None
         return sigmoid(self.logit(key, image))
-

@@ -138,13 +138,14 @@ class Face:
     """One detected face, in source pixels."""
 
     box: tuple[int, int, int, int]  # (x1, y1, x2, y2), clipped to the image
-    landmarks: tuple[tuple[float, float], ...]  # YuNet's five: right eye, left eye, nose tip, right and left mouth corner
+    landmarks: tuple[
+        tuple[float, float], ...
+    ]  # YuNet's five: right eye, left eye, nose tip, right and left mouth corner
     score: float
 
     @property
     def area(self) -> int:
         return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
-
 
 
 # One detector per thread: FaceDetectorYN keeps its input size as state, so a shared one is not safe.
@@ -158,7 +159,9 @@ def _verified_model() -> bytes:
         raise WeightsError(f"the YuNet face detector is missing at {YUNET_PATH} ({exc.strerror or exc})") from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != YUNET_SHA256:
-        raise WeightsError(f"{YUNET_PATH} has sha256 {digest[:16]}..., expected {YUNET_SHA256[:16]}...: the file is damaged or was replaced")
+        raise WeightsError(
+            f"{YUNET_PATH} has sha256 {digest[:16]}..., expected {YUNET_SHA256[:16]}...: the file is damaged or was replaced"
+        )
     return data
 
 
@@ -174,7 +177,9 @@ def _detector() -> cv2.FaceDetectorYN:
             if _MODEL_BYTES is None:
                 _MODEL_BYTES = _verified_model()
         buf = np.frombuffer(_MODEL_BYTES, np.uint8)
-        det = cv2.FaceDetectorYN.create("onnx", buf, np.empty(0, np.uint8), (DETECT_SIDE, DETECT_SIDE), SCORE_THRESHOLD, NMS_THRESHOLD, 50)
+        det = cv2.FaceDetectorYN.create(
+            "onnx", buf, np.empty(0, np.uint8), (DETECT_SIDE, DETECT_SIDE), SCORE_THRESHOLD, NMS_THRESHOLD, 50
+        )
         _DETECTORS.detector = det
     return det
 
@@ -218,7 +223,9 @@ def detect_faces(rgb: np.ndarray) -> list[Face]:
     return faces
 
 
-def face_square(box: tuple[int, int, int, int], image_size: tuple[int, int], margin: float = FACE_MARGIN) -> tuple[int, int, int, int]:
+def face_square(
+    box: tuple[int, int, int, int], image_size: tuple[int, int], margin: float = FACE_MARGIN
+) -> tuple[int, int, int, int]:
     """The square region to crop around a face box: its longer side plus ``margin`` on each side,
     centred on the box, but shrunk and shifted to stay inside the picture where it can.
 
@@ -284,4 +291,6 @@ def prepare_face(rgb: np.ndarray, *, on_no_face: str = "error", margin: float = 
     side = min(h, w)
     box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
     crop, crop_box = crop_square(rgb, box, margin=0.0)
-    return FaceCrop(crop, None, crop_box, (w, h), False, ["no face found: the whole image (centre square) was analysed"])
+    return FaceCrop(
+        crop, None, crop_box, (w, h), False, ["no face found: the whole image (centre square) was analysed"]
+    )

@@ -18,7 +18,10 @@ def read_lineage(folder: str | Path) -> dict | None:
 
 def summarize_lineage(record: dict) -> str:
     """One line for people: stage, when, from which data (source and manifest hash) and parent."""
-    data = ", ".join(f"{d.get('source') or 'data'} {str(d.get('manifest_sha256') or '')[:12]}".strip() for d in record.get("data") or [])
+    data = ", ".join(
+        f"{d.get('source') or 'data'} {str(d.get('manifest_sha256') or '')[:12]}".strip()
+        for d in record.get("data") or []
+    )
     parent = record.get("parent_adapter")
     text = f"trained by tarfas: stage {record.get('stage', '?')} ({record.get('kind', '?')}), {record.get('created_at', '?')}"
     if data:

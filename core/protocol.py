@@ -337,7 +337,9 @@ def _one_line(text: str) -> str:
 def parse_fast_answer(text: str) -> FastAnswer:
     """Parse ``<Real|Spoof><reason>...</reason>``; anything else raises ProtocolParseError."""
     if not isinstance(text, str) or not text.strip():
-        raise ProtocolParseError("empty fast answer; expected <Real><reason>...</reason> or <Spoof><reason>...</reason>")
+        raise ProtocolParseError(
+            "empty fast answer; expected <Real><reason>...</reason> or <Spoof><reason>...</reason>"
+        )
     m = _FAST_RE.match(text)
     if not m:
         raise ProtocolParseError(
@@ -436,7 +438,7 @@ def _blocks(text: str) -> list[tuple[str, str]]:
                 raise ProtocolParseError(f"text outside the tags: {_preview(text[pos:])}")
             break
         if text[pos : m.start()].strip():
-            raise ProtocolParseError(f"text outside the tags: {_preview(text[pos:m.start()])}")
+            raise ProtocolParseError(f"text outside the tags: {_preview(text[pos : m.start()])}")
         closing, tag = m.group(1), m.group(2).lower()
         if closing or tag == "reason":
             raise ProtocolParseError(f"unexpected <{m.group(1)}{m.group(2)}>")

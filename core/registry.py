@@ -52,7 +52,10 @@ class ToolSpec:
 
     def schema(self) -> dict:
         """The function description in the OpenAI / Hermes tool format."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass
@@ -106,7 +109,9 @@ def _validate_bbox(image: np.ndarray, args: dict) -> dict:
     return {"bbox": [cx1, cy1, cx2, cy2]}
 
 
-def _whole_image(name: str, description: str, family: str, fn: Callable[[np.ndarray], tools.ToolOutput], **facts) -> ToolSpec:
+def _whole_image(
+    name: str, description: str, family: str, fn: Callable[[np.ndarray], tools.ToolOutput], **facts
+) -> ToolSpec:
     """A tool of the whole crop, without arguments (``fn(image)``)."""
     return ToolSpec(name, description, _NO_ARGS, family, lambda image, _: fn(image), **facts)
 
@@ -133,7 +138,10 @@ SPECS: list[ToolSpec] = [
         "zoom",
         _zoom,
         purpose="to inspect the cheeks and nose up close for print dots, paper grain or screen pixels",
-        seen=("print dots, paper grain or screen pixels on the cheeks and nose", "natural pores and fine skin detail on the cheeks and nose"),
+        seen=(
+            "print dots, paper grain or screen pixels on the cheeks and nose",
+            "natural pores and fine skin detail on the cheeks and nose",
+        ),
         has_expert=False,  # paper §3.1.2: its output is a view of the face, read by the RGB network
         default_args={"bbox": [56, 72, 168, 184]},  # cheeks and nose of the aligned 224 crop
         reader="the RGB network on the enlarged region",
@@ -146,7 +154,10 @@ SPECS: list[ToolSpec] = [
         "frequency",
         tools.fft_spectrum,
         purpose="to look for periodic peaks of screen moire or print halftone in the spectrum",
-        seen=("periodic peaks in the spectrum, typical of screen moire or print halftone", "a smooth spectrum without periodic peaks"),
+        seen=(
+            "periodic peaks in the spectrum, typical of screen moire or print halftone",
+            "a smooth spectrum without periodic peaks",
+        ),
     ),
     _whole_image(
         "LBPTool",
@@ -154,7 +165,10 @@ SPECS: list[ToolSpec] = [
         "texture",
         tools.lbp_texture,
         purpose="to look for paper grain or screen texture in the skin micro-texture",
-        seen=("a regular, grainy micro-texture like paper or a screen surface", "an irregular micro-texture typical of live skin"),
+        seen=(
+            "a regular, grainy micro-texture like paper or a screen surface",
+            "an irregular micro-texture typical of live skin",
+        ),
     ),
     _whole_image(
         "WaveletTransformTool",
@@ -162,7 +176,10 @@ SPECS: list[ToolSpec] = [
         "frequency",
         tools.wavelet_detail,
         purpose="to compare the fine-scale noise with natural camera noise",
-        seen=("fine-scale noise that does not look like natural camera noise", "fine-scale detail consistent with natural camera noise"),
+        seen=(
+            "fine-scale noise that does not look like natural camera noise",
+            "fine-scale detail consistent with natural camera noise",
+        ),
     ),
     _whole_image(
         "EdgeDetectionTool",
@@ -179,7 +196,10 @@ SPECS: list[ToolSpec] = [
         "structure",
         tools.hog_visualization,
         purpose="to check whether the facial gradient structure looks flattened",
-        seen=("a flattened gradient structure that lacks 3D relief", "a coherent gradient structure with natural 3D relief"),
+        seen=(
+            "a flattened gradient structure that lacks 3D relief",
+            "a coherent gradient structure with natural 3D relief",
+        ),
     ),
 ]
 _BY_NAME = {spec.name: spec for spec in SPECS}

@@ -62,7 +62,9 @@ def simulate_replay(rgb: np.ndarray, pitch: float = 2.0, angle_deg: float = 4.0)
     screen = big * (0.35 + 0.65 * mask * 3.0 / 1.6) * rows[..., None]
     out = cv2.resize(screen, (w, h), interpolation=cv2.INTER_AREA)  # the camera integrates -> moire
     out = out * np.array([0.92, 0.98, 1.1], np.float32) + 0.06
-    glare = np.exp(-(((np.mgrid[0:h, 0:w][1] - 0.75 * w) / (0.3 * w)) ** 2 + ((np.mgrid[0:h, 0:w][0] - 0.2 * h) / (0.3 * h)) ** 2))
+    glare = np.exp(
+        -(((np.mgrid[0:h, 0:w][1] - 0.75 * w) / (0.3 * w)) ** 2 + ((np.mgrid[0:h, 0:w][0] - 0.2 * h) / (0.3 * h)) ** 2)
+    )
     out = out + 0.25 * glare[..., None]
     return np.clip(out * 255.0, 0, 255).astype(np.uint8)
 

@@ -127,7 +127,9 @@ def wavelet_detail(image: np.ndarray, wavelet: str = "haar", levels: int = 2) ->
         [np.abs(coeffs[0]) / (np.abs(coeffs[0]).max() + 1e-9)]
         + [tuple(np.abs(d) / (np.percentile(np.abs(d), 99.5) + 1e-9) for d in level) for level in coeffs[1:]]
     )
-    out = cv2.resize((np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8), gray.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    out = cv2.resize(
+        (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8), gray.shape[::-1], interpolation=cv2.INTER_NEAREST
+    )
     stats = {}
     for i, (ch, cv, cd) in enumerate(reversed(coeffs[1:]), start=1):
         stats[f"detail_l{i}"] = float((np.abs(ch).mean() + np.abs(cv).mean() + np.abs(cd).mean()) / 3)
@@ -186,8 +188,10 @@ def hog_visualization(image: np.ndarray, orientations: int = 9, cell: int = 8) -
     key = (cw * cell, ch * cell, orientations, cell)
     if key not in _HOG_CACHE:
         win = (cw * cell, ch * cell)
-        _HOG_CACHE[key] = (cv2.HOGDescriptor(win, (cell, cell), (cell, cell), (cell, cell), orientations),
-                           _hog_glyphs(orientations, cell))
+        _HOG_CACHE[key] = (
+            cv2.HOGDescriptor(win, (cell, cell), (cell, cell), (cell, cell), orientations),
+            _hog_glyphs(orientations, cell),
+        )
     descriptor, glyphs = _HOG_CACHE[key]
     # OpenCV walks blocks column by column: (x, y, bin) -> (y, x, bin).
     hist = descriptor.compute(gray[: ch * cell, : cw * cell]).reshape(cw, ch, orientations).transpose(1, 0, 2)

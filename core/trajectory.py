@@ -29,7 +29,9 @@ class ToolResult:
     name: str
     arguments: dict
     stats: dict[str, float]
-    expert_p_spoof: float | None  # the tool's expert network (paper Fig. S9), from the registry's readers; None when none reads it (ZoomInTool)
+    expert_p_spoof: (
+        float | None
+    )  # the tool's expert network (paper Fig. S9), from the registry's readers; None when none reads it (ZoomInTool)
     elapsed_ms: float
     image: np.ndarray | None = field(default=None, repr=False)  # uint8 gray or RGB
     image_path: str | None = None  # where the image was written, relative to the trajectory file
@@ -94,7 +96,9 @@ class Trajectory:
     error_traceback: str | None = None  # where a failed policy broke, for whoever debugs it
     label: Verdict | None = None  # ground truth when known (datasets, analyst corrections)
     timings_ms: dict[str, float] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)  # what the loop's prompts added (annotation: hint, guidance, attempt)
+    meta: dict[str, Any] = field(
+        default_factory=dict
+    )  # what the loop's prompts added (annotation: hint, guidance, attempt)
 
     # --- views -------------------------------------------------------------------------------
     @property
@@ -202,8 +206,14 @@ def prompt_after(turn: Turn, next_kind: str = "reasoning", prompts: protocol.Pro
     return [_text(text)] if text is not None else None
 
 
-def to_messages(traj: Trajectory, *, system: str | None, next_prompt: bool = False, next_kind: str = "reasoning",
-                prompts: protocol.Prompts = INFERENCE) -> list[dict]:
+def to_messages(
+    traj: Trajectory,
+    *,
+    system: str | None,
+    next_prompt: bool = False,
+    next_kind: str = "reasoning",
+    prompts: protocol.Prompts = INFERENCE,
+) -> list[dict]:
     """Render the trajectory as chat messages (Qwen2.5-VL content-part layout), with the user texts of
     ``prompts`` (default: inference; :class:`core.protocol.AnnotationPrompts` renders the annotator's
     conversation).

@@ -32,8 +32,17 @@ def record(
     A Core INSERT, not ``session.add``: an event is never edited, and the ORM unit of work per event cost
     more than the database write (several events per investigation, profiled in benchmarks/bench_app.py).
     Pending changes are flushed first, so the event follows the change it describes."""
-    session.execute(insert(AuditEvent), {"actor": actor, "action": action, "entity": entity, "entity_id": str(entity_id),
-                                         "before": plain(before), "after": plain(after)})
+    session.execute(
+        insert(AuditEvent),
+        {
+            "actor": actor,
+            "action": action,
+            "entity": entity,
+            "entity_id": str(entity_id),
+            "before": plain(before),
+            "after": plain(after),
+        },
+    )
 
 
 def plain(obj: Any) -> Any:
@@ -61,7 +70,9 @@ def _refuse_changes(session: Session, _ctx, _instances) -> None:
             raise AuditLogImmutableError(f"audit event {obj.id} cannot be deleted: the audit log is append-only")
     for obj in session.dirty:
         if isinstance(obj, AuditEvent) and session.is_modified(obj):
-            raise AuditLogImmutableError(f"audit event {obj.id} cannot be changed: the audit log is append-only; record a new event instead")
+            raise AuditLogImmutableError(
+                f"audit event {obj.id} cannot be changed: the audit log is append-only; record a new event instead"
+            )
 
 
 @event.listens_for(Session, "do_orm_execute")

@@ -26,7 +26,15 @@ def create_case(session: Session, files: FileStore, data: bytes, *, filename: st
     case = Case(image_sha256=sha, filename=filename, byte_size=len(data), created_by=user)
     session.add(case)
     session.flush()
-    audit.record(session, user, "case.create", "case", case.id, None, {"image_sha256": sha, "filename": filename, "byte_size": len(data)})
+    audit.record(
+        session,
+        user,
+        "case.create",
+        "case",
+        case.id,
+        None,
+        {"image_sha256": sha, "filename": filename, "byte_size": len(data)},
+    )
     return case
 
 
@@ -45,13 +53,17 @@ def set_attack_type(session: Session, case_id: str, attack_type: str | None, *, 
     """
     value = (attack_type or "").strip().lower() or None
     if value is not None and value not in ATTACK_TYPES:
-        raise InvalidCaseError(f"attack type must be one of {', '.join(ATTACK_TYPES)} (or empty to clear it), not {attack_type!r}")
+        raise InvalidCaseError(
+            f"attack type must be one of {', '.join(ATTACK_TYPES)} (or empty to clear it), not {attack_type!r}"
+        )
     case = get_case(session, case_id)
     before = case.attack_type
     if value != before:
         case.attack_type = value
         session.flush()
-        audit.record(session, user, "case.set_attack_type", "case", case.id, {"attack_type": before}, {"attack_type": value})
+        audit.record(
+            session, user, "case.set_attack_type", "case", case.id, {"attack_type": before}, {"attack_type": value}
+        )
     return case
 
 
@@ -61,7 +73,14 @@ def cases_with_image(session: Session, sha256: str) -> list[Case]:
 
 
 def record_export(
-    session: Session, files: FileStore, investigation_id: str, data: bytes, *, format: str, filename: str | None, user: str
+    session: Session,
+    files: FileStore,
+    investigation_id: str,
+    data: bytes,
+    *,
+    format: str,
+    filename: str | None,
+    user: str,
 ) -> Export:
     """Keep a copy of what was handed out (report, bundle) and who took it."""
     if session.get(Investigation, investigation_id) is None:
@@ -70,7 +89,15 @@ def record_export(
     exp = Export(investigation_id=investigation_id, format=format, filename=filename, file_sha256=sha, created_by=user)
     session.add(exp)
     session.flush()
-    audit.record(session, user, "export.create", "export", exp.id, None, {"investigation_id": investigation_id, "format": format, "filename": filename, "file_sha256": sha})
+    audit.record(
+        session,
+        user,
+        "export.create",
+        "export",
+        exp.id,
+        None,
+        {"investigation_id": investigation_id, "format": format, "filename": filename, "file_sha256": sha},
+    )
     return exp
 
 
@@ -95,13 +122,26 @@ def record_dataset_export(
     if missing:
         raise NotFoundError(f"no investigation {missing[0]!r} to record in a dataset export")
     sha = files.put(manifest_bytes)
-    exp = DatasetExport(folder=folder, format=format, manifest_sha256=sha, files=dict(file_hashes), counts=dict(counts), created_by=user)
+    exp = DatasetExport(
+        folder=folder, format=format, manifest_sha256=sha, files=dict(file_hashes), counts=dict(counts), created_by=user
+    )
     exp.items = [DatasetExportItem(investigation_id=i, review_version=v, label=label) for i, v, label in items]
     session.add(exp)
     session.flush()
     audit.record(
-        session, user, "dataset_export.create", "dataset_export", exp.id, None,
-        {"folder": folder, "format": format, "manifest_sha256": sha, "files": dict(file_hashes), "counts": dict(counts),
-         "investigations": {i: {"review_version": v, "label": label} for i, v, label in items}},
+        session,
+        user,
+        "dataset_export.create",
+        "dataset_export",
+        exp.id,
+        None,
+        {
+            "folder": folder,
+            "format": format,
+            "manifest_sha256": sha,
+            "files": dict(file_hashes),
+            "counts": dict(counts),
+            "investigations": {i: {"review_version": v, "label": label} for i, v, label in items},
+        },
     )
     return exp

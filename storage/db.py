@@ -109,4 +109,3 @@ def open_storage(data_dir: str | Path, url: str | None = None) -> Storage:
     engine = make_engine(url, data_dir=data_dir)
     init_db(engine)
     return Storage(engine, session_factory(engine), FileStore(Path(data_dir) / FILES_DIRNAME))
-

@@ -71,7 +71,9 @@ class FileStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise NotFoundError(f"file {sha} is not in the file store at {self.root}; was the data directory moved or pruned?") from None
+            raise NotFoundError(
+                f"file {sha} is not in the file store at {self.root}; was the data directory moved or pruned?"
+            ) from None
         actual = sha256_bytes(data)
         if actual != sha:
             raise TamperedFileError(

@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 from core.events import Event, InvestigationFinished, InvestigationStarted, TurnCompleted
 from core.faces import FaceCrop
 from core.protocol import FastAnswer, ToolCall
-from core.trajectory import FaceInfo, Final
+from core.trajectory import FaceInfo, Final, Trajectory
 from core.trajectory import ToolResult as TrajToolResult
-from core.trajectory import Trajectory
 from core.trajectory import Turn as TrajTurn
 
 from . import audit
@@ -49,7 +48,9 @@ class InvestigationRecorder:
             render(event)
     """
 
-    def __init__(self, sessions: sessionmaker[Session], files: FileStore, case_id: str, *, user: str, rerun_of: str | None = None):
+    def __init__(
+        self, sessions: sessionmaker[Session], files: FileStore, case_id: str, *, user: str, rerun_of: str | None = None
+    ):
         self.sessions = sessions
         self.files = files
         self.case_id = case_id
@@ -75,7 +76,9 @@ class InvestigationRecorder:
 
     def _started(self, traj: Trajectory) -> None:
         if self.investigation_id is not None:
-            raise InvestigationStateError(f"this recorder already holds investigation {self.investigation_id}; use one recorder per run")
+            raise InvestigationStateError(
+                f"this recorder already holds investigation {self.investigation_id}; use one recorder per run"
+            )
         crop_sha = self.files.put_png(traj.crop) if traj.crop is not None else None
         with self.sessions.begin() as s:
             case = s.get(Case, self.case_id)
@@ -104,8 +107,21 @@ class InvestigationRecorder:
                 started_at=_parse_time(traj.created_at),
             )
             s.add(inv)
-            audit.record(s, self.user, "investigation.start", "investigation", inv.id, None,
-                         {"case_id": case.id, "policy": inv.policy, "policy_version": inv.policy_version, "params": inv.params, "rerun_of": self.rerun_of})
+            audit.record(
+                s,
+                self.user,
+                "investigation.start",
+                "investigation",
+                inv.id,
+                None,
+                {
+                    "case_id": case.id,
+                    "policy": inv.policy,
+                    "policy_version": inv.policy_version,
+                    "params": inv.params,
+                    "rerun_of": self.rerun_of,
+                },
+            )
         self.investigation_id = traj.id
 
     def _turn(self, turn: TrajTurn) -> None:
@@ -115,33 +131,52 @@ class InvestigationRecorder:
         # Core INSERTs: a turn row is written once and never edited through a session, and the ORM unit of
         # work cost several times the SQLite work per turn (profiled in benchmarks/bench_app.py's batch).
         with self.sessions.begin() as s:
-            turn_id = s.scalar(insert(Turn).returning(Turn.id), {
-                "investigation_id": inv_id,
-                "index": turn.index,
-                "kind": turn.kind,
-                "text": turn.text,
-                "fast": asdict(turn.fast) if turn.fast else None,
-                "think": turn.think,
-                "tool_call": audit.plain(asdict(turn.tool_call)) if turn.tool_call else None,
-                "answer": turn.answer,
-                "parse_error": turn.parse_error,
-                "tool_error": turn.tool_error,
-                "score_spoof": _num(turn.score_spoof),
-                "elapsed_ms": float(turn.elapsed_ms),
-                "notes": audit.plain(turn.notes) or {},
-            })
+            turn_id = s.scalar(
+                insert(Turn).returning(Turn.id),
+                {
+                    "investigation_id": inv_id,
+                    "index": turn.index,
+                    "kind": turn.kind,
+                    "text": turn.text,
+                    "fast": asdict(turn.fast) if turn.fast else None,
+                    "think": turn.think,
+                    "tool_call": audit.plain(asdict(turn.tool_call)) if turn.tool_call else None,
+                    "answer": turn.answer,
+                    "parse_error": turn.parse_error,
+                    "tool_error": turn.tool_error,
+                    "score_spoof": _num(turn.score_spoof),
+                    "elapsed_ms": float(turn.elapsed_ms),
+                    "notes": audit.plain(turn.notes) or {},
+                },
+            )
             if r is not None:
-                s.execute(insert(ToolResult), {
-                    "turn_id": turn_id,
-                    "name": r.name,
-                    "arguments": audit.plain(r.arguments) or {},
-                    "stats": audit.plain(r.stats) or {},
-                    "expert_p_spoof": _num(r.expert_p_spoof),
-                    "elapsed_ms": float(r.elapsed_ms),
-                    "image_sha256": image_sha,
-                })
-            audit.record(s, self.user, "turn.record", "turn", turn_id, None,
-                         {"investigation_id": inv_id, "index": turn.index, "kind": turn.kind, "tool": r.name if r else None, "error": turn.error})
+                s.execute(
+                    insert(ToolResult),
+                    {
+                        "turn_id": turn_id,
+                        "name": r.name,
+                        "arguments": audit.plain(r.arguments) or {},
+                        "stats": audit.plain(r.stats) or {},
+                        "expert_p_spoof": _num(r.expert_p_spoof),
+                        "elapsed_ms": float(r.elapsed_ms),
+                        "image_sha256": image_sha,
+                    },
+                )
+            audit.record(
+                s,
+                self.user,
+                "turn.record",
+                "turn",
+                turn_id,
+                None,
+                {
+                    "investigation_id": inv_id,
+                    "index": turn.index,
+                    "kind": turn.kind,
+                    "tool": r.name if r else None,
+                    "error": turn.error,
+                },
+            )
 
     def _finished(self, traj: Trajectory) -> None:
         inv_id = self._require_started()
@@ -167,7 +202,9 @@ class InvestigationRecorder:
 
     def _require_started(self) -> str:
         if self.investigation_id is None:
-            raise InvestigationStateError("a turn or the end of an investigation arrived before InvestigationStarted; record the whole event stream")
+            raise InvestigationStateError(
+                "a turn or the end of an investigation arrived before InvestigationStarted; record the whole event stream"
+            )
         return self.investigation_id
 
 
@@ -184,7 +221,9 @@ def mark_interrupted(session: Session, *, all_running: bool = False) -> list[str
             continue
         before = _outcome(inv)
         inv.status = "interrupted"
-        inv.error = inv.error or "the process recording this investigation stopped before it finished (crash, kill or shutdown)"
+        inv.error = (
+            inv.error or "the process recording this investigation stopped before it finished (crash, kill or shutdown)"
+        )
         inv.finished_at = utcnow()
         audit.record(session, SYSTEM, "investigation.interrupt", "investigation", inv.id, before, _outcome(inv))
         marked.append(inv.id)
@@ -257,7 +296,11 @@ def load_trajectory(session: Session, files: FileStore, investigation_id: str) -
                 notes=dict(t.notes or {}),
             )
         )
-    final = Final(inv.verdict, inv.score_spoof, inv.final_source) if inv.verdict is not None and inv.score_spoof is not None else None
+    final = (
+        Final(inv.verdict, inv.score_spoof, inv.final_source)
+        if inv.verdict is not None and inv.score_spoof is not None
+        else None
+    )
     return Trajectory(
         policy=inv.policy,
         policy_version=inv.policy_version,
@@ -282,9 +325,18 @@ def load_trajectory(session: Session, files: FileStore, investigation_id: str) -
 def face_of(traj: Trajectory) -> FaceCrop:
     """The FaceCrop a stored trajectory investigated: re-run it on exactly the same pixels."""
     if traj.crop is None or traj.face is None:
-        raise InvestigationStateError(f"investigation {traj.id} has no stored crop; open its case and prepare the face again")
+        raise InvestigationStateError(
+            f"investigation {traj.id} has no stored crop; open its case and prepare the face again"
+        )
     f = traj.face
-    return FaceCrop(traj.crop, tuple(f.bbox) if f.bbox else None, tuple(f.crop_box), tuple(f.source_size), f.face_detected, list(f.notes))
+    return FaceCrop(
+        traj.crop,
+        tuple(f.bbox) if f.bbox else None,
+        tuple(f.crop_box),
+        tuple(f.source_size),
+        f.face_detected,
+        list(f.notes),
+    )
 
 
 def _outcome(inv: Investigation) -> dict:

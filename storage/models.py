@@ -10,7 +10,20 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Named constraints: SQLite can only change them in Alembic batch mode, which needs their names.
@@ -68,14 +81,18 @@ class Case(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     image_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    filename: Mapped[str | None] = mapped_column(Text)  # as uploaded: Text, so PostgreSQL takes any length, as SQLite does
+    filename: Mapped[str | None] = mapped_column(
+        Text
+    )  # as uploaded: Text, so PostgreSQL takes any length, as SQLite does
     byte_size: Mapped[int] = mapped_column(Integer)
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)  # the queue's order
     # Set by the analyst (storage.cases.set_attack_type, audited); the queue filters on it and exports carry it.
     attack_type: Mapped[str | None] = mapped_column(String(32), index=True)
 
-    investigations: Mapped[list[Investigation]] = relationship(back_populates="case", order_by="Investigation.started_at")
+    investigations: Mapped[list[Investigation]] = relationship(
+        back_populates="case", order_by="Investigation.started_at"
+    )
 
 
 class Investigation(Base):
@@ -173,7 +190,9 @@ class Review(Base):
     version: Mapped[int] = mapped_column(Integer)
 
     investigation: Mapped[Investigation] = relationship(back_populates="review")
-    flags: Mapped[list[TurnFlag]] = relationship(back_populates="review", cascade="all, delete-orphan", order_by="TurnFlag.id")
+    flags: Mapped[list[TurnFlag]] = relationship(
+        back_populates="review", cascade="all, delete-orphan", order_by="TurnFlag.id"
+    )
 
     # Optimistic locking: UPDATE ... WHERE version = <the version this session loaded>.
     __mapper_args__ = {"version_id_col": version}
@@ -226,7 +245,9 @@ class DatasetExport(Base):
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
-    items: Mapped[list[DatasetExportItem]] = relationship(back_populates="export", cascade="all, delete-orphan", order_by="DatasetExportItem.id")
+    items: Mapped[list[DatasetExportItem]] = relationship(
+        back_populates="export", cascade="all, delete-orphan", order_by="DatasetExportItem.id"
+    )
 
 
 class DatasetExportItem(Base):

@@ -104,13 +104,28 @@ def _queue_select() -> Select:
     )
     runs = select(func.count(inner.id)).where(inner.case_id == Case.id).correlate(Case).scalar_subquery()
     latest = Investigation
-    disagree = and_(Review.verdict.in_(("real", "spoof")), latest.verdict.is_not(None), Review.verdict != latest.verdict)
+    disagree = and_(
+        Review.verdict.in_(("real", "spoof")), latest.verdict.is_not(None), Review.verdict != latest.verdict
+    )
     return (
         select(
-            Case.id, Case.filename, Case.image_sha256, Case.created_at, Case.created_by, Case.attack_type,
-            latest.id.label("investigation_id"), latest.status, latest.verdict, latest.score_spoof,
-            latest.policy, latest.policy_version, latest.started_at, runs.label("runs"),
-            Review.verdict.label("analyst_verdict"), Review.reviewer, Review.version.label("review_version"),
+            Case.id,
+            Case.filename,
+            Case.image_sha256,
+            Case.created_at,
+            Case.created_by,
+            Case.attack_type,
+            latest.id.label("investigation_id"),
+            latest.status,
+            latest.verdict,
+            latest.score_spoof,
+            latest.policy,
+            latest.policy_version,
+            latest.started_at,
+            runs.label("runs"),
+            Review.verdict.label("analyst_verdict"),
+            Review.reviewer,
+            Review.version.label("review_version"),
             func.coalesce(disagree, False).label("disagreement"),
         )
         .select_from(Case)
@@ -124,7 +139,9 @@ def _filtered(stmt: Select, f: CaseFilter) -> Select:
     if f.unreviewed_only:
         stmt = stmt.where(cols.investigation_id.is_not(None), cols.analyst_verdict.is_(None))
     if f.disagreement_only:
-        stmt = stmt.where(cols.analyst_verdict.in_(("real", "spoof")), cols.verdict.is_not(None), cols.analyst_verdict != cols.verdict)
+        stmt = stmt.where(
+            cols.analyst_verdict.in_(("real", "spoof")), cols.verdict.is_not(None), cols.analyst_verdict != cols.verdict
+        )
     if f.uncertain_only:
         stmt = stmt.where(cols.score_spoof.between(f.threshold - f.band, f.threshold + f.band))
     if f.attack_type is not None:

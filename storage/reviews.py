@@ -62,7 +62,10 @@ def submit_review(
     inv = session.get(Investigation, investigation_id)
     if inv is None:
         raise NotFoundError(f"no investigation {investigation_id!r} to review")
-    turn_ids = {i: tid for i, tid in session.execute(select(Turn.index, Turn.id).where(Turn.investigation_id == investigation_id))}
+    turn_ids = {
+        i: tid
+        for i, tid in session.execute(select(Turn.index, Turn.id).where(Turn.investigation_id == investigation_id))
+    }
     wanted = _check_flags(flags or {}, turn_ids)
 
     review = _current(session, investigation_id)
@@ -93,7 +96,15 @@ def submit_review(
         ) from exc
     state = _state(review)
     action = "review.create" if before is None else "review.update"
-    audit.record(session, reviewer, action, "review", review.id, before, _snapshot(state) | {"investigation_id": investigation_id})
+    audit.record(
+        session,
+        reviewer,
+        action,
+        "review",
+        review.id,
+        before,
+        _snapshot(state) | {"investigation_id": investigation_id},
+    )
     return state
 
 

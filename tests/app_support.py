@@ -39,7 +39,9 @@ def is_png(path) -> bool:
 
 def chat_files(chat: list[dict]) -> list[str]:
     """The file paths in a Chatbot value as gradio_client returns it."""
-    return [part["file"] for m in chat for part in m["content"] if isinstance(part, dict) and part.get("type") == "file"]
+    return [
+        part["file"] for m in chat for part in m["content"] if isinstance(part, dict) and part.get("type") == "file"
+    ]
 
 
 def chat_titles(chat: list[dict]) -> list[str]:

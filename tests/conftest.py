@@ -76,7 +76,13 @@ def synthetic_images(folder: Path, groups: int = 4, per_class: int = 3, seed: in
 
     from core.samples import simulate_print, simulate_replay
 
-    sources = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(), skimage.data.immunohistochemistry()]
+    sources = [
+        skimage.data.astronaut(),
+        skimage.data.chelsea(),
+        skimage.data.coffee(),
+        skimage.data.rocket(),
+        skimage.data.immunohistochemistry(),
+    ]
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -87,7 +93,9 @@ def synthetic_images(folder: Path, groups: int = 4, per_class: int = 3, seed: in
         for j in range(per_class):
             side = int(min(h, w) * rng.uniform(0.6, 0.8))
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            img = cv2.resize(src[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+            img = cv2.resize(src[y : y + side, x : x + side], (size, size), interpolation=cv2.INTER_AREA).astype(
+                np.float32
+            )
             img = np.clip(img * rng.uniform(0.8, 1.2) + rng.uniform(-20, 20), 0, 255).astype(np.uint8)
             attack = "print" if j % 2 == 0 else "replay"
             fake = simulate_print(img) if attack == "print" else simulate_replay(img)
@@ -116,7 +124,13 @@ def tiny_config(tiny_manifest, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_weights")
     return ExpertTrainConfig(
-        manifests=[str(tiny_manifest)], epochs=2, samples_per_epoch=16, batch_size=8, rgb_size=64, threads=1, out=str(out)
+        manifests=[str(tiny_manifest)],
+        epochs=2,
+        samples_per_epoch=16,
+        batch_size=8,
+        rgb_size=64,
+        threads=1,
+        out=str(out),
     )
 
 

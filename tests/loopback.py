@@ -26,7 +26,9 @@ def transformers_serve(model_dir: Path, workdir: Path, *, start_timeout_s: float
     torchvision-free processor: without it the server silently drops every image."""
     exe = Path(sys.executable).with_name("transformers")
     port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(workdir / "hf"))
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(workdir / "hf")
+    )
     log_path = workdir / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -43,7 +45,9 @@ def transformers_serve(model_dir: Path, workdir: Path, *, start_timeout_s: float
                 except OSError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("transformers serve did not start:\n" + log_path.read_text(errors="replace")[-3000:])
+                    raise RuntimeError(
+                        "transformers serve did not start:\n" + log_path.read_text(errors="replace")[-3000:]
+                    )
                 time.sleep(0.25)
             yield f"http://127.0.0.1:{port}/v1"
         finally:

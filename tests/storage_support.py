@@ -31,8 +31,12 @@ MALFORMED = "I think it is real."
 # e.g. postgresql+psycopg://tarfas:tarfas@127.0.0.1:PORT/tarfas (scripts/pg-test-server.sh starts one);
 # unset: every test gets its own SQLite file, as the workbench does by default.
 TEST_DATABASE_URL = os.environ.get("TARFAS_TEST_DATABASE_URL") or None
-sqlite_only = pytest.mark.skipif(TEST_DATABASE_URL is not None, reason="checks SQLite itself (TARFAS_TEST_DATABASE_URL is set)")
-server_only = pytest.mark.skipif(TEST_DATABASE_URL is None, reason="needs a database server: set TARFAS_TEST_DATABASE_URL")
+sqlite_only = pytest.mark.skipif(
+    TEST_DATABASE_URL is not None, reason="checks SQLite itself (TARFAS_TEST_DATABASE_URL is set)"
+)
+server_only = pytest.mark.skipif(
+    TEST_DATABASE_URL is None, reason="needs a database server: set TARFAS_TEST_DATABASE_URL"
+)
 
 
 @contextmanager
@@ -47,7 +51,9 @@ def fresh_database() -> Iterator[str | None]:
         yield None
         return
     schema = f"t_{uuid.uuid4().hex}"
-    url = make_url(TEST_DATABASE_URL).update_query_dict({"options": f"-csearch_path={schema}", "application_name": schema})
+    url = make_url(TEST_DATABASE_URL).update_query_dict(
+        {"options": f"-csearch_path={schema}", "application_name": schema}
+    )
     admin = create_engine(TEST_DATABASE_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
@@ -55,7 +61,10 @@ def fresh_database() -> Iterator[str | None]:
         yield url.render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
-            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :s"), {"s": schema})
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :s"),
+                {"s": schema},
+            )
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
 

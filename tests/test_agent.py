@@ -77,10 +77,18 @@ def test_clean_run_streams_events_in_order(face):
     policy, events = _events(face, [FAST_SPOOF, ZOOM, FFT, ANSWER_SPOOF])
     assert [type(e) for e in events] == [
         InvestigationStarted,
-        TurnStarted, TurnCompleted,  # fast answer
-        TurnStarted, ToolCalled, ToolResultReady, TurnCompleted,  # zoom
-        TurnStarted, ToolCalled, ToolResultReady, TurnCompleted,  # fft
-        TurnStarted, TurnCompleted,  # answer
+        TurnStarted,
+        TurnCompleted,  # fast answer
+        TurnStarted,
+        ToolCalled,
+        ToolResultReady,
+        TurnCompleted,  # zoom
+        TurnStarted,
+        ToolCalled,
+        ToolResultReady,
+        TurnCompleted,  # fft
+        TurnStarted,
+        TurnCompleted,  # answer
         VerdictReached,
         InvestigationFinished,
     ]
@@ -137,7 +145,9 @@ def test_the_policy_sees_the_protocol_prompts_and_tool_images(face):
 
 
 def test_trajectory_records_face_config_and_timings(face):
-    traj = run(face, ScriptedPolicy([FAST_REAL, ANSWER_REAL]), AgentConfig(extra={"on_no_face": "error"}), source="x.png")
+    traj = run(
+        face, ScriptedPolicy([FAST_REAL, ANSWER_REAL]), AgentConfig(extra={"on_no_face": "error"}), source="x.png"
+    )
     assert traj.policy == "scripted" and traj.policy_version == "1"
     assert traj.params["max_tool_calls"] == 3 and traj.params["max_format_errors"] == 2
     assert traj.params["on_no_face"] == "error"
@@ -311,7 +321,9 @@ def test_a_policy_that_raises_at_once_fails_cleanly(face):
 
 
 def test_a_non_finite_bbox_is_fed_back_not_fatal(face):
-    nan_zoom = '<think>zoom</think><tool_call>{"name": "ZoomInTool", "arguments": {"bbox": [0, 0, NaN, 100]}}</tool_call>'
+    nan_zoom = (
+        '<think>zoom</think><tool_call>{"name": "ZoomInTool", "arguments": {"bbox": [0, 0, NaN, 100]}}</tool_call>'
+    )
     policy, events = _events(face, [FAST_REAL, nan_zoom, ANSWER_REAL])
     traj = events[-1].trajectory
     assert traj.status == "completed", traj.error
@@ -320,7 +332,9 @@ def test_a_non_finite_bbox_is_fed_back_not_fatal(face):
 
 
 def test_when_fast_answer_retries_run_out_the_second_round_still_asks_for_reasoning(face):
-    policy, events = _events(face, [MALFORMED, MALFORMED, MALFORMED, FFT, ANSWER_SPOOF], config=AgentConfig(max_format_errors=2))
+    policy, events = _events(
+        face, [MALFORMED, MALFORMED, MALFORMED, FFT, ANSWER_SPOOF], config=AgentConfig(max_format_errors=2)
+    )
     traj = events[-1].trajectory
     assert [t.kind for t in traj.turns] == ["fast", "fast", "fast", "reasoning", "reasoning"]
     assert traj.fast_answer is None

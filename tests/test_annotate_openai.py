@@ -71,16 +71,27 @@ class ScriptedServer:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
-                step = self.responder(body) if self.responder else (self.script.pop(0) if self.script else {"status": 500, "error": "script exhausted"})
+                step = (
+                    self.responder(body)
+                    if self.responder
+                    else (self.script.pop(0) if self.script else {"status": 500, "error": "script exhausted"})
+                )
                 if step.get("sleep"):
                     await asyncio.sleep(step["sleep"])
             finally:
                 self.in_flight -= 1
             if "status" in step:
-                return JSONResponse({"error": {"message": step["error"], "type": "invalid_request_error"}}, status_code=step["status"])
+                return JSONResponse(
+                    {"error": {"message": step["error"], "type": "invalid_request_error"}}, status_code=step["status"]
+                )
             return {
-                "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": step["content"]}, "finish_reason": "stop"}],
+                "id": "chatcmpl-test",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": step["content"]}, "finish_reason": "stop"}
+                ],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             }
 
@@ -123,7 +134,9 @@ def tools(bank) -> ToolRegistry:
 
 
 FAST = "<Spoof><reason>The face looks flat, with a paper-like surface.</reason>"
-CALL_FFT = protocol.format_tool_call_turn("I look for halftone peaks in the spectrum.", protocol.ToolCall("FFTTool", {}))
+CALL_FFT = protocol.format_tool_call_turn(
+    "I look for halftone peaks in the spectrum.", protocol.ToolCall("FFTTool", {})
+)
 ANSWER = protocol.format_answer_turn("The spectrum shows periodic peaks of a print: a printed photo.", "spoof")
 
 
@@ -158,7 +171,9 @@ def spoof_rows(tiny_manifest, n=1):
 def test_text_annotation_through_a_real_http_server(server, tiny_manifest, bank, tools, tmp_path):
     server.script = text_script()
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=10, retries=0)
-    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(
+        spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET)
+    )
     assert summary.accepted == 1 and ann.calls == 3
     first, second, third = server.requests
     # eq. 4: the face image + query + hint; Fig. S8 system prompt; the image as a PNG data URI
@@ -168,7 +183,10 @@ def test_text_annotation_through_a_real_http_server(server, tiny_manifest, bank,
     assert "response_format" not in first
     # eq. 5: the tool image + the expert guidance
     p = bank.p_spoof("FFTTool", request_images(third)[1])
-    assert any(t.startswith(f"This is the result of FFTTool. The expert predicts {round(100 * p)}% there's spoof trace") for t in request_texts(third))
+    assert any(
+        t.startswith(f"This is the result of FFTTool. The expert predicts {round(100 * p)}% there's spoof trace")
+        for t in request_texts(third)
+    )
     assert len(request_images(second)) == 1 and len(request_images(third)) == 2
     rec = read_dataset(tmp_path / "ds").trajectories[0]
     assert [m["content"][0]["text"] for m in rec.messages if m["role"] == "assistant"] == [FAST, CALL_FFT, ANSWER]
@@ -178,7 +196,9 @@ def test_text_annotation_through_a_real_http_server(server, tiny_manifest, bank,
 def test_concurrency_limits_the_requests_in_flight(server, tiny_manifest, bank, tools, tmp_path):
     def respond(body):  # answer each conversation by where it stands, whatever the interleaving
         last = request_texts(body)[-1]
-        content = FAST if protocol.ANNOTATION_QUERY in last else (CALL_FFT if protocol.TOOL_GUIDANCE in last else ANSWER)
+        content = (
+            FAST if protocol.ANNOTATION_QUERY in last else (CALL_FFT if protocol.TOOL_GUIDANCE in last else ANSWER)
+        )
         return {"sleep": 0.2, "content": content}
 
     server.responder = respond
@@ -197,15 +217,37 @@ def test_concurrency_limits_the_requests_in_flight(server, tiny_manifest, bank, 
 def test_structured_output_is_requested_and_rendered_in_the_protocol_format(server, crop, bank, tools):
     server.script = [
         {"content": json.dumps({"verdict": "Spoof", "reason": "Flat, paper-like face."})},
-        {"content": json.dumps({"think": "Zoom into the cheeks.", "action": "tool_call", "tool_name": "ZoomInTool", "arguments": {"bbox": [60, 80, 160, 180]}})},
-        {"content": "```json\n" + json.dumps({"think": "Print dots on the cheeks.", "action": "answer", "answer": "Spoof"}) + "\n```"},
+        {
+            "content": json.dumps(
+                {
+                    "think": "Zoom into the cheeks.",
+                    "action": "tool_call",
+                    "tool_name": "ZoomInTool",
+                    "arguments": {"bbox": [60, 80, 160, 180]},
+                }
+            )
+        },
+        {
+            "content": "```json\n"
+            + json.dumps({"think": "Print dots on the cheeks.", "action": "answer", "answer": "Spoof"})
+            + "\n```"
+        },
     ]
     ann = OpenAIAnnotator("scripted", server.url, structured="auto", timeout=10, retries=0)
     result = annotate_image(crop, Hint("spoof", "print"), ann, registry=tools)
-    assert stop_reason(result) == "answered" and final_answer(result) == "spoof" and result.tool_turns[0].tool_result.name == "ZoomInTool"
-    assert result.turns[1].text == protocol.format_tool_call_turn("Zoom into the cheeks.", protocol.ToolCall("ZoomInTool", {"bbox": [60, 80, 160, 180]}))
+    assert (
+        stop_reason(result) == "answered"
+        and final_answer(result) == "spoof"
+        and result.tool_turns[0].tool_result.name == "ZoomInTool"
+    )
+    assert result.turns[1].text == protocol.format_tool_call_turn(
+        "Zoom into the cheeks.", protocol.ToolCall("ZoomInTool", {"bbox": [60, 80, 160, 180]})
+    )
     rf = server.requests[1]["response_format"]
-    assert rf["type"] == "json_schema" and rf["json_schema"]["schema"]["properties"]["tool_name"]["enum"] == ToolRegistry().names
+    assert (
+        rf["type"] == "json_schema"
+        and rf["json_schema"]["schema"]["properties"]["tool_name"]["enum"] == ToolRegistry().names
+    )
     assert request_texts(server.requests[0])[-1] == protocol.ANNOTATION_JSON_FAST
 
 
@@ -218,8 +260,15 @@ def test_an_endpoint_that_refuses_structured_output_gets_text(server, crop, bank
 
 
 def test_timeouts_and_server_errors_are_retried_with_backoff(server, crop, bank, tools):
-    server.script = [{"sleep": 1.5, "content": FAST}, {"status": 503, "error": "overloaded"}, {"status": 500, "error": "boom"},
-                     {"content": FAST}, {"content": ""}, {"content": CALL_FFT}, {"content": ANSWER}]
+    server.script = [
+        {"sleep": 1.5, "content": FAST},
+        {"status": 503, "error": "overloaded"},
+        {"status": 500, "error": "boom"},
+        {"content": FAST},
+        {"content": ""},
+        {"content": CALL_FFT},
+        {"content": ANSWER},
+    ]
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=0.5, retries=3, backoff=0.05)
     t0 = time.perf_counter()
     result = annotate_image(crop, Hint("spoof", "print"), ann, registry=tools)
@@ -228,7 +277,9 @@ def test_timeouts_and_server_errors_are_retried_with_backoff(server, crop, bank,
     assert time.perf_counter() - t0 >= 0.5 + 0.05 + 0.1 + 0.2  # timeout + three backoffs
 
 
-def test_an_annotator_that_never_answers_fails_the_sample_for_the_next_run(server, tiny_manifest, bank, tools, tmp_path):
+def test_an_annotator_that_never_answers_fails_the_sample_for_the_next_run(
+    server, tiny_manifest, bank, tools, tmp_path
+):
     rows = spoof_rows(tiny_manifest)
     server.script = [{"status": 502, "error": "bad gateway"}] * 2
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=5, retries=1, backoff=0.01)
@@ -245,7 +296,9 @@ def test_malformed_structured_replies_are_retried_then_fail(server, crop, bank):
     ann = OpenAIAnnotator("scripted", server.url, structured="on", timeout=5, retries=1, backoff=0.01)
     so_far = Trajectory(policy="x", crop=crop, tools=ToolRegistry().names, meta={"hint": Hint("spoof").as_meta()})
     prompts = AnnotationPrompts()
-    messages = to_messages(so_far, system=prompts.system(ToolRegistry().schemas()), next_prompt=True, next_kind="fast", prompts=prompts)
+    messages = to_messages(
+        so_far, system=prompts.system(ToolRegistry().schemas()), next_prompt=True, next_kind="fast", prompts=prompts
+    )
     with pytest.raises(AnnotatorError, match="malformed structured reply"):
         ann.next_turn(Conversation(crop, so_far, messages, ToolRegistry(), 5, "fast", 6))
     assert ann.retried == {"malformed_reply": 2}
@@ -266,9 +319,15 @@ def test_authentication_errors_are_not_retried(server, crop, bank, tools, monkey
 
 
 def test_protocol_breaking_replies_are_re_annotated_once_then_rejected(server, tiny_manifest, bank, tools, tmp_path):
-    server.script = [{"content": "Spoof. It looks flat."}, {"content": FAST}, {"content": "I would call the FFT tool now."}]
+    server.script = [
+        {"content": "Spoof. It looks flat."},
+        {"content": FAST},
+        {"content": "I would call the FFT tool now."},
+    ]
     ann = OpenAIAnnotator("scripted", server.url, structured="off", timeout=5, retries=0)
-    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
+    summary = run_annotation(
+        spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET)
+    )
     assert summary.rejected == 1
     bad = json.loads((tmp_path / "ds" / REJECTED).read_text())
     assert [a["issues"][0]["code"] for a in bad["attempts"]] == ["malformed_fast_answer", "malformed_turn"]
@@ -287,10 +346,16 @@ def nano_server(tmp_path_factory):
         yield url, str(model)
 
 
-def test_transformers_serve_nano_model_garbage_is_rejected_as_malformed(nano_server, tiny_manifest, bank, tools, tmp_path):
+def test_transformers_serve_nano_model_garbage_is_rejected_as_malformed(
+    nano_server, tiny_manifest, bank, tools, tmp_path
+):
     url, model = nano_server
-    ann = OpenAIAnnotator(model, url, structured="auto", timeout=60, retries=1, backoff=0.1, max_tokens=24, temperature=0.0)
-    summary = run_annotation(spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET))
+    ann = OpenAIAnnotator(
+        model, url, structured="auto", timeout=60, retries=1, backoff=0.1, max_tokens=24, temperature=0.0
+    )
+    summary = run_annotation(
+        spoof_rows(tiny_manifest), ann, tmp_path / "ds", registry=tools, config=AnnotateConfig(**QUIET)
+    )
     assert (summary.accepted, summary.rejected, summary.failed) == (0, 1, 0)
     # transformers serve ignores response_format (a warning, no error): detected, text from then on
     assert ann.structured == "off" and ann.retried.get("no_structured_output") == 1
@@ -304,4 +369,6 @@ def test_transformers_serve_unknown_model_is_a_clear_error(nano_server, crop, ba
     url, _ = nano_server
     ann = OpenAIAnnotator("no-such-model", url, structured="off", timeout=30, retries=0)
     result = annotate_image(crop, Hint("real"), ann, registry=tools)
-    assert stop_reason(result) == "annotator_error" and "refused the request" in result.error and ann.calls == 1  # not retried
+    assert (
+        stop_reason(result) == "annotator_error" and "refused the request" in result.error and ann.calls == 1
+    )  # not retried

@@ -50,9 +50,13 @@ def all_texts(record) -> list[str]:
 def test_offline_annotator_builds_a_training_dataset_from_fasdev(fasdev, annotator, tmp_path):
     rows = load_rows(fasdev / "manifest.csv", domains=["nuaa", "apfol"], limit=6, seed=3)
     out = tmp_path / "ds"
-    summary = run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
+    summary = run_annotation(
+        rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET)
+    )
     assert summary.todo == 6 and summary.failed == 0
-    assert summary.accepted == 6, json.loads((out / REJECTED).read_text() or "{}") if (out / REJECTED).stat().st_size else None
+    assert summary.accepted == 6, (
+        json.loads((out / REJECTED).read_text() or "{}") if (out / REJECTED).stat().st_size else None
+    )
 
     ds = read_dataset(out)  # what `tarfas train sft --stage fi` reads
     assert ds.manifest["source"] == "annotation" and ds.manifest["counts"]["trajectories"] == 6
@@ -134,7 +138,9 @@ run_annotation(load_rows({str(tiny_manifest)!r}), ann, {str(out)!r}, registry=To
     assert not (out / "manifest.json").exists()  # killed before it could finish
 
     rows = load_rows(tiny_manifest)
-    summary = run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
+    summary = run_annotation(
+        rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET)
+    )
     assert summary.skipped >= 3 and summary.todo == len(rows) - summary.skipped
     ds = read_dataset(out)
     rejected = [json.loads(line) for line in (out / REJECTED).read_text().splitlines()]
@@ -142,14 +148,28 @@ run_annotation(load_rows({str(tiny_manifest)!r}), ann, {str(out)!r}, registry=To
     assert len(ids) == len(set(ids)) == len(rows)  # everything once
     assert all(Path(ds.folder / p).is_file() for r in ds.trajectories for p in r.image_paths)
 
-    again = run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
+    again = run_annotation(
+        rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET)
+    )
     assert again.todo == 0 and again.skipped == len(rows)
 
 
 def test_concurrent_annotation_writes_the_same_dataset(tiny_manifest, annotator, tmp_path):
     rows = load_rows(tiny_manifest, limit=8, seed=1)
-    seq = run_annotation(rows, annotator, tmp_path / "seq", registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
-    par = run_annotation(rows, annotator, tmp_path / "par", registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(concurrency=3, **QUIET))
+    seq = run_annotation(
+        rows,
+        annotator,
+        tmp_path / "seq",
+        registry=ToolRegistry(readers=annotator.policy.bank),
+        config=AnnotateConfig(**QUIET),
+    )
+    par = run_annotation(
+        rows,
+        annotator,
+        tmp_path / "par",
+        registry=ToolRegistry(readers=annotator.policy.bank),
+        config=AnnotateConfig(concurrency=3, **QUIET),
+    )
     assert (seq.accepted, seq.rejected) == (par.accepted, par.rejected)
     a = {r.id: r.messages for r in read_dataset(tmp_path / "seq").trajectories}
     b = {r.id: r.messages for r in read_dataset(tmp_path / "par").trajectories}
@@ -167,21 +187,35 @@ class Leaky(ExpertAnnotator):
         out = super().next_turn(conv)
         turn = protocol.parse_reasoning_turn(out.text) if conv.kind == "reasoning" else None
         if turn is not None and turn.answer is not None and (self.always or attempt_of(conv.trajectory) == 1):
-            return PolicyOutput(protocol.format_answer_turn(turn.think + " The expert predicts 91% there's spoof trace.", turn.answer))
+            return PolicyOutput(
+                protocol.format_answer_turn(turn.think + " The expert predicts 91% there's spoof trace.", turn.answer)
+            )
         return out
 
 
 def test_failed_verification_is_re_annotated_once_then_discarded(tiny_manifest, annotator, tmp_path):
     rows = load_rows(tiny_manifest, limit=3, seed=2)
-    once = run_annotation(rows, Leaky(annotator.policy, always=False), tmp_path / "once", registry=ToolRegistry(readers=annotator.policy.bank),
-                          config=AnnotateConfig(**QUIET))
+    once = run_annotation(
+        rows,
+        Leaky(annotator.policy, always=False),
+        tmp_path / "once",
+        registry=ToolRegistry(readers=annotator.policy.bank),
+        config=AnnotateConfig(**QUIET),
+    )
     assert once.accepted == 3  # the re-annotation passed
     recs = read_dataset(tmp_path / "once").trajectories
-    assert all(len(r.meta["annotation"]["attempts"]) == 2 and "re-annotated" in r.meta["annotation"]["review"] for r in recs)
+    assert all(
+        len(r.meta["annotation"]["attempts"]) == 2 and "re-annotated" in r.meta["annotation"]["review"] for r in recs
+    )
     assert once.stats["first_attempt_failures"] == {"leakage:mentions_expert": 3}
 
-    always = run_annotation(rows, Leaky(annotator.policy, always=True), tmp_path / "always", registry=ToolRegistry(readers=annotator.policy.bank),
-                            config=AnnotateConfig(**QUIET))
+    always = run_annotation(
+        rows,
+        Leaky(annotator.policy, always=True),
+        tmp_path / "always",
+        registry=ToolRegistry(readers=annotator.policy.bank),
+        config=AnnotateConfig(**QUIET),
+    )
     assert always.rejected == 3 and always.accepted == 0
     bad = [json.loads(line) for line in (tmp_path / "always" / REJECTED).read_text().splitlines()]
     assert all(r["reasons"] == ["leakage:mentions_expert"] and len(r["attempts"]) == 2 for r in bad)
@@ -194,8 +228,16 @@ def test_unreadable_images_are_rejected_and_the_run_goes_on(tiny_manifest, annot
     broken.write_bytes(b"not an image")
     manifest = tmp_path / "m.csv"
     lines = tiny_manifest.read_text().splitlines()
-    manifest.write_text("\n".join([lines[0], *[f"{folder}/{ln}" for ln in lines[1:3]], f"{broken},spoof,print,x,train"]) + "\n")
-    summary = run_annotation(read_manifest(manifest), annotator, tmp_path / "ds", registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(**QUIET))
+    manifest.write_text(
+        "\n".join([lines[0], *[f"{folder}/{ln}" for ln in lines[1:3]], f"{broken},spoof,print,x,train"]) + "\n"
+    )
+    summary = run_annotation(
+        read_manifest(manifest),
+        annotator,
+        tmp_path / "ds",
+        registry=ToolRegistry(readers=annotator.policy.bank),
+        config=AnnotateConfig(**QUIET),
+    )
     assert (summary.accepted, summary.rejected) == (2, 1)
     bad = json.loads((tmp_path / "ds" / REJECTED).read_text())
     assert bad["reasons"] == ["input:unreadable"]
@@ -208,7 +250,13 @@ def test_review_queue_is_imported_into_the_workbench_store(tiny_manifest, annota
 
     rows = load_rows(tiny_manifest, limit=6, seed=4)
     out = tmp_path / "ds"
-    run_annotation(rows, annotator, out, registry=ToolRegistry(readers=annotator.policy.bank), config=AnnotateConfig(review_rate=1.0, **QUIET))
+    run_annotation(
+        rows,
+        annotator,
+        out,
+        registry=ToolRegistry(readers=annotator.policy.bank),
+        config=AnnotateConfig(review_rate=1.0, **QUIET),
+    )
     queue = [json.loads(line) for line in (out / REVIEW_QUEUE).read_text().splitlines()]
     assert len(queue) == 6 and all("random_sample" in q["reasons"] for q in queue)
 
@@ -227,7 +275,9 @@ def test_review_queue_is_imported_into_the_workbench_store(tiny_manifest, annota
                 assert c.verdict == q["label"] and (c.attack_type is not None) == (q["label"] == "spoof")
                 traj = load_trajectory(s, storage.files, c.investigation_id)
                 rec = next(r for r in read_dataset(out).trajectories if r.id == q["id"])
-                assert [t.text for t in traj.turns] == [m["content"][0]["text"] for m in rec.messages if m["role"] == "assistant"]
+                assert [t.text for t in traj.turns] == [
+                    m["content"][0]["text"] for m in rec.messages if m["role"] == "assistant"
+                ]
                 assert traj.tool_turns and traj.tool_turns[0].tool_result.image is not None
     finally:
         storage.close()
@@ -236,8 +286,21 @@ def test_review_queue_is_imported_into_the_workbench_store(tiny_manifest, annota
 def test_cli_annotate(tiny_manifest, tmp_path, capsys):
     from app.cli import main
 
-    rc = main(["annotate", str(tiny_manifest), "--out", str(tmp_path / "ds"), "--limit", "3", "--no-progress",
-               "--queue-into", str(tmp_path / "store"), "--review-rate", "1"])
+    rc = main(
+        [
+            "annotate",
+            str(tiny_manifest),
+            "--out",
+            str(tmp_path / "ds"),
+            "--limit",
+            "3",
+            "--no-progress",
+            "--queue-into",
+            str(tmp_path / "store"),
+            "--review-rate",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "3 accepted" in out and "review queue: 3 new investigations" in out
     assert read_dataset(tmp_path / "ds").manifest["extra"]["annotator"] == "expert"
@@ -253,6 +316,11 @@ def test_images_without_a_face_are_rejected_when_asked(annotator, tmp_path):
     Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(tmp_path / "wall.png")
     (tmp_path / "m.csv").write_text("path,label,attack_type,domain,split\nwall.png,real,,x,train\n")
     rows = read_manifest(tmp_path / "m.csv")
-    summary = run_annotation(rows, annotator, tmp_path / "ds", registry=ToolRegistry(readers=annotator.policy.bank),
-                             config=AnnotateConfig(on_no_face="error", **QUIET))
+    summary = run_annotation(
+        rows,
+        annotator,
+        tmp_path / "ds",
+        registry=ToolRegistry(readers=annotator.policy.bank),
+        config=AnnotateConfig(on_no_face="error", **QUIET),
+    )
     assert summary.rejected == 1 and summary.stats["rejection_reasons"] == {"input:no_face": 1}

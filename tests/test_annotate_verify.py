@@ -48,18 +48,33 @@ def fast_step(verdict: str, reason: str) -> Turn:
 def make(crop, steps: list[Turn], label="spoof", attack="print", attempt=1) -> Trajectory:
     for i, t in enumerate(steps):
         t.index = i
-    return Trajectory(policy="crafted", crop=crop, tools=REG.names, turns=list(steps), label=label, status="completed",
-                      meta={"hint": Hint(label, attack).as_meta(), "attempt": attempt})
+    return Trajectory(
+        policy="crafted",
+        crop=crop,
+        tools=REG.names,
+        turns=list(steps),
+        label=label,
+        status="completed",
+        meta={"hint": Hint(label, attack).as_meta(), "attempt": attempt},
+    )
 
 
 @pytest.fixture
 def good(crop) -> Trajectory:
-    return make(crop, [
-        fast_step("spoof", "The face looks flat, with a paper-like surface."),
-        tool_step(crop, "FFTTool", "I check the spectrum for periodic halftone peaks.", 0.87),
-        tool_step(crop, "ZoomInTool", "The spectrum shows periodic peaks. I zoom into the cheeks for print dots.", None),
-        answer_step("Print dots are visible on the cheeks and the spectrum has halftone peaks: this is a printed photo.", "spoof"),
-    ])
+    return make(
+        crop,
+        [
+            fast_step("spoof", "The face looks flat, with a paper-like surface."),
+            tool_step(crop, "FFTTool", "I check the spectrum for periodic halftone peaks.", 0.87),
+            tool_step(
+                crop, "ZoomInTool", "The spectrum shows periodic peaks. I zoom into the cheeks for print dots.", None
+            ),
+            answer_step(
+                "Print dots are visible on the cheeks and the spectrum has halftone peaks: this is a printed photo.",
+                "spoof",
+            ),
+        ],
+    )
 
 
 def codes(issues) -> set[str]:
@@ -113,16 +128,19 @@ def test_format_requires_the_fast_answer_first(crop, good):
 
 
 # --- leakage --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("think, code", [
-    ("The hint says this is a spoof, so I conclude spoof.", "leakage:mentions_hint"),
-    ("Matching the ground truth, this is a spoof.", "leakage:mentions_hint"),
-    ("I was told this is a printed photo.", "leakage:mentions_hint"),
-    ("The expert predicts a spoof trace in the spectrum.", "leakage:mentions_expert"),
-    ("The spectrum gives 87% spoof trace.", "leakage:mentions_expert"),
-    ("The probability of a spoof is high.", "leakage:mentions_expert"),
-    ("The spectrum scores 87 on the spoof side.", "leakage:expert_value"),
-    ("The spectrum scores 0.87 on the spoof side.", "leakage:expert_value"),
-])
+@pytest.mark.parametrize(
+    "think, code",
+    [
+        ("The hint says this is a spoof, so I conclude spoof.", "leakage:mentions_hint"),
+        ("Matching the ground truth, this is a spoof.", "leakage:mentions_hint"),
+        ("I was told this is a printed photo.", "leakage:mentions_hint"),
+        ("The expert predicts a spoof trace in the spectrum.", "leakage:mentions_expert"),
+        ("The spectrum gives 87% spoof trace.", "leakage:mentions_expert"),
+        ("The probability of a spoof is high.", "leakage:mentions_expert"),
+        ("The spectrum scores 87 on the spoof side.", "leakage:expert_value"),
+        ("The spectrum scores 0.87 on the spoof side.", "leakage:expert_value"),
+    ],
+)
 def test_leakage_rejects_texts_that_mention_the_hint_or_the_experts_confidence(good, think, code):
     good.turns[-1] = answer_step(think, "spoof")
     assert code in codes(check_leakage(good))
@@ -135,20 +153,26 @@ def test_leakage_rejects_a_fast_reason_that_repeats_the_hint(crop, good):
 
 
 def test_leakage_accepts_evidence_in_words(good):
-    good.turns[-1] = answer_step("Halftone peaks in the spectrum and print dots on the cheeks: a printed photo, not a live face.", "spoof")
+    good.turns[-1] = answer_step(
+        "Halftone peaks in the spectrum and print dots on the cheeks: a printed photo, not a live face.", "spoof"
+    )
     assert check_leakage(good) == []
 
 
 # --- flags for manual verification ----------------------------------------------------------------
 def test_review_flags_mark_borderline_annotations(crop, good):
-    ann = make(crop, [
-        fast_step("real", "Natural shading at a glance."),
-        tool_step(crop, "FFTTool", "Check the spectrum.", 0.2),
-        tool_step(crop, "LBPTool", "Check the texture.", 0.3),
-        tool_step(crop, "HOGTool", "Check the gradients.", 0.9),
-        tool_step(crop, "EdgeDetectionTool", "Check the edges.", 0.1),
-        answer_step("Blurred edges of a recapture overall: a printed photo.", "spoof"),
-    ], attempt=2)
+    ann = make(
+        crop,
+        [
+            fast_step("real", "Natural shading at a glance."),
+            tool_step(crop, "FFTTool", "Check the spectrum.", 0.2),
+            tool_step(crop, "LBPTool", "Check the texture.", 0.3),
+            tool_step(crop, "HOGTool", "Check the gradients.", 0.9),
+            tool_step(crop, "EdgeDetectionTool", "Check the edges.", 0.1),
+            answer_step("Blurred edges of a recapture overall: a printed photo.", "spoof"),
+        ],
+        attempt=2,
+    )
     assert verify(ann) == []  # accepted, but a person should look at it
     assert set(review_flags(ann)) == {"re-annotated", "fast_answer_disagrees", "experts_disagree", "long_investigation"}
     no_tools = make(crop, [fast_step("spoof", "Flat face."), answer_step("A flat printed face.", "spoof")])
@@ -158,7 +182,9 @@ def test_review_flags_mark_borderline_annotations(crop, good):
 # --- the annotation prompts (core.protocol) -------------------------------------------------------
 def test_annotation_prompts_follow_eqs_4_and_5_and_fig_s8():
     first = protocol.annotation_first_prompt(protocol.annotation_hint("spoof", "print"))
-    assert first.startswith("This is the image you need to investigate. Hint: this is a spoof face, print attack (a printed photo).")
+    assert first.startswith(
+        "This is the image you need to investigate. Hint: this is a spoof face, print attack (a printed photo)."
+    )
     assert protocol.annotation_hint("real") == "Hint: this is a real face (bona fide)."
     assert "replay attack" in protocol.annotation_hint("spoof", "replay")
     fft = protocol.annotation_tool_prompt("FFTTool", 0.87)
@@ -167,4 +193,8 @@ def test_annotation_prompts_follow_eqs_4_and_5_and_fig_s8():
     zoom = protocol.annotation_tool_prompt("ZoomInTool", None)
     assert zoom.startswith("This is the result of ZoomInTool.") and "expert" not in zoom
     system = protocol.annotator_system_prompt(REG.schemas())
-    assert system.startswith(protocol.ANNOTATOR_SYSTEM_PROMPT) and '"name": "ZoomInTool"' in system and "## Reply Format" in system
+    assert (
+        system.startswith(protocol.ANNOTATOR_SYSTEM_PROMPT)
+        and '"name": "ZoomInTool"' in system
+        and "## Reply Format" in system
+    )

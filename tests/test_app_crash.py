@@ -44,14 +44,25 @@ def _turns(data_dir: Path) -> int:
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 def test_an_app_killed_mid_investigation_keeps_the_case_and_its_turns_and_the_restarted_app_re_runs_it(tmp_path):
     port = free_port()
-    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(TESTS / "app_crash_worker.py"), str(tmp_path), str(port)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        GRADIO_ANALYTICS_ENABLED="False",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "app_crash_worker.py"), str(tmp_path), str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         url = f"http://127.0.0.1:{port}/"
         _wait(lambda: httpx.get(url + "config", timeout=2).status_code == 200, proc, "the app did not come up")
         client = Client(url, verbose=False)
-        client.submit([handle_file(str(SAMPLES / "astronaut_live.png"))], "expert", "", 3, TOOLS, False, api_name="/investigate")
+        client.submit(
+            [handle_file(str(SAMPLES / "astronaut_live.png"))], "expert", "", 3, TOOLS, False, api_name="/investigate"
+        )
         _wait(lambda: _turns(tmp_path) >= 2, proc, "the app did not commit 2 turns")
     finally:
         proc.kill()  # SIGKILL: no cleanup, nothing in flight is committed

@@ -14,7 +14,7 @@ from PIL import Image
 from sqlalchemy import func, select
 from storage_support import ANSWER_SPOOF, FAST_SPOOF, ZOOM, astronaut_png
 
-from app.runner import RunSettings, Runner
+from app.runner import Runner, RunSettings
 from core.events import InvestigationFinished, InvestigationStarted, TurnCompleted, VerdictReached
 from core.policies import ScriptedPolicy, load_policy
 from storage.models import AuditEvent, Case, Investigation, Turn
@@ -53,17 +53,28 @@ def test_an_upload_is_investigated_with_the_expert_policy_and_every_turn_is_stor
             # The recorder commits a turn before the event is passed on: the UI never shows unsaved work.
             # (The worker may already have committed later turns when this reader gets here.)
             with storage.sessions() as s:
-                stored = s.scalar(select(Turn).where(Turn.investigation_id == job.investigation_id, Turn.index == event.turn.index))
+                stored = s.scalar(
+                    select(Turn).where(Turn.investigation_id == job.investigation_id, Turn.index == event.turn.index)
+                )
                 assert stored is not None and stored.text == event.turn.text
     assert seen[0] is InvestigationStarted and seen[-1] is InvestigationFinished and VerdictReached in seen
     traj = job.trajectory
     assert job.state == "done" and job.error is None and traj.status == "completed" and traj.policy == "expert"
     with storage.sessions() as s:
         inv = s.get(Investigation, job.investigation_id)
-        assert (inv.status, inv.verdict, inv.started_by, inv.case.filename) == ("completed", traj.final.verdict, "ana", "astronaut.png")
+        assert (inv.status, inv.verdict, inv.started_by, inv.case.filename) == (
+            "completed",
+            traj.final.verdict,
+            "ana",
+            "astronaut.png",
+        )
         assert inv.score_spoof == pytest.approx(traj.final.score_spoof)
         assert len(inv.turns) == len(traj.turns) >= 3  # fast answer, at least one tool, the answer
-        assert any(t.tool_result is not None and t.tool_result.expert_p_spoof is not None for t in inv.turns if t.tool_result and t.tool_result.name != "ZoomInTool")
+        assert any(
+            t.tool_result is not None and t.tool_result.expert_p_spoof is not None
+            for t in inv.turns
+            if t.tool_result and t.tool_result.name != "ZoomInTool"
+        )
     # A reader that comes late still gets the whole stream, from the first event.
     assert [type(e) for e in job.stream(timeout=1)] == seen
 
@@ -132,7 +143,10 @@ def test_at_most_concurrency_investigations_run_at_once_and_policies_are_loaded_
     r = Runner(storage, concurrency=2, policy_loader=loader)
     try:
         data = astronaut_png()
-        jobs = [r.submit(data, filename=f"{i}.png", user="ana", settings=RunSettings.make("scripted", {"k": "v"})) for i in range(5)]
+        jobs = [
+            r.submit(data, filename=f"{i}.png", user="ana", settings=RunSettings.make("scripted", {"k": "v"}))
+            for i in range(5)
+        ]
         assert not jobs[-1].finished  # submitting returns at once; the work is queued
         for j in jobs:
             j.wait(60)
@@ -150,7 +164,9 @@ def test_rerun_of_a_failed_investigation_uses_the_same_crop_and_points_back(stor
     try:
         first = r.submit(astronaut_png(), filename="a.png", user="ana", settings=RunSettings.make("scripted")).wait(60)
         assert first.trajectory.status == "failed"  # the first policy ran out of replies mid-investigation
-        again = r.rerun(first.investigation_id, user="rita", settings=RunSettings.make("scripted", {"second": 1})).wait(60)
+        again = r.rerun(first.investigation_id, user="rita", settings=RunSettings.make("scripted", {"second": 1})).wait(
+            60
+        )
     finally:
         r.shutdown()
     assert again.state == "done" and again.trajectory.status == "completed"
@@ -158,7 +174,10 @@ def test_rerun_of_a_failed_investigation_uses_the_same_crop_and_points_back(stor
     with storage.sessions() as s:
         inv = s.get(Investigation, again.investigation_id)
         assert (inv.rerun_of, inv.case_id, inv.started_by) == (first.investigation_id, first.case_id, "rita")
-        assert s.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "investigation.start")) == 2
+        assert (
+            s.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "investigation.start"))
+            == 2
+        )
 
 
 def test_the_expert_policy_is_loaded_by_name_through_load_policy(runner):
@@ -172,8 +191,18 @@ def test_concurrent_jobs_each_get_their_own_face_detection(storage):
     blank = png(np.full((200, 200, 3), 90, np.uint8))
     r = Runner(storage, concurrency=2, policy_loader=lambda name, **kw: GatedPolicy([FAST_SPOOF, ANSWER_SPOOF]))
     try:
-        jobs = [(i % 2 == 0, r.submit(astronaut_png() if i % 2 == 0 else blank, filename=f"{i}.png", user="ana", settings=RunSettings.make("scripted")))
-                for i in range(8)]
+        jobs = [
+            (
+                i % 2 == 0,
+                r.submit(
+                    astronaut_png() if i % 2 == 0 else blank,
+                    filename=f"{i}.png",
+                    user="ana",
+                    settings=RunSettings.make("scripted"),
+                ),
+            )
+            for i in range(8)
+        ]
         outcomes = [(is_face, job.wait(60).state) for is_face, job in jobs]
     finally:
         r.shutdown()
@@ -184,6 +213,13 @@ def test_policy_arguments_typed_in_the_settings_keep_their_types():
     """``max_new_tokens=128`` must reach the hf loader as a number, paths and URLs as text."""
     from app.ui.tab_investigate import parse_policy_kwargs
 
-    got = parse_policy_kwargs("model=/models/qwen, adapter=runs/fi/adapter, max_new_tokens=128,\ntemperature=0.7, base_url=http://127.0.0.1:8000/v1")
-    assert got == {"model": "/models/qwen", "adapter": "runs/fi/adapter", "max_new_tokens": 128, "temperature": 0.7,
-                   "base_url": "http://127.0.0.1:8000/v1"}
+    got = parse_policy_kwargs(
+        "model=/models/qwen, adapter=runs/fi/adapter, max_new_tokens=128,\ntemperature=0.7, base_url=http://127.0.0.1:8000/v1"
+    )
+    assert got == {
+        "model": "/models/qwen",
+        "adapter": "runs/fi/adapter",
+        "max_new_tokens": 128,
+        "temperature": 0.7,
+        "base_url": "http://127.0.0.1:8000/v1",
+    }

@@ -58,7 +58,15 @@ def ana(app):
 @pytest.fixture(scope="module")
 def investigated(ana, tmp_path_factory):
     """One streamed investigation of the simulated print sample: (every streamed output, the last)."""
-    job = ana.submit([handle_file(str(SAMPLES / "astronaut_print_SIMULATED.png"))], "expert", "delay=0.3", 3, TOOLS, False, api_name="/investigate")
+    job = ana.submit(
+        [handle_file(str(SAMPLES / "astronaut_print_SIMULATED.png"))],
+        "expert",
+        "delay=0.3",
+        3,
+        TOOLS,
+        False,
+        api_name="/investigate",
+    )
     outputs = list(job)
     return outputs, job.result()
 
@@ -73,7 +81,10 @@ def test_an_upload_streams_each_turn_then_the_verdict_and_is_stored_under_the_lo
     outputs, (chat, status, inv_id, crop, tool_image, gallery, batch) = investigated
     assert "Queued" in chat_text(outputs[0][0])  # the upload is acknowledged at once
     # The chat grew step by step: the fast answer, then each turn, each while the next was pending.
-    steps = [sum(t.startswith(("⚡ Fast answer (turn", "💭 Thought", "🛠 Tool call")) for t in chat_titles(out[0])) for out in outputs]
+    steps = [
+        sum(t.startswith(("⚡ Fast answer (turn", "💭 Thought", "🛠 Tool call")) for t in chat_titles(out[0]))
+        for out in outputs
+    ]
     assert len(set(steps)) >= 4 and steps == sorted(steps)
     assert any("pending" == (m.get("metadata") or {}).get("status") for out in outputs[:-1] for m in out[0])
     titles = chat_titles(chat)
@@ -88,7 +99,9 @@ def test_an_upload_streams_each_turn_then_the_verdict_and_is_stored_under_the_lo
     with app.storage.sessions() as s:
         inv = s.get(Investigation, inv_id)
         assert inv.status == "completed" and inv.started_by == "ana" and inv.case.created_by == "ana"
-        assert inv.verdict == batch["data"][0][2] and len(inv.turns) == sum(t.startswith("⚡") or t.startswith("💭") for t in chat_titles(chat))
+        assert inv.verdict == batch["data"][0][2] and len(inv.turns) == sum(
+            t.startswith("⚡") or t.startswith("💭") for t in chat_titles(chat)
+        )
 
 
 def test_a_batch_with_bad_files_investigates_the_good_ones_and_says_why_the_others_were_refused(app, ana, tmp_path):
@@ -99,7 +112,9 @@ def test_a_batch_with_bad_files_investigates_the_good_ones_and_says_why_the_othe
     with app.storage.sessions() as s:
         before = len(s.scalars(select(Case)).all())
     chat, status, inv_id, *_, batch = ana.predict(
-        [handle_file(str(SAMPLES / "astronaut_live.png")), handle_file(str(corrupt)), handle_file(str(blank))], *SETTINGS, api_name="/investigate"
+        [handle_file(str(SAMPLES / "astronaut_live.png")), handle_file(str(corrupt)), handle_file(str(blank))],
+        *SETTINGS,
+        api_name="/investigate",
     )
     rows = {r[0]: r for r in batch["data"]}
     assert rows["astronaut_live.png"][1] == "completed"
@@ -122,7 +137,9 @@ def test_review_override_records_the_login_and_a_stale_save_is_refused_without_o
     assert "Final verdict" in chat_text(chat) and version == 0 and verdict is None
     model = "real" if "Model verdict**: Real" in info else "spoof"
     override = "spoof" if model == "real" else "real"
-    out = ana.predict(inv_id, override, "halftone dots under zoom", "", ["turn 1: good_step"], 0, "print", api_name="/save_review")
+    out = ana.predict(
+        inv_id, override, "halftone dots under zoom", "", ["turn 1: good_step"], 0, "print", api_name="/save_review"
+    )
     assert out[0] == override and out[2] == 1 and "overrides the model" in out[3]
     rita = Client(app.url, auth=USERS[1], verbose=False)
     rita.predict(inv_id, "", "", [], 1, "print", api_name="/review_unsure")  # the keyboard shortcut's button
@@ -179,8 +196,14 @@ def test_export_case_report_and_metrics(app, ana, investigated):
     assert "<html" in html.lower() and inv_id in html
     with app.storage.sessions() as s:
         exp = s.scalars(select(DatasetExport)).one()
-        assert exp.created_by == "ana" and [i.investigation_id for i in exp.items] == [inv_id] and exp.items[0].label == "spoof"
-        assert s.scalars(select(Export).where(Export.investigation_id == inv_id)).one().created_by == "ana"  # the report
+        assert (
+            exp.created_by == "ana"
+            and [i.investigation_id for i in exp.items] == [inv_id]
+            and exp.items[0].label == "spoof"
+        )
+        assert (
+            s.scalars(select(Export).where(Export.investigation_id == inv_id)).one().created_by == "ana"
+        )  # the report
     text, roc, confusion = ana.predict(None, api_name="/review_metrics")
     assert "Agreement" in text and roc["type"] == "matplotlib" and confusion["type"] == "matplotlib"
 

@@ -16,8 +16,16 @@ from sqlalchemy import select
 from storage.models import AuditEvent, DatasetExport, Investigation, Review
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000
 
 
@@ -30,7 +38,9 @@ def browser_context(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     with playwright.sync_playwright() as p:
         # A persistent context on a fresh folder is Playwright's way to give Chromium --user-data-dir.
-        ctx = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS)
+        ctx = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
+        )
         ctx.set_default_timeout(TIMEOUT_MS)
         try:
             yield ctx
@@ -90,10 +100,23 @@ def test_an_analyst_logs_in_investigates_overrides_with_a_shortcut_and_exports(t
             inv = s.scalars(select(Investigation)).one()
             assert inv.status == "completed" and inv.started_by == user and inv.verdict == model
             review = s.scalars(select(Review)).one()
-            assert (review.investigation_id, review.verdict, review.reviewer, review.notes) == (inv.id, override, user, "overridden in the browser test")
+            assert (review.investigation_id, review.verdict, review.reviewer, review.notes) == (
+                inv.id,
+                override,
+                user,
+                "overridden in the browser test",
+            )
             exp = s.scalars(select(DatasetExport)).one()
             assert exp.created_by == user and [i.investigation_id for i in exp.items] == [inv.id]
-            assert {e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.actor == user))} >= {"case.create", "review.create", "dataset_export.create"}
-        records = [json.loads(line) for line in (Path(exp.folder) / "trajectories.jsonl").read_text().splitlines() if line.strip()]
+            assert {e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.actor == user))} >= {
+                "case.create",
+                "review.create",
+                "dataset_export.create",
+            }
+        records = [
+            json.loads(line)
+            for line in (Path(exp.folder) / "trajectories.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         assert len(records) == 1
         assert records[0]["id"] == inv.id and records[0]["label"] == override

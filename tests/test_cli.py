@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image
-
 from conftest import synthetic_images, write_manifest
+from PIL import Image
 
 TARFAS = Path(sys.executable).parent / "tarfas"
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +35,11 @@ class Result:
 
     def error_lines(self) -> list[str]:
         """stderr lines that are not progress bars."""
-        return [ln for ln in self.err.splitlines() if ln.strip() and "\r" not in ln and "it/s]" not in ln and "img/s]" not in ln]
+        return [
+            ln
+            for ln in self.err.splitlines()
+            if ln.strip() and "\r" not in ln and "it/s]" not in ln and "img/s]" not in ln
+        ]
 
 
 class Runner:
@@ -49,7 +52,9 @@ class Runner:
     def start(self, name: str, *args) -> None:
         if name not in self.jobs:
             cmd = [str(TARFAS), *map(str, args)]
-            self.jobs[name] = self.pool.submit(subprocess.run, cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300)
+            self.jobs[name] = self.pool.submit(
+                subprocess.run, cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=300
+            )
 
     def __getitem__(self, name: str) -> Result:
         return Result(self.jobs[name].result())
@@ -94,14 +99,46 @@ def cli(files) -> Runner:
     f, w = files, ["--weights", files["weights"]]
     r = Runner()
     r.start("inv_json", "investigate", f["astronaut"], "--json", "--out-dir", f["dir"] / "inv_json", *w)
-    r.start("inv_text", "investigate", f["astronaut"], "--tools", "FFTTool,LBPTool", "--max-tool-calls", "1", "--out-dir", f["dir"] / "inv_text", *w)
+    r.start(
+        "inv_text",
+        "investigate",
+        f["astronaut"],
+        "--tools",
+        "FFTTool,LBPTool",
+        "--max-tool-calls",
+        "1",
+        "--out-dir",
+        f["dir"] / "inv_text",
+        *w,
+    )
     r.start("bad_text", "investigate", f["text"], "--json", *w)
     r.start("bad_truncated", "investigate", f["truncated"], "--json", *w)
     r.start("bad_missing", "investigate", f["missing"], *w)
     r.start("gray", "investigate", f["gray"], "--json", *w)
-    r.start("gray_whole", "investigate", f["gray"], "--on-no-face", "whole", "--json", "--out-dir", f["dir"] / "gray_whole", *w)
+    r.start(
+        "gray_whole",
+        "investigate",
+        f["gray"],
+        "--on-no-face",
+        "whole",
+        "--json",
+        "--out-dir",
+        f["dir"] / "gray_whole",
+        *w,
+    )
     m = f["eval_manifest"]
-    r.start("eval_thr", "eval", m, *w, "--scores-out", f["dir"] / "scores.csv", "--threshold", "0.5", "--json-out", f["dir"] / "metrics.json")
+    r.start(
+        "eval_thr",
+        "eval",
+        m,
+        *w,
+        "--scores-out",
+        f["dir"] / "scores.csv",
+        "--threshold",
+        "0.5",
+        "--json-out",
+        f["dir"] / "metrics.json",
+    )
     r.start("eval_dev", "eval", m, *w, "--dev-manifest", f["dev_manifest"], "--scores-out", f["dir"] / "scores_dev.csv")
     r.start("eval_default", "eval", m, *w)
     yield r
@@ -164,7 +201,8 @@ def test_investigate_human_output(cli, files):
 
 
 @pytest.mark.parametrize(
-    "bad, words, as_json", [("text", "not an image", True), ("truncated", "truncated", True), ("missing", "no such file", False)]
+    "bad, words, as_json",
+    [("text", "not an image", True), ("truncated", "truncated", True), ("missing", "no such file", False)],
 )
 def test_investigate_bad_input(cli, files, bad, words, as_json):
     res = cli[f"bad_{bad}"]
@@ -203,7 +241,18 @@ def test_no_face_analysed_whole(cli):
 def _scores(path: Path) -> list[dict]:
     text = path.read_text()
     header = next(csv.reader(io.StringIO(text)))
-    assert header == ["path", "label", "domain", "score_spoof", "verdict", "error", "attack_type", "split", "fast_score", "tool_calls"]
+    assert header == [
+        "path",
+        "label",
+        "domain",
+        "score_spoof",
+        "verdict",
+        "error",
+        "attack_type",
+        "split",
+        "fast_score",
+        "tool_calls",
+    ]
     return list(csv.DictReader(io.StringIO(text)))
 
 
@@ -232,7 +281,11 @@ def test_eval_with_threshold(cli, files):
     m = json.loads((files["dir"] / "metrics.json").read_text())
     assert m["threshold"] == 0.5 and "--threshold" in m["threshold_source"]
     assert set(m["metrics"]) == {"alpha", "beta", "pooled"}
-    assert m["metrics"]["pooled"]["n"] == 5 and m["metrics"]["pooled"]["unreadable"] == 1 and m["metrics"]["pooled"]["no_verdict"] == 0
+    assert (
+        m["metrics"]["pooled"]["n"] == 5
+        and m["metrics"]["pooled"]["unreadable"] == 1
+        and m["metrics"]["pooled"]["no_verdict"] == 0
+    )
     assert 0.0 <= m["metrics"]["pooled"]["auc"] <= 1.0
 
 
@@ -261,7 +314,17 @@ def test_eval_uses_the_shipped_threshold_by_default(cli, files):
 
 @pytest.mark.data
 def test_eval_on_fas_dev(cli, fasdev, files, tmp_path):
-    cli.start("fasdev", "eval", fasdev / "manifest.csv", "--weights", files["weights"], "--limit", "6", "--scores-out", tmp_path / "s.csv")
+    cli.start(
+        "fasdev",
+        "eval",
+        fasdev / "manifest.csv",
+        "--weights",
+        files["weights"],
+        "--limit",
+        "6",
+        "--scores-out",
+        tmp_path / "s.csv",
+    )
     res = cli["fasdev"]
     assert res.rc == 0, res
     assert "pooled" in res.out
@@ -281,7 +344,10 @@ def _main(argv, capsys) -> Result:
 
 
 def test_missing_weights_folder(files, tmp_path, capsys):
-    res = _main(["investigate", files["astronaut"], "--weights", tmp_path / "no-weights-here", "--out-dir", tmp_path / "o"], capsys)
+    res = _main(
+        ["investigate", files["astronaut"], "--weights", tmp_path / "no-weights-here", "--out-dir", tmp_path / "o"],
+        capsys,
+    )
     assert res.rc == 2, res
     assert "experts.json" in res.err and len(res.error_lines()) == 1
 
@@ -299,7 +365,19 @@ def test_eval_filters_leave_nothing(files, capsys):
 
 
 def test_unknown_tool(files, tmp_path, capsys):
-    res = _main(["investigate", files["astronaut"], "--tools", "FFTTool,NoSuchTool", "--weights", files["weights"], "--out-dir", tmp_path], capsys)
+    res = _main(
+        [
+            "investigate",
+            files["astronaut"],
+            "--tools",
+            "FFTTool,NoSuchTool",
+            "--weights",
+            files["weights"],
+            "--out-dir",
+            tmp_path,
+        ],
+        capsys,
+    )
     assert res.rc == 2, res
     assert "NoSuchTool" in res.err
 
@@ -311,6 +389,9 @@ def test_corrupt_weights_is_a_clear_error(files, tmp_path, capsys):
 
 
 def test_eval_missing_dev_manifest(files, capsys):
-    res = _main(["eval", files["eval_manifest"], "--weights", files["weights"], "--dev-manifest", files["dir"] / "no-dev.csv"], capsys)
+    res = _main(
+        ["eval", files["eval_manifest"], "--weights", files["weights"], "--dev-manifest", files["dir"] / "no-dev.csv"],
+        capsys,
+    )
     assert res.rc == 2, res
     assert "no-dev.csv" in res.err

@@ -43,9 +43,18 @@ def test_defaults_types_and_lists():
     _, args = parse(["x.csv"])
     cfg = config_from_args(Example, args)
     assert cfg == Example(path="x.csv")
-    _, args = parse(["x.csv", "--steps", "5", "--rate", "0.5", "--mode", "slow", "--sizes", "4, 8", "--names", "a,b", "--merge"])
+    _, args = parse(
+        ["x.csv", "--steps", "5", "--rate", "0.5", "--mode", "slow", "--sizes", "4, 8", "--names", "a,b", "--merge"]
+    )
     cfg = config_from_args(Example, args)
-    assert (cfg.steps, cfg.rate, cfg.mode, cfg.sizes, cfg.names, cfg.merge) == (5, 0.5, "slow", [4, 8], ["a", "b"], True)
+    assert (cfg.steps, cfg.rate, cfg.mode, cfg.sizes, cfg.names, cfg.merge) == (
+        5,
+        0.5,
+        "slow",
+        [4, 8],
+        ["a", "b"],
+        True,
+    )
     assert config_from_args(Example, parse(["x", "--no-merge"])[1]).merge is False
 
 

@@ -95,7 +95,9 @@ def test_changed_files_and_bad_labels_are_refused(tmp_path, trajectory):
         read_dataset(tmp_path)
 
 
-@pytest.mark.parametrize("shape, dtype", [((224, 224, 3), np.uint8), ((224, 224), np.uint8), ((31, 17, 4), np.uint8), ((20, 30), np.uint16)])
+@pytest.mark.parametrize(
+    "shape, dtype", [((224, 224, 3), np.uint8), ((224, 224), np.uint8), ((31, 17, 4), np.uint8), ((20, 30), np.uint16)]
+)
 def test_png_bytes_is_lossless_for_every_layout(shape, dtype):
     """The fast encoder (OpenCV) for gray/RGB, Pillow for the rest: pixels read back unchanged, in RGB order."""
     import io

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_manifest
+
 from core.evaluation.analyses import pick_rows
 from core.evaluation.protocols import ProtocolError, is_protocol_file, load_protocol, manifest_protocol, parse_protocol
 
@@ -23,7 +23,9 @@ def manifest(tmp_path) -> Path:
     for d, split, n in (("a", "train", 2), ("a", "test", 2), ("b", "", 2), ("c", "", 2)):
         for i in range(n):
             rows.append({"path": f"{d}{split}{i}r.png", "label": "real", "domain": d, "split": split})
-            rows.append({"path": f"{d}{split}{i}s.png", "label": "spoof", "attack_type": "print", "domain": d, "split": split})
+            rows.append(
+                {"path": f"{d}{split}{i}s.png", "label": "spoof", "attack_type": "print", "domain": d, "split": split}
+            )
     return write_manifest(tmp_path / "m.csv", rows)
 
 
@@ -87,7 +89,9 @@ def test_limit_per_domain_is_seeded_and_shared(tmp_path, manifest):
     spec = {"kind": "leave_one_out", "manifests": ["m.csv"], "domains": ["a", "b", "c"], "limit_per_domain": 3}
     p = load_protocol(_write(tmp_path, spec))
     a1, a2 = pick_rows(p, seed=1), pick_rows(p, seed=1)
-    assert {s.name: [r.rel_path for r in rows] for s, rows in a1.items()} == {s.name: [r.rel_path for r in rows] for s, rows in a2.items()}
+    assert {s.name: [r.rel_path for r in rows] for s, rows in a1.items()} == {
+        s.name: [r.rel_path for r in rows] for s, rows in a2.items()
+    }
     held_a = a1[p.folds[0].targets[0]]
     assert len(held_a) == 3
     # the same sample of domain a is used where a is a source (fold -> b)
@@ -154,7 +158,11 @@ def test_shipped_fas_dev_protocols_select_rows(fasdev):
 
 def test_leave_one_out_with_source_and_target_splits(tmp_path, manifest):
     """ICMO style: a domain is a source through its train split and the target through its test split."""
-    spec = {"kind": "leave_one_out", "manifests": ["m.csv"], "domains": [{"domain": "a", "name": "A", "source_split": "train", "target_split": "test"}, "b"]}
+    spec = {
+        "kind": "leave_one_out",
+        "manifests": ["m.csv"],
+        "domains": [{"domain": "a", "name": "A", "source_split": "train", "target_split": "test"}, "b"],
+    }
     p = load_protocol(_write(tmp_path, spec))
     assert [f.name for f in p.folds] == ["-> A", "-> b"]
     picked = pick_rows(p)
@@ -162,4 +170,6 @@ def test_leave_one_out_with_source_and_target_splits(tmp_path, manifest):
     assert {(r.domain, r.split) for r in picked[p.folds[1].source]} == {("a", "train")}
     icmo = load_protocol(REPO / "protocols" / "paper" / "icmo.yaml")
     assert [f.name for f in icmo.folds] == ["-> I", "-> C", "-> M", "-> O"]
-    assert {pt.split for pt in icmo.folds[0].source.parts} == {"train"} and icmo.folds[0].targets[0].parts[0].split == "test"
+    assert {pt.split for pt in icmo.folds[0].source.parts} == {"train"} and icmo.folds[0].targets[0].parts[
+        0
+    ].split == "test"

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import write_manifest
 from PIL import Image
 
 from app.cli import main
-from conftest import write_manifest
 from core.evaluation.analyses import ABLATION, run_evaluation, tool_use_by_attack_type
-from core.evaluation.scoring import FaceCache, Variant, score_variant
 from core.evaluation.manifest import read_manifest
 from core.evaluation.metrics import eer_threshold, fas_metrics
+from core.evaluation.scoring import FaceCache, Variant, score_variant
 from core.policies.expert import ExpertPolicy
 from core.registry import ToolRegistry
 
@@ -40,9 +40,29 @@ def small(tiny_manifest, tmp_path_factory) -> dict:
     beta_spoofs[1]["attack_type"] = "unknown"
     manifest = write_manifest(d / "manifest.csv", rows)
     proto = d / "one_to_n.yaml"
-    proto.write_text(yaml.safe_dump({"name": "small", "kind": "one_to_n", "description": "tiny", "manifests": ["manifest.csv"], "source": {"domain": "alpha", "split": "train"}, "targets": [{"domain": "alpha", "split": "test"}, "beta"]}))
+    proto.write_text(
+        yaml.safe_dump(
+            {
+                "name": "small",
+                "kind": "one_to_n",
+                "description": "tiny",
+                "manifests": ["manifest.csv"],
+                "source": {"domain": "alpha", "split": "train"},
+                "targets": [{"domain": "alpha", "split": "test"}, "beta"],
+            }
+        )
+    )
     loo = d / "loo.yaml"
-    loo.write_text(yaml.safe_dump({"kind": "leave_one_out", "description": "tiny loo", "manifests": ["manifest.csv"], "domains": ["alpha", "beta"]}))
+    loo.write_text(
+        yaml.safe_dump(
+            {
+                "kind": "leave_one_out",
+                "description": "tiny loo",
+                "manifests": ["manifest.csv"],
+                "domains": ["alpha", "beta"],
+            }
+        )
+    )
     return {"dir": d, "manifest": manifest, "protocol": proto, "loo": loo}
 
 
@@ -55,7 +75,15 @@ def policy(tiny_weights):
 def full(small, policy):
     from core.evaluation.protocols import load_protocol
 
-    return run_evaluation(load_protocol(small["protocol"]), policy, registry=ToolRegistry(readers=policy.bank), analyses=("fast", "tools", "tool-use", "max-calls"), max_calls_grid=(1, 3), n_boot=50, progress=False)
+    return run_evaluation(
+        load_protocol(small["protocol"]),
+        policy,
+        registry=ToolRegistry(readers=policy.bank),
+        analyses=("fast", "tools", "tool-use", "max-calls"),
+        max_calls_grid=(1, 3),
+        n_boot=50,
+        progress=False,
+    )
 
 
 def test_main_folds_use_the_source_eer_threshold(full):
@@ -67,7 +95,9 @@ def test_main_folds_use_the_source_eer_threshold(full):
     assert list(fold.targets) == ["alpha-test", "beta"] and fold.pooled is not None
     # Recompute a target's metrics by hand from the per-image scores.
     beta = [full.scores[r.path] for r in full.picked[full.protocol.folds[0].targets[1]]]
-    m = fas_metrics([s.row.y for s in beta], [s.score_spoof for s in beta], fold.threshold, [s.row.attack_type for s in beta])
+    m = fas_metrics(
+        [s.row.y for s in beta], [s.score_spoof for s in beta], fold.threshold, [s.row.attack_type for s in beta]
+    )
     got = fold.targets["beta"]
     assert (got.auc, got.hter, got.acer, got.apcer_by_type) == (m.auc, m.hter, m.acer, m.apcer_by_type)
     assert set(got.apcer_by_type) == {"print", "replay", "unknown", "unspecified"}
@@ -93,7 +123,12 @@ def test_ablation_and_max_calls(full):
     zoom = full.ablation[0]
     assert zoom.variant.tools == ("ZoomInTool",) and zoom.mean_calls <= 1.0
     # "All tools" and "max 3" are the main configuration: scored once, identical numbers.
-    assert full.ablation[-1].folds[0].pooled.to_dict() == {**full.folds[0].pooled.to_dict(), "ci": {}, "ci_level": None, "n_boot": 0}
+    assert full.ablation[-1].folds[0].pooled.to_dict() == {
+        **full.folds[0].pooled.to_dict(),
+        "ci": {},
+        "ci_level": None,
+        "n_boot": 0,
+    }
     assert [v.variant.max_tool_calls for v in full.max_calls] == [1, 3]
     assert full.max_calls[0].mean_calls <= 1.0
     assert full.max_calls[1].folds[0].threshold == full.folds[0].threshold
@@ -111,13 +146,20 @@ def test_tool_use_by_attack_type(full):
 
 
 def test_tool_use_counts_by_hand():
-    from core.evaluation.scoring import ScoredImage
     from core.evaluation.manifest import ManifestRow
+    from core.evaluation.scoring import ScoredImage
 
     def img(label, at, calls):
         return ScoredImage(ManifestRow(Path(f"/{len(calls)}{at}{label}"), "x", label, at, "d", ""), 0.5, True, calls)
 
-    tu = tool_use_by_attack_type([img("real", "", ["ZoomInTool", "FFTTool"]), img("real", "", ["ZoomInTool"]), img("spoof", "print", ["LBPTool"]), ScoredImage(ManifestRow(Path("/u"), "u", "spoof", "print", "d", ""), None)])
+    tu = tool_use_by_attack_type(
+        [
+            img("real", "", ["ZoomInTool", "FFTTool"]),
+            img("real", "", ["ZoomInTool"]),
+            img("spoof", "print", ["LBPTool"]),
+            ScoredImage(ManifestRow(Path("/u"), "u", "spoof", "print", "d", ""), None),
+        ]
+    )
     assert tu["real"]["n"] == 2 and tu["real"]["mean_calls"] == 1.5
     assert tu["real"]["tool_rate"]["ZoomInTool"] == 1.0 and tu["real"]["tool_rate"]["FFTTool"] == 0.5
     assert tu["real"]["family_share"] == {"zoom": 2 / 3, "frequency": 1 / 3, "texture": 0.0, "structure": 0.0}
@@ -127,9 +169,13 @@ def test_tool_use_counts_by_hand():
 def test_variant_restricts_the_tools(small, policy):
     rows = read_manifest(small["manifest"])[:4]
     cache = FaceCache()
-    scored = score_variant(rows, cache, policy, Variant("tex", ("LBPTool",), 3), registry=ToolRegistry(readers=policy.bank), progress=False)
+    scored = score_variant(
+        rows, cache, policy, Variant("tex", ("LBPTool",), 3), registry=ToolRegistry(readers=policy.bank), progress=False
+    )
     assert all(set(s.tool_calls) <= {"LBPTool"} for s in scored.values())
-    none = score_variant(rows, cache, policy, Variant("none", None, 0), registry=ToolRegistry(readers=policy.bank), progress=False)
+    none = score_variant(
+        rows, cache, policy, Variant("none", None, 0), registry=ToolRegistry(readers=policy.bank), progress=False
+    )
     assert all(s.tool_calls == [] and s.score_spoof is not None for s in none.values())
 
 
@@ -137,14 +183,29 @@ def test_unreadable_image_is_recorded_not_fatal(small, policy, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     rows = read_manifest(write_manifest(tmp_path / "m.csv", [{"path": str(bad), "label": "real", "domain": "x"}]))
-    scored = score_variant(rows, FaceCache(), policy, Variant("main", None, 3), registry=ToolRegistry(readers=policy.bank), progress=False)
+    scored = score_variant(
+        rows, FaceCache(), policy, Variant("main", None, 3), registry=ToolRegistry(readers=policy.bank), progress=False
+    )
     (s,) = scored.values()
     assert s.score_spoof is None and s.error
 
 
 def test_cli_protocol_report_end_to_end(small, tiny_weights, tmp_path, capsys):
     out = tmp_path / "report"
-    argv = ["eval", str(small["loo"]), "--weights", str(tiny_weights), "--report", str(out), "--analyses", "all", "--max-calls-grid", "1,2", "--bootstrap", "30"]
+    argv = [
+        "eval",
+        str(small["loo"]),
+        "--weights",
+        str(tiny_weights),
+        "--report",
+        str(out),
+        "--analyses",
+        "all",
+        "--max-calls-grid",
+        "1,2",
+        "--bootstrap",
+        "30",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "-> alpha" in text and "-> beta" in text and "report:" in text
@@ -175,12 +236,31 @@ def test_cli_protocol_report_end_to_end(small, tiny_weights, tmp_path, capsys):
     rep2 = json.loads((out2 / "report.json").read_text())
     assert rep2["results"] == rep["results"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(rep2["tool_ablation"]) == strip(rep["tool_ablation"]) and rep2["fast_vs_reasoning"] == rep["fast_vs_reasoning"]
+    assert (
+        strip(rep2["tool_ablation"]) == strip(rep["tool_ablation"])
+        and rep2["fast_vs_reasoning"] == rep["fast_vs_reasoning"]
+    )
 
 
 def test_cli_manifest_report_with_fixed_threshold(small, tiny_weights, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["eval", str(small["manifest"]), "--weights", str(tiny_weights), "--threshold", "0.5", "--report", str(out), "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(small["manifest"]),
+                "--weights",
+                str(tiny_weights),
+                "--threshold",
+                "0.5",
+                "--report",
+                str(out),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     (fold,) = rep["results"]
     assert fold["threshold"] == 0.5 and "a priori" in fold["threshold_source"]
@@ -204,7 +284,9 @@ def test_policy_threshold_mode(small, policy, tmp_path):
 
     p = load_protocol(small["protocol"])
     p.threshold = "policy"
-    res = run_evaluation(p, policy, registry=ToolRegistry(readers=policy.bank), n_boot=0, progress=False, limit_per_domain=2)
+    res = run_evaluation(
+        p, policy, registry=ToolRegistry(readers=policy.bank), n_boot=0, progress=False, limit_per_domain=2
+    )
     assert res.folds[0].threshold == policy.threshold and "shipped threshold" in res.folds[0].threshold_source
     assert all(len(rows) <= 2 for rows in res.picked.values())
     assert np.isfinite([s.score_spoof for s in res.scores.values()]).all()
@@ -213,9 +295,33 @@ def test_policy_threshold_mode(small, policy, tmp_path):
 def test_cli_manifest_report_with_dev_manifest(small, tiny_weights, tmp_path, capsys):
     """--dev-manifest: the threshold is the EER of the dev manifest's scores (here: the alpha rows)."""
     dev_rows = [r for r in read_manifest(small["manifest"]) if r.domain == "alpha"]
-    dev = write_manifest(tmp_path / "dev.csv", [{"path": str(r.path), "label": r.label, "attack_type": r.attack_type, "domain": r.domain, "split": r.split} for r in dev_rows])
+    dev = write_manifest(
+        tmp_path / "dev.csv",
+        [
+            {"path": str(r.path), "label": r.label, "attack_type": r.attack_type, "domain": r.domain, "split": r.split}
+            for r in dev_rows
+        ],
+    )
     out = tmp_path / "r"
-    assert main(["eval", str(small["manifest"]), "--weights", str(tiny_weights), "--domains", "beta", "--dev-manifest", str(dev), "--report", str(out), "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(small["manifest"]),
+                "--weights",
+                str(tiny_weights),
+                "--domains",
+                "beta",
+                "--dev-manifest",
+                str(dev),
+                "--report",
+                str(out),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((out / "report.json").read_text())
     (fold,) = rep["results"]
     assert list(fold["targets"]) == ["beta"] and fold["source_n"] == 12
@@ -231,11 +337,22 @@ def test_an_investigation_without_a_verdict_is_counted_apart_from_unreadable_ima
     from core.policies import ScriptedPolicy
 
     good = tmp_path / "face.png"
-    Image.fromarray(np.asarray(Image.open(Path(__file__).resolve().parents[1] / "assets" / "samples" / "astronaut_live.png"))).save(good)
+    Image.fromarray(
+        np.asarray(Image.open(Path(__file__).resolve().parents[1] / "assets" / "samples" / "astronaut_live.png"))
+    ).save(good)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    rows = read_manifest(write_manifest(tmp_path / "m.csv", [{"path": str(good), "label": "real", "domain": "x"}, {"path": str(bad), "label": "real", "domain": "x"}]))
-    scored = list(scoring.score_variant(rows, FaceCache(), ScriptedPolicy(["garbage"] * 10), Variant("main", None, 3), progress=False).values())
+    rows = read_manifest(
+        write_manifest(
+            tmp_path / "m.csv",
+            [{"path": str(good), "label": "real", "domain": "x"}, {"path": str(bad), "label": "real", "domain": "x"}],
+        )
+    )
+    scored = list(
+        scoring.score_variant(
+            rows, FaceCache(), ScriptedPolicy(["garbage"] * 10), Variant("main", None, 3), progress=False
+        ).values()
+    )
     m = scoring.metrics_by_domain(scored, 0.5)["pooled"]
     assert (m["n"], m["unreadable"], m["no_verdict"]) == (0, 1, 1)
     assert [s.no_verdict for s in scored] == [True, False] and [s.unreadable for s in scored] == [False, True]

@@ -12,9 +12,9 @@ import pytest
 from core import protocol
 from core.agent import AgentConfig, run
 from core.errors import WeightsError
+from core.evidence import EvidenceModel, expected_gain
 from core.experts import EXPERT_TOOLS, RGB, ExpertBank
 from core.policies import load_policy
-from core.evidence import EvidenceModel, expected_gain
 from core.policies.expert import ExpertPolicy
 from core.registry import TOOL_NAMES, ToolRegistry
 from training.experts import score_crop
@@ -68,7 +68,9 @@ def test_bank_save_load_round_trip(tiny_weights, tmp_path, crop):
     assert bank.p_spoof("ZoomInTool", crop) is None  # no tool expert reads zoom images ...
     # ... the policy's ZoomIn evidence is the RGB network on the region, under the zoom view's calibration
     raw = bank.raw_logits(RGB, [crop])[0]
-    assert bank.logit("ZoomInTool", crop) == pytest.approx(bank.calibration["ZoomInTool"].a * raw + bank.calibration["ZoomInTool"].b)
+    assert bank.logit("ZoomInTool", crop) == pytest.approx(
+        bank.calibration["ZoomInTool"].a * raw + bank.calibration["ZoomInTool"].b
+    )
     with pytest.raises(KeyError):
         bank.logit("NoSuchTool", crop)
 
@@ -193,14 +195,21 @@ def test_zero_tool_calls_answers_directly(policy, face):
 
 def test_allowed_tools_subset_is_respected(policy, face):
     allowed = ["FFTTool", "LBPTool"]
-    traj = run(face, policy, AgentConfig(max_tool_calls=3, allowed_tools=allowed), registry=ToolRegistry(readers=policy.bank))
+    traj = run(
+        face, policy, AgentConfig(max_tool_calls=3, allowed_tools=allowed), registry=ToolRegistry(readers=policy.bank)
+    )
     names = _check_trajectory(traj, policy, 2, allowed)
     assert traj.tools == allowed
     assert len(names) >= 1
 
 
 def test_only_zoom_allowed(policy, face):
-    traj = run(face, policy, AgentConfig(max_tool_calls=3, allowed_tools=["ZoomInTool"]), registry=ToolRegistry(readers=policy.bank))
+    traj = run(
+        face,
+        policy,
+        AgentConfig(max_tool_calls=3, allowed_tools=["ZoomInTool"]),
+        registry=ToolRegistry(readers=policy.bank),
+    )
     names = _check_trajectory(traj, policy, 1, ["ZoomInTool"])
     assert names == ["ZoomInTool"]
     assert traj.tool_turns[0].tool_result.arguments == {"bbox": policy.zoom_box}
@@ -219,7 +228,9 @@ def test_policy_is_deterministic(tiny_weights, face):
     a = ExpertPolicy.load(tiny_weights)
     b = ExpertPolicy.load(tiny_weights)
     t1 = run(face, a, AgentConfig(), registry=ToolRegistry(readers=a.bank))
-    t2 = run(face, a, AgentConfig(), registry=ToolRegistry(readers=a.bank))  # same policy object (its cache is per trajectory)
+    t2 = run(
+        face, a, AgentConfig(), registry=ToolRegistry(readers=a.bank)
+    )  # same policy object (its cache is per trajectory)
     t3 = run(face, b, AgentConfig(), registry=ToolRegistry(readers=b.bank))
     texts = [t.text for t in t1.turns]
     assert [t.text for t in t2.turns] == texts
@@ -258,7 +269,9 @@ def test_threshold_decides_the_verdict(tiny_weights, face):
 def test_score_crop(policy, crop, face):
     s = score_crop(policy, crop)
     assert 0.0 <= s <= 1.0
-    assert s == pytest.approx(run(face, policy, AgentConfig(), registry=ToolRegistry(readers=policy.bank)).final.score_spoof, abs=1e-9)
+    assert s == pytest.approx(
+        run(face, policy, AgentConfig(), registry=ToolRegistry(readers=policy.bank)).final.score_spoof, abs=1e-9
+    )
 
 
 # --- tool choice ----------------------------------------------------------------------------------

@@ -363,13 +363,19 @@ def test_detection_gives_the_same_boxes_from_concurrent_threads():
     a sequential run."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from core.samples import live_portrait, simulate_print, simulate_replay
-
     import skimage.data
 
+    from core.samples import live_portrait, simulate_print, simulate_replay
+
     base = skimage.data.astronaut()
-    images = [base, live_portrait(), simulate_print(live_portrait()), simulate_replay(live_portrait()),
-              base[::-1, ::-1].copy(), np.ascontiguousarray(base[:, ::-1])] * 2
+    images = [
+        base,
+        live_portrait(),
+        simulate_print(live_portrait()),
+        simulate_replay(live_portrait()),
+        base[::-1, ::-1].copy(),
+        np.ascontiguousarray(base[:, ::-1]),
+    ] * 2
     sequential = [detect_faces(im) for im in images]
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):

@@ -5,14 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import write_manifest
+
 from core.errors import TarfasError
 from core.evaluation.manifest import ManifestError, ManifestRow, read_manifest, select
 
 ROWS = [
     {"path": "images/nuaa/0001/0001_00_00_01_101.jpg", "label": "real", "domain": "nuaa", "split": "train"},
-    {"path": "images/nuaa/0001/0001_01_00_01_101.jpg", "label": "spoof", "attack_type": "print", "domain": "nuaa", "split": "train"},
+    {
+        "path": "images/nuaa/0001/0001_01_00_01_101.jpg",
+        "label": "spoof",
+        "attack_type": "print",
+        "domain": "nuaa",
+        "split": "train",
+    },
     {"path": "images/nuaa/0002/0002_00_00_01_101.jpg", "label": " Real ", "domain": "nuaa", "split": "test"},
     {"path": "images/replay/antoine.jpg", "label": "SPOOF", "attack_type": "Replay", "domain": "replay", "split": ""},
     {"path": "other.png", "label": "real", "domain": "", "split": "Test"},

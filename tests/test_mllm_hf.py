@@ -43,7 +43,10 @@ def _direct_p_spoof(policy: HFPolicy, messages: list[dict], assistant_prefix: st
     """P(spoof) by hand: one full forward pass over prompt + prefix + "<Spoof>", read at the first
     token where the <Spoof> and <Real> continuations differ."""
     inp = to_processor_inputs(messages, policy.processor)
-    enc = {c: policy.processor(text=[inp.text + assistant_prefix + s], images=inp.images, return_tensors="pt") for c, s in (("s", "<Spoof>"), ("r", "<Real>"))}
+    enc = {
+        c: policy.processor(text=[inp.text + assistant_prefix + s], images=inp.images, return_tensors="pt")
+        for c, s in (("s", "<Spoof>"), ("r", "<Real>"))
+    }
     ids_s, ids_r = enc["s"]["input_ids"][0], enc["r"]["input_ids"][0]
     k = next(i for i in range(len(ids_s)) if ids_s[i] != ids_r[i])
     with torch.no_grad():
@@ -82,7 +85,9 @@ def test_class_token_score_equals_a_direct_forward_pass(arch, nano_dirs, face):
     messages = to_messages(before, system=system, next_prompt=True)
     prefix = ANSWER[: ANSWER.index("<Spoof>")]
     assert traj.final.score_spoof == pytest.approx(_direct_p_spoof(policy, messages, prefix), abs=1e-5)
-    fast_messages = to_messages(Trajectory(policy="hf", crop=traj.crop), system=system, next_prompt=True, next_kind="fast")
+    fast_messages = to_messages(
+        Trajectory(policy="hf", crop=traj.crop), system=system, next_prompt=True, next_kind="fast"
+    )
     assert traj.fast_score == pytest.approx(_direct_p_spoof(policy, fast_messages, ""), abs=1e-5)
 
 
@@ -91,7 +96,9 @@ def test_lora_adapter_is_loaded_and_changes_the_score(nano_dirs, face, tmp_path)
 
     base = HFPolicy.load(nano_dirs["qwen2_5_vl"], scripted_prefix=[FAST])
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False
+    )
     peft_model = get_peft_model(copy.deepcopy(base.model), config)
     peft_model.save_pretrained(tmp_path / "adapter")
     tuned = HFPolicy.load(nano_dirs["qwen2_5_vl"], adapter=tmp_path / "adapter", scripted_prefix=[FAST])
@@ -105,7 +112,13 @@ def test_lora_adapter_is_loaded_and_changes_the_score(nano_dirs, face, tmp_path)
 def _first_conversation(face):
     traj = Trajectory(policy="hf", crop=face.crop)
     reg = ToolRegistry(None)
-    return Conversation(face.crop, traj, to_messages(traj, system=protocol.system_prompt(reg.schemas()), next_prompt=True, next_kind="fast"), reg, 3)
+    return Conversation(
+        face.crop,
+        traj,
+        to_messages(traj, system=protocol.system_prompt(reg.schemas()), next_prompt=True, next_kind="fast"),
+        reg,
+        3,
+    )
 
 
 def test_context_overflow_fails_the_investigation_and_keeps_the_turns(nano_dirs, face):

@@ -24,7 +24,11 @@ def _offline(monkeypatch):
 
 
 def _digest(folder) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.suffix in (".safetensors", ".json")}
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.iterdir())
+        if f.suffix in (".safetensors", ".json")
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -32,9 +36,14 @@ def test_nano_is_the_real_architecture_small_and_deterministic(arch, tmp_path):
     a = build_nano(tmp_path / "a", arch)
     b = build_nano(tmp_path / "b", arch)
     assert _digest(a) == _digest(b)  # seeded: same weights, same vocabulary
-    assert _digest(build_nano(tmp_path / "c", arch, NanoSpec(seed=1)))["model.safetensors"] != _digest(a)["model.safetensors"]
+    assert (
+        _digest(build_nano(tmp_path / "c", arch, NanoSpec(seed=1)))["model.safetensors"]
+        != _digest(a)["model.safetensors"]
+    )
     lm = load_model_and_processor(a)
-    expected = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}[arch]
+    expected = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}[
+        arch
+    ]
     assert type(lm.model).__name__ == expected and lm.arch == arch == detect_arch(a)
     assert sum(p.numel() for p in lm.model.parameters()) < 3_000_000
     assert lm.device == "cpu" and lm.dtype == "float32"
@@ -60,7 +69,15 @@ def test_nano_processor_handles_images_without_torchvision(arch, tmp_path, crop)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tokenizer_has_the_family_special_tokens_and_compact_protocol_strings(arch, tmp_path):
     tok = load_processor(build_nano(tmp_path / "m", arch)).tokenizer
-    for t in ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>"]:
+    for t in [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+        "<tool_call>",
+        "</tool_call>",
+    ]:
         assert len(tok.encode(t, add_special_tokens=False)) == 1, t
     if arch == "internvl":
         assert tok.context_image_token == "<IMG_CONTEXT>" and tok.start_image_token == "<img>"
@@ -78,7 +95,9 @@ def test_cli_model_init_nano(tmp_path, capsys):
     assert detect_arch(tmp_path / "nano") == "internvl"
 
 
-@pytest.mark.parametrize("arch,fast_name", [("qwen2_5_vl", "Qwen2VLImageProcessorFast"), ("internvl", "GotOcr2ImageProcessorFast")])
+@pytest.mark.parametrize(
+    "arch,fast_name", [("qwen2_5_vl", "Qwen2VLImageProcessorFast"), ("internvl", "GotOcr2ImageProcessorFast")]
+)
 def test_a_checkpoint_laid_out_like_the_hub_loads_without_torchvision(arch, fast_name, tmp_path):
     """Real checkpoints ship preprocessor_config.json naming the torchvision ("Fast") image processor
     and the stock processor class; load_processor still builds a working image-only processor."""
@@ -92,4 +111,6 @@ def test_a_checkpoint_laid_out_like_the_hub_loads_without_torchvision(arch, fast
     (folder / "processing_tarfas.py").unlink()
     processor = load_processor(folder)
     assert type(processor.image_processor).__name__.endswith("Pil")
-    assert "<|im_start|>assistant" in processor.apply_chat_template([{"role": "user", "content": "q"}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in processor.apply_chat_template(
+        [{"role": "user", "content": "q"}], tokenize=False, add_generation_prompt=True
+    )

@@ -52,12 +52,18 @@ def test_investigation_through_a_real_openai_compatible_server(server, face):
     assert served and all(t.notes["finish_reason"] in ("length", "stop") for t in served)
     assert all(t.notes["new_tokens"] <= 8 for t in served)
     # no logprobs from this server: the score is left to the verdict text, and the notes say so
-    assert all(t.notes["score_source"] == "verdict text (the server returned no logprobs)" and t.score_spoof is None for t in served)
+    assert all(
+        t.notes["score_source"] == "verdict text (the server returned no logprobs)" and t.score_spoof is None
+        for t in served
+    )
     # the server saw both images: its prompt token count equals the local processor's, image tokens included
     system = protocol.system_prompt(ToolRegistry(None).schemas())
     before = type(traj)(policy="vllm", crop=traj.crop)
     before.turns = traj.turns[:2]
-    local = encode(load_processor(server["dir"]), to_processor_inputs(to_messages(before, system=system, next_prompt=True), load_processor(server["dir"])))
+    local = encode(
+        load_processor(server["dir"]),
+        to_processor_inputs(to_messages(before, system=system, next_prompt=True), load_processor(server["dir"])),
+    )
     assert served[0].notes["prompt_tokens"] == local["input_ids"].shape[1]
     assert (local["input_ids"] == load_processor(server["dir"]).image_token_id).sum().item() == 128
     assert traj.status in ("completed", "failed") and traj.turns  # untrained text is recorded, never crashes the loop
@@ -81,18 +87,30 @@ def test_score_from_vllm_style_top_logprobs():
     text = "<think>flat</think>\n<answer><Spoof></answer>"
     toks = ["<think>", "flat", "</think>", "\n", "<answer>", "<", "Sp", "oof", "></", "answer", ">"]
     entries = [{"token": t, "logprob": -0.1, "top_logprobs": [{"token": t, "logprob": -0.1}]} for t in toks]
-    entries[6]["top_logprobs"] = [{"token": "Sp", "logprob": math.log(0.6)}, {"token": "Real", "logprob": math.log(0.3)}, {"token": "x", "logprob": math.log(0.1)}]
+    entries[6]["top_logprobs"] = [
+        {"token": "Sp", "logprob": math.log(0.6)},
+        {"token": "Real", "logprob": math.log(0.3)},
+        {"token": "x", "logprob": math.log(0.1)},
+    ]
     score, how = score_from_top_logprobs(text, entries)
     assert score == pytest.approx(0.6 / 0.9) and how == "class_token_logprobs"
     # a tokenizer that merges "<" into the class token: "<Real" vs "<Sp"
     toks2 = ["<think>", "flat", "</think>", "\n", "<answer>", "<Sp", "oof", "></answer>"]
     entries2 = [{"token": t, "logprob": 0.0, "top_logprobs": []} for t in toks2]
-    entries2[5]["top_logprobs"] = [{"token": "<Sp", "logprob": math.log(0.2)}, {"token": "<Real", "logprob": math.log(0.8)}]
+    entries2[5]["top_logprobs"] = [
+        {"token": "<Sp", "logprob": math.log(0.2)},
+        {"token": "<Real", "logprob": math.log(0.8)},
+    ]
     assert score_from_top_logprobs(text, entries2)[0] == pytest.approx(0.2)
     assert score_from_top_logprobs("<think>x</think><tool_call>{}</tool_call>", entries)[0] is None
 
 
 def test_stop_string_dropped_by_the_server_is_restored():
-    assert _with_closing_tag("<think>a</think>\n<answer><Real>", "stop", "</answer>") == "<think>a</think>\n<answer><Real></answer>"
-    assert _with_closing_tag('<think>a</think>\n<tool_call>\n{"name": "FFTTool"}\n', "stop", None).endswith("</tool_call>")
+    assert (
+        _with_closing_tag("<think>a</think>\n<answer><Real>", "stop", "</answer>")
+        == "<think>a</think>\n<answer><Real></answer>"
+    )
+    assert _with_closing_tag('<think>a</think>\n<tool_call>\n{"name": "FFTTool"}\n', "stop", None).endswith(
+        "</tool_call>"
+    )
     assert _with_closing_tag("<think>a</think>\n<answer><Real>", "length", None) == "<think>a</think>\n<answer><Real>"

@@ -74,7 +74,9 @@ def test_generation_markers_cover_exactly_the_assistant_turns(arch, processors, 
     plain, images = text_only_messages(to_messages(trajectory, system=_system()))
     out = processor.apply_chat_template(plain, images=None, tokenize=False)
     assert out.count("<|im_start|>assistant\n") == len(trajectory.turns)
-    enc = processor.tokenizer.apply_chat_template(plain, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    enc = processor.tokenizer.apply_chat_template(
+        plain, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, mask = enc["input_ids"], enc["assistant_masks"]
     learned = processor.tokenizer.decode([i for i, m in zip(ids, mask) if m])
     assert learned == "".join(t.text + "<|im_end|>" for t in trajectory.turns)
@@ -86,13 +88,21 @@ def test_generation_prompt_tools_and_tool_role(processors):
     msgs = [
         {"role": "system", "content": protocol.ROLE_AND_MISSION},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]},
-        {"role": "assistant", "content": "<think>t</think>", "tool_calls": [{"type": "function", "function": {"name": "FFTTool", "arguments": {}}}]},
+        {
+            "role": "assistant",
+            "content": "<think>t</think>",
+            "tool_calls": [{"type": "function", "function": {"name": "FFTTool", "arguments": {}}}],
+        },
         {"role": "tool", "content": [{"type": "image"}, {"type": "text", "text": protocol.FORMAT_DECLARATION}]},
     ]
     text = processor.apply_chat_template(msgs, tools=schema, tokenize=False, add_generation_prompt=True)
-    assert text.startswith("<|im_start|>system\n" + protocol.ROLE_AND_MISSION + "\n\n# Tools")  # stock Qwen2.5 block from tools=
+    assert text.startswith(
+        "<|im_start|>system\n" + protocol.ROLE_AND_MISSION + "\n\n# Tools"
+    )  # stock Qwen2.5 block from tools=
     assert '<think>t</think>\n<tool_call>\n{"name": "FFTTool", "arguments": {}}\n</tool_call><|im_end|>' in text
-    assert text.count("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>") == 2  # the tool result is a user turn
+    assert (
+        text.count("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>") == 2
+    )  # the tool result is a user turn
     assert text.endswith("<|im_start|>assistant\n")
     turn = protocol.parse_reasoning_turn(parse_rendered(text)[2].text)
     assert turn.tool_call == protocol.ToolCall("FFTTool", {})
@@ -115,7 +125,9 @@ def test_openai_messages_carry_lossless_png_images(trajectory):
     msgs = to_openai_messages(to_messages(trajectory, system=_system(), next_prompt=True))
     assert msgs[0] == {"role": "system", "content": _system()}
     assert all(isinstance(m["content"], str) for m in msgs if m["role"] == "assistant")
-    urls = [p["image_url"]["url"] for m in msgs if m["role"] == "user" for p in m["content"] if p["type"] == "image_url"]
+    urls = [
+        p["image_url"]["url"] for m in msgs if m["role"] == "user" for p in m["content"] if p["type"] == "image_url"
+    ]
     assert len(urls) == 3 and all(u.startswith("data:image/png;base64,") for u in urls)
     face = np.asarray(Image.open(io.BytesIO(base64.b64decode(urls[0].split(",", 1)[1]))))
     assert np.array_equal(face, trajectory.crop)  # PNG: bit-exact

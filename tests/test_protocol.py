@@ -69,8 +69,14 @@ def test_system_prompt_without_tools_is_the_role_alone():
 
 
 def test_expert_guidance_text():
-    assert protocol.expert_guidance("FFTTool", 0.87) == "This is the result of FFTTool. The expert predicts 87% there's spoof trace"
-    assert protocol.expert_guidance("LBPTool", 0.0) == "This is the result of LBPTool. The expert predicts 0% there's spoof trace"
+    assert (
+        protocol.expert_guidance("FFTTool", 0.87)
+        == "This is the result of FFTTool. The expert predicts 87% there's spoof trace"
+    )
+    assert (
+        protocol.expert_guidance("LBPTool", 0.0)
+        == "This is the result of LBPTool. The expert predicts 0% there's spoof trace"
+    )
     assert protocol.expert_guidance("HOGTool", 1.0).endswith("predicts 100% there's spoof trace")
 
 
@@ -199,10 +205,19 @@ MALFORMED_REASONING = {
     "missing name": ('<think>a</think><tool_call>{"arguments": {}}</tool_call>', '"name"'),
     "empty name": ('<think>a</think><tool_call>{"name": "", "arguments": {}}</tool_call>', '"name"'),
     "name not a string": ('<think>a</think><tool_call>{"name": 7}</tool_call>', '"name"'),
-    "arguments a list": ('<think>a</think><tool_call>{"name": "ZoomInTool", "arguments": [1, 2, 3, 4]}</tool_call>', '"arguments"'),
+    "arguments a list": (
+        '<think>a</think><tool_call>{"name": "ZoomInTool", "arguments": [1, 2, 3, 4]}</tool_call>',
+        '"arguments"',
+    ),
     "arguments a number": ('<think>a</think><tool_call>{"name": "FFTTool", "arguments": 5}</tool_call>', '"arguments"'),
-    "arguments a non-JSON string": ('<think>a</think><tool_call>{"name": "FFTTool", "arguments": "none"}</tool_call>', '"arguments"'),
-    "unexpected keys": ('<think>a</think><tool_call>{"name": "FFTTool", "arguments": {}, "id": 1}</tool_call>', "unexpected keys ['id']"),
+    "arguments a non-JSON string": (
+        '<think>a</think><tool_call>{"name": "FFTTool", "arguments": "none"}</tool_call>',
+        '"arguments"',
+    ),
+    "unexpected keys": (
+        '<think>a</think><tool_call>{"name": "FFTTool", "arguments": {}, "id": 1}</tool_call>',
+        "unexpected keys ['id']",
+    ),
     "answer word without brackets": ("<think>a</think><answer>Spoof</answer>", "<Spoof> or <Real>"),
     "answer wrong class": ("<think>a</think><answer><Fake></answer>", "<Spoof> or <Real>"),
     "answer both classes": ("<think>a</think><answer><Spoof>/<Real></answer>", "<Spoof> or <Real>"),
@@ -262,15 +277,32 @@ def test_answer_turn_round_trip(verdict):
     assert protocol.parse_reasoning_turn(text) == ReasoningTurn("All tools agree.", answer=verdict)
 
 
-@pytest.mark.parametrize("text, verdict", [("Real", "real"), (" <Spoof> ", "spoof"), ("<answer><Real></answer>", "real"), ("spoof", "spoof"),
-                                           ("<think>x</think><answer><Real></answer>", None), ("maybe real", None), ("", None)])
+@pytest.mark.parametrize(
+    "text, verdict",
+    [
+        ("Real", "real"),
+        (" <Spoof> ", "spoof"),
+        ("<answer><Real></answer>", "real"),
+        ("spoof", "spoof"),
+        ("<think>x</think><answer><Real></answer>", None),
+        ("maybe real", None),
+        ("", None),
+    ],
+)
 def test_a_bare_verdict_is_read_only_when_it_is_nothing_but_a_verdict(text, verdict):
     assert protocol.parse_bare_verdict(text) == verdict
 
 
-@pytest.mark.parametrize("text, offset", [("<Spoof><reason>x</reason>", 0), ("  <Real><reason>x</reason>", 2),
-                                          ("<think>t</think>\n<answer><Real></answer>", 25),
-                                          ("<think>t</think><tool_call>{}</tool_call>", None), ("no verdict", None)])
+@pytest.mark.parametrize(
+    "text, offset",
+    [
+        ("<Spoof><reason>x</reason>", 0),
+        ("  <Real><reason>x</reason>", 2),
+        ("<think>t</think>\n<answer><Real></answer>", 25),
+        ("<think>t</think><tool_call>{}</tool_call>", None),
+        ("no verdict", None),
+    ],
+)
 def test_the_class_tag_is_found_where_the_class_token_score_is_read(text, offset):
     assert protocol.class_tag_offset(text) == offset
     if offset is not None:

@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from core import agent, faces, protocol
-from core.experts import DEFAULT_DIR, EXPERT_TOOLS, RGB, ZOOM, ExpertBank
 from core.evaluation.manifest import read_manifest
+from core.experts import DEFAULT_DIR, EXPERT_TOOLS, RGB, ZOOM, ExpertBank
 from core.policies import load_policy
 from core.registry import ToolRegistry
 from core.samples import SAMPLES
 
-pytestmark = pytest.mark.skipif(not (DEFAULT_DIR / "experts.json").exists(), reason="no shipped weights in assets/experts")
+pytestmark = pytest.mark.skipif(
+    not (DEFAULT_DIR / "experts.json").exists(), reason="no shipped weights in assets/experts"
+)
 META = json.loads((DEFAULT_DIR / "experts.json").read_text()) if (DEFAULT_DIR / "experts.json").exists() else {}
 
 
@@ -57,7 +59,9 @@ def test_default_policy_calls_the_demo_samples_right(name):
         (protocol.parse_fast_answer if t.kind == "fast" else protocol.parse_reasoning_turn)(t.text)
     assert (traj.final.verdict == "spoof") == (traj.final.score_spoof >= policy.threshold)
     expected = "real" if "live" in name else "spoof"
-    assert traj.final.verdict == expected, f"{name}: P(spoof) {traj.final.score_spoof:.3f}, threshold {policy.threshold:.3f}"
+    assert traj.final.verdict == expected, (
+        f"{name}: P(spoof) {traj.final.score_spoof:.3f}, threshold {policy.threshold:.3f}"
+    )
 
 
 @pytest.mark.data

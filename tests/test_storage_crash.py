@@ -49,7 +49,9 @@ def _wait_for_turns(data_dir: Path, url: str | None, proc: subprocess.Popen, n: 
 def test_a_killed_investigation_keeps_its_case_and_turns_and_can_be_re_run(tmp_path, database_url):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]))
     args = [str(tmp_path)] + ([database_url] if database_url else [])
-    proc = subprocess.Popen([sys.executable, str(TESTS / "storage_crash_worker.py"), *args], cwd=ROOT, env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "storage_crash_worker.py"), *args], cwd=ROOT, env=env, stderr=subprocess.PIPE
+    )
     try:
         _wait_for_turns(tmp_path, database_url, proc, 2)
     finally:
@@ -78,7 +80,11 @@ def test_a_killed_investigation_keeps_its_case_and_turns_and_can_be_re_run(tmp_p
 
     # Re-run the case on the same crop; the new investigation completes and points back to the old one.
     rec = InvestigationRecorder(storage.sessions, storage.files, case.id, user="ana", rerun_of=old.id)
-    traj = list(rec.record(investigate(face_of(old), ScriptedPolicy([FAST_SPOOF, ANSWER_SPOOF]), image_sha256=case.image_sha256)))[-1].trajectory
+    traj = list(
+        rec.record(
+            investigate(face_of(old), ScriptedPolicy([FAST_SPOOF, ANSWER_SPOOF]), image_sha256=case.image_sha256)
+        )
+    )[-1].trajectory
     assert traj.status == "completed" and np.array_equal(traj.crop, old.crop)
     with storage.sessions.begin() as s:
         assert s.get(Investigation, rec.investigation_id).status == "completed"

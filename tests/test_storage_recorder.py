@@ -26,7 +26,9 @@ def case(storage):
 
 def _record(storage, case, face, replies, **kwargs):
     rec = InvestigationRecorder(storage.sessions, storage.files, case.id, user="ana", **kwargs)
-    events = list(rec.record(investigate(face, ScriptedPolicy(replies), image_sha256=case.image_sha256, source=case.filename)))
+    events = list(
+        rec.record(investigate(face, ScriptedPolicy(replies), image_sha256=case.image_sha256, source=case.filename))
+    )
     return rec, events[-1].trajectory
 
 
@@ -50,7 +52,11 @@ def test_long_file_names_and_paths_are_kept_whole(storage, face):
     with storage.sessions.begin() as s:
         case = create_case(s, storage.files, astronaut_png(), filename=name, user="ana")
     rec = InvestigationRecorder(storage.sessions, storage.files, case.id, user="ana")
-    list(rec.record(investigate(face, ScriptedPolicy([FAST_SPOOF, ANSWER_SPOOF]), image_sha256=case.image_sha256, source=source)))
+    list(
+        rec.record(
+            investigate(face, ScriptedPolicy([FAST_SPOOF, ANSWER_SPOOF]), image_sha256=case.image_sha256, source=source)
+        )
+    )
     with storage.sessions() as s:
         assert s.get(Case, case.id).filename == name
         assert s.get(Investigation, rec.investigation_id).source == source
@@ -66,7 +72,9 @@ def test_every_turn_is_committed_as_soon_as_it_exists(storage, case, face, tmp_p
             if isinstance(event, InvestigationStarted):
                 assert s.get(Investigation, event.trajectory.id).status == "running"
             if isinstance(event, TurnCompleted):
-                turns = s.scalars(select(Turn).where(Turn.investigation_id == rec.investigation_id).order_by(Turn.index)).all()
+                turns = s.scalars(
+                    select(Turn).where(Turn.investigation_id == rec.investigation_id).order_by(Turn.index)
+                ).all()
                 assert [t.index for t in turns] == list(range(event.turn.index + 1))
                 seen.append(s.scalar(select(func.count()).select_from(ToolResult)))
             if isinstance(event, InvestigationFinished):
@@ -118,9 +126,18 @@ def test_the_investigation_lifecycle_is_in_the_audit_log(storage, case, face):
     rec, _ = _record(storage, case, face, [FAST_SPOOF, FFT, ANSWER_SPOOF])
     with storage.sessions() as s:
         rows = s.scalars(select(AuditEvent).where(AuditEvent.action != "case.create").order_by(AuditEvent.id)).all()
-    assert [r.action for r in rows] == ["investigation.start", "turn.record", "turn.record", "turn.record", "investigation.finish"]
+    assert [r.action for r in rows] == [
+        "investigation.start",
+        "turn.record",
+        "turn.record",
+        "turn.record",
+        "investigation.finish",
+    ]
     assert rows[0].actor == "ana" and rows[0].after["case_id"] == case.id
-    assert rows[-1].before["status"] == "running" and rows[-1].after == rows[-1].after | {"status": "completed", "verdict": "spoof"}
+    assert rows[-1].before["status"] == "running" and rows[-1].after == rows[-1].after | {
+        "status": "completed",
+        "verdict": "spoof",
+    }
 
 
 def test_events_out_of_order_or_for_a_wrong_case_are_refused(storage, case, face):
@@ -138,7 +155,15 @@ def test_events_out_of_order_or_for_a_wrong_case_are_refused(storage, case, face
 def test_exports_keep_a_copy_of_what_was_handed_out(storage, case, face):
     rec, _ = _record(storage, case, face, [FAST_SPOOF, ANSWER_SPOOF])
     with storage.sessions.begin() as s:
-        exp = record_export(s, storage.files, rec.investigation_id, b'{"verdict": "spoof"}', format="json", filename="report.json", user="ana")
+        exp = record_export(
+            s,
+            storage.files,
+            rec.investigation_id,
+            b'{"verdict": "spoof"}',
+            format="json",
+            filename="report.json",
+            user="ana",
+        )
     with storage.sessions() as s:
         assert storage.files.read(s.get(Export, exp.id).file_sha256) == b'{"verdict": "spoof"}'
         assert s.scalars(select(AuditEvent.action).where(AuditEvent.entity == "export")).all() == ["export.create"]

@@ -38,8 +38,14 @@ def _audit(storage, entity="review") -> list[AuditEvent]:
 def test_a_review_overrides_the_verdict_flags_turns_and_corrects_the_answer(storage, inv_id):
     with storage.sessions.begin() as s:
         state = submit_review(
-            s, inv_id, reviewer="ana", verdict="Real", expected_version=NO_REVIEW, notes="Skin pores visible at full size.",
-            flags={1: "good_step", 2: ["wrong_tool", "wrong_reasoning"]}, corrected_answer="<answer><Real></answer>",
+            s,
+            inv_id,
+            reviewer="ana",
+            verdict="Real",
+            expected_version=NO_REVIEW,
+            notes="Skin pores visible at full size.",
+            flags={1: "good_step", 2: ["wrong_tool", "wrong_reasoning"]},
+            corrected_answer="<answer><Real></answer>",
         )
     assert state.version == 1 and state.verdict == "real"
     with storage.sessions() as s:
@@ -50,7 +56,14 @@ def test_a_review_overrides_the_verdict_flags_turns_and_corrects_the_answer(stor
 
 def test_saving_again_replaces_the_state_and_bumps_the_version(storage, inv_id):
     with storage.sessions.begin() as s:
-        submit_review(s, inv_id, reviewer="ana", verdict="spoof", expected_version=NO_REVIEW, flags={1: "good_step", 2: "wrong_tool"})
+        submit_review(
+            s,
+            inv_id,
+            reviewer="ana",
+            verdict="spoof",
+            expected_version=NO_REVIEW,
+            flags={1: "good_step", 2: "wrong_tool"},
+        )
     with storage.sessions.begin() as s:
         state = submit_review(s, inv_id, reviewer="bob", verdict="unsure", expected_version=1, flags={1: "good_step"})
     assert (state.version, state.reviewer, state.flags) == (2, "bob", {1: ["good_step"]})
@@ -102,7 +115,9 @@ def test_submit_review_turns_a_lost_race_into_a_clear_message(storage, inv_id, t
         with storage.sessions.begin() as s:
             submit_review(s, inv_id, reviewer="ana", verdict="real", expected_version=1)
 
-    with pytest.raises(ConcurrentReviewError, match="saved by someone else while you were saving; nothing of yours was written"):
+    with pytest.raises(
+        ConcurrentReviewError, match="saved by someone else while you were saving; nothing of yours was written"
+    ):
         submit_review(bob, inv_id, reviewer="bob", verdict="unsure", expected_version=1)
     bob.rollback()
     bob.close()
@@ -124,7 +139,9 @@ def test_bad_verdicts_flags_and_turns_are_refused_with_the_allowed_values(storag
             submit_review(s, inv_id, reviewer="ana", verdict="fake", expected_version=NO_REVIEW)
         with pytest.raises(InvalidReviewError, match="wrong_tool, wrong_reasoning, good_step"):
             submit_review(s, inv_id, reviewer="ana", verdict="real", expected_version=NO_REVIEW, flags={1: "bad_step"})
-        with pytest.raises(InvalidReviewError, match=r"turn 9 is not part of this investigation \(turns: \[0, 1, 2, 3\]\)"):
+        with pytest.raises(
+            InvalidReviewError, match=r"turn 9 is not part of this investigation \(turns: \[0, 1, 2, 3\]\)"
+        ):
             submit_review(s, inv_id, reviewer="ana", verdict="real", expected_version=NO_REVIEW, flags={9: "good_step"})
 
 

@@ -18,12 +18,22 @@ from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from storage_support import sqlite_only
 
-from storage.db import DB_FILENAME, alembic_config, init_db, make_engine
 from storage.cases import create_case
+from storage.db import DB_FILENAME, alembic_config, init_db, make_engine
 from storage.models import Base, Case, Turn
 
-TABLES = {"cases", "investigations", "turns", "tool_results", "reviews", "turn_flags", "exports", "audit_events",
-          "dataset_exports", "dataset_export_items"}
+TABLES = {
+    "cases",
+    "investigations",
+    "turns",
+    "tool_results",
+    "reviews",
+    "turn_flags",
+    "exports",
+    "audit_events",
+    "dataset_exports",
+    "dataset_export_items",
+}
 HEAD = "0002"  # the newest migration in storage/migrations/versions
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +88,9 @@ def test_times_are_stored_as_utc_and_read_back_as_aware_utc(storage):
     with storage.sessions() as s:
         back = s.get(Case, case.id).created_at
         assert back == local and back.utcoffset() == timedelta(0) and back.hour == 14
-        assert s.scalar(select(Case.id).where(Case.created_at == datetime(2026, 3, 1, 14, 30))) == case.id  # naive means UTC
+        assert (
+            s.scalar(select(Case.id).where(Case.created_at == datetime(2026, 3, 1, 14, 30))) == case.id
+        )  # naive means UTC
 
 
 @sqlite_only
@@ -109,8 +121,16 @@ init_db(engine)
 def test_processes_opening_a_new_database_at_once_all_get_the_schema(tmp_path, database_url):
     # The app and the CLI (or a team's workbenches) started together on an empty database.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, str(tmp_path), database_url or "", "3", str(k)], cwd=ROOT, env=env,
-                              stderr=subprocess.PIPE, text=True) for k in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_ONCE, str(tmp_path), database_url or "", "3", str(k)],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(3)
+    ]
     results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
     assert results == [(0, "")] * 3
     engine = make_engine(database_url, data_dir=tmp_path)

@@ -54,10 +54,11 @@ def test_kt_view_is_the_first_round_with_a_fast_answer(folders, tmp_path):
 
 
 def test_kt_answer_is_written_from_the_label_when_the_recorded_one_disagrees(tmp_path):
-    from core.dataset import DatasetWriter
     from training_support import faces, scripted_trajectory
 
-    (face, label), = faces(1)
+    from core.dataset import DatasetWriter
+
+    ((face, label),) = faces(1)
     traj = scripted_trajectory(face, label, 0)
     with DatasetWriter(tmp_path / "ds", source="app-export", created_by="t") as w:
         w.add_trajectory(traj, id="t0", label="spoof")  # the analyst overturned a "real" fast answer

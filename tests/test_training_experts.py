@@ -15,10 +15,19 @@ import pytest
 import torch
 
 from core.backbones import MOBILENET_V2_IMAGENET
+from core.evaluation.metrics import domain_eer_threshold
 from core.evidence import EvidenceModel
 from core.experts import EXPERT_TOOLS, RGB, ZOOM, ExpertBank
-from core.evaluation.metrics import domain_eer_threshold
-from training.experts import EVIDENCE_KEYS, ExpertTrainConfig, augment, fit_policy, lodo_table, platt, read_lodo_logits, train_experts
+from training.experts import (
+    EVIDENCE_KEYS,
+    ExpertTrainConfig,
+    augment,
+    fit_policy,
+    lodo_table,
+    platt,
+    read_lodo_logits,
+    train_experts,
+)
 
 
 # --- augmentation -----------------------------------------------------------------------------------
@@ -190,13 +199,18 @@ def test_lodo_logits_are_kept_for_every_image(tiny_weights):
 def test_scores_rank_without_ties(tiny_weights, tiny_manifest):
     """No clipping floor: distinct images get distinct scores."""
     from core.agent import run
-    from core.faces import load_image, prepare_face
     from core.evaluation.manifest import read_manifest
+    from core.faces import load_image, prepare_face
     from core.policies.expert import ExpertPolicy
     from core.registry import ToolRegistry
 
     policy = ExpertPolicy.load(tiny_weights)
-    scores = [run(prepare_face(load_image(r.path), on_no_face="whole"), policy, registry=ToolRegistry(readers=policy.bank)).final.score_spoof for r in read_manifest(tiny_manifest)]
+    scores = [
+        run(
+            prepare_face(load_image(r.path), on_no_face="whole"), policy, registry=ToolRegistry(readers=policy.bank)
+        ).final.score_spoof
+        for r in read_manifest(tiny_manifest)
+    ]
     assert len(set(scores)) == len(scores)
 
 

@@ -79,7 +79,9 @@ def test_rollout_tokens_are_the_rendered_conversation_and_the_mask_marks_sampled
     enc = processor(text=[whole.text], images=whole.images, return_tensors="pt")
     expected = enc["input_ids"][0].tolist()
     assert r.prompt_ids + r.completion_ids == expected[: len(r.prompt_ids) + len(r.completion_ids)]
-    assert expected[len(r.prompt_ids) + len(r.completion_ids) :] == processor.tokenizer.encode("\n", add_special_tokens=False)
+    assert expected[len(r.prompt_ids) + len(r.completion_ids) :] == processor.tokenizer.encode(
+        "\n", add_special_tokens=False
+    )
     assert len(r.images) == 3 and len(r.tool_images) == 2  # face crop + FFT + LBP images
 
     # mask = 1 on exactly the sampled tokens: decoding them gives back the turns (the cut one without <|im_end|>)
@@ -132,7 +134,9 @@ def test_lockstep_sampler_batches_the_live_rollouts_and_survives_failures():
 
 def test_rollout_budget_ends_the_investigation_as_failed(nano, crop):
     processor = load_processor(nano)
-    turns = [(protocol.format_fast_answer("real", "Natural skin."), False)] + [(protocol.format_tool_call_turn("x", ToolCall("HOGTool", {})), False)] * 3
+    turns = [(protocol.format_fast_answer("real", "Natural skin."), False)] + [
+        (protocol.format_tool_call_turn("x", ToolCall("HOGTool", {})), False)
+    ] * 3
     policy = TokenPolicy(_scripted_generator(processor, turns), processor, max_completion_tokens=60)
     traj = run(face_from_image(crop), policy, AgentConfig())
     assert traj.status == "failed" and RolloutBudgetError.__name__ in traj.error
@@ -232,6 +236,22 @@ def test_cli_train_grpo_st_baseline_writes_a_model_with_lineage(nano, data, tmp_
 def test_grpo_config_errors(nano, data, tmp_path):
     from app.cli import main
 
-    assert main(["train", "grpo", "--model", str(nano), "--data", str(data), "--num-generations", "3", "--per-device-train-batch-size", "4"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "grpo",
+                "--model",
+                str(nano),
+                "--data",
+                str(data),
+                "--num-generations",
+                "3",
+                "--per-device-train-batch-size",
+                "4",
+            ]
+        )
+        == 2
+    )
     assert main(["train", "grpo", "--model", str(nano), "--data", str(data), "--reward", "xx", "--num-generations", "2",
                  "--per-device-train-batch-size", "2"]) == 2  # fmt: skip

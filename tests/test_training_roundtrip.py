@@ -24,15 +24,42 @@ def test_export_train_and_load_as_policy(storage, face, tmp_path_factory, tmp_pa
     from training_support import nano_model
 
     nano = nano_model(tmp_path_factory)
-    _, spoof = run_case(storage, face, [fast("spoof", 0.9), tool("FFTTool", "Look for moire."), answer("spoof", 0.9)], attack_type="print")
+    _, spoof = run_case(
+        storage,
+        face,
+        [fast("spoof", 0.9), tool("FFTTool", "Look for moire."), answer("spoof", 0.9)],
+        attack_type="print",
+    )
     _, overturned = run_case(storage, face, [fast("spoof", 0.8), tool("LBPTool"), answer("spoof", 0.7)])
     review(storage, spoof, "spoof")
-    review(storage, overturned, "real", corrected_answer=protocol.format_answer_turn("The LBP map shows natural skin.", "real"))
+    review(
+        storage,
+        overturned,
+        "real",
+        corrected_answer=protocol.format_answer_turn("The LBP map shows natural skin.", "real"),
+    )
     export = export_dataset(storage, tmp_path / "export", user="ana")
     assert export.exported == 2
 
     common = ["--data", str(export.folder), "--threads", "1", "--save-steps", "0", "--per-device-train-batch-size", "2"]
-    assert main(["train", "sft", "--stage", "fi", "--model", str(nano), "--out", str(tmp_path / "fi"), "--max-steps", "2", *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "sft",
+                "--stage",
+                "fi",
+                "--model",
+                str(nano),
+                "--out",
+                str(tmp_path / "fi"),
+                "--max-steps",
+                "2",
+                *common,
+            ]
+        )
+        == 0
+    )
     adapter = tmp_path / "fi" / "adapter"
     lin = read_lineage(adapter)
     assert lin["data"][0]["source"] == "app-export"

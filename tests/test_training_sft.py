@@ -32,14 +32,19 @@ def data(tmp_path_factory):
 
 
 def _cfg(**kw) -> SFTConfig:
-    base = dict(per_device_train_batch_size=2, max_steps=3, threads=1, logging_steps=1, save_steps=0, learning_rate=1e-2)
+    base = dict(
+        per_device_train_batch_size=2, max_steps=3, threads=1, logging_steps=1, save_steps=0, learning_rate=1e-2
+    )
     return SFTConfig(**(base | kw))
 
 
 def test_turn_index_and_weights_mark_each_assistant_turn():
     x = -100
     labels = torch.tensor([[x, x, 5, 6, x, x, 7, x, 8, 9, x], [x, 1, 2, x, x, x, x, x, x, x, x]])
-    assert turn_index(labels).tolist() == [[-1, -1, 0, 0, -1, -1, 1, -1, 2, 2, -1], [-1, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1]]
+    assert turn_index(labels).tolist() == [
+        [-1, -1, 0, 0, -1, -1, 1, -1, 2, 2, -1],
+        [-1, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1],
+    ]
     w = turn_weights(labels, 0.9)
     assert w[0].tolist() == pytest.approx([0, 0, 0.9, 0.9, 0, 0, 0.1, 0, 0.1, 0.1, 0])
     assert w[1].tolist() == pytest.approx([0, 0.9, 0.9, 0, 0, 0, 0, 0, 0, 0, 0])
@@ -56,10 +61,19 @@ def test_fi_loss_equals_the_hand_computed_weighted_nll(nano, data, tmp_path):
     ds = to_hf_dataset([{"messages": r["messages"], "images": r["images"]} for r in rows])
     model, processor, _ = load_policy_model(str(nano), None, trainable_adapter=True, merge_adapter=False)
     collator = TurnWeightedCollator(processor, max_length=4096, assistant_only_loss=True, first_turn_weight=0.9)
-    args = trl.SFTConfig(output_dir=str(tmp_path / "o"), assistant_only_loss=True, report_to="none", max_steps=1, remove_unused_columns=False,
-                          bf16=False, gradient_checkpointing=False)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "o"),
+        assistant_only_loss=True,
+        report_to="none",
+        max_steps=1,
+        remove_unused_columns=False,
+        bf16=False,
+        gradient_checkpointing=False,
+    )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=SFTConfig().lora_targets, task_type="CAUSAL_LM")
-    trainer = TurnWeightedSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor, data_collator=collator, peft_config=lora)
+    trainer = TurnWeightedSFTTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=processor, data_collator=collator, peft_config=lora
+    )
     batch = collator([ds[0], ds[1]])
     labels, weights = batch["labels"], batch["loss_weights"]
     assert (turn_index(labels).max(dim=1).values == 2).all()  # fast answer, tool call, answer
@@ -85,12 +99,18 @@ def test_fi_loss_equals_the_hand_computed_weighted_nll(nano, data, tmp_path):
                 nll_later += nll
     manual = (0.9 * nll_1 + 0.1 * nll_later) / n
     assert loss == pytest.approx(manual, rel=1e-4)
-    assert n == int((labels != -100).sum()) and weights.sum().item() == pytest.approx(0.9 * (turn_index(labels) == 0).sum().item() + 0.1 * (turn_index(labels) > 0).sum().item(), rel=1e-5)
+    assert n == int((labels != -100).sum()) and weights.sum().item() == pytest.approx(
+        0.9 * (turn_index(labels) == 0).sum().item() + 0.1 * (turn_index(labels) > 0).sum().item(), rel=1e-5
+    )
 
 
 def test_kt_then_fi_real_steps_change_the_adapter_and_record_lineage(nano, data, tmp_path):
     kt = train_sft(_cfg(stage="kt", data=[str(data)], model=str(nano), out=str(tmp_path / "kt")))
-    assert kt.name == "adapter" and (kt / "adapter_model.safetensors").is_file() and not (kt / "training_args.bin").exists()
+    assert (
+        kt.name == "adapter"
+        and (kt / "adapter_model.safetensors").is_file()
+        and not (kt / "training_args.bin").exists()
+    )
     kt_state = safetensors_state(kt)
     lora_b = [v for k, v in kt_state.items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: the steps moved it
@@ -100,7 +120,9 @@ def test_kt_then_fi_real_steps_change_the_adapter_and_record_lineage(nano, data,
     assert lin["data"][0]["manifest_sha256"] and lin["base_model"]["weights_sha256"]["model.safetensors"]
     assert lin["config"]["lora_rank"] == 16 and lin["config"]["weight_decay"] == 0.05
 
-    fi = train_sft(_cfg(stage="fi", data=[str(data)], model=str(nano), adapter=str(kt), out=str(tmp_path / "fi"), merge=True))
+    fi = train_sft(
+        _cfg(stage="fi", data=[str(data)], model=str(nano), adapter=str(kt), out=str(tmp_path / "fi"), merge=True)
+    )
     fi_state = safetensors_state(fi)
     assert fi_state.keys() == kt_state.keys()  # the same adapter kept training
     assert any(not torch.equal(fi_state[k], kt_state[k]) for k in kt_state)
@@ -112,7 +134,17 @@ def test_kt_then_fi_real_steps_change_the_adapter_and_record_lineage(nano, data,
 
 
 def test_full_parameter_sft_writes_a_model_folder(nano, data, tmp_path):
-    out = train_sft(_cfg(stage="fi", data=[str(data)], model=str(nano), out=str(tmp_path / "full"), use_lora=False, max_steps=2, learning_rate=1e-3))
+    out = train_sft(
+        _cfg(
+            stage="fi",
+            data=[str(data)],
+            model=str(nano),
+            out=str(tmp_path / "full"),
+            use_lora=False,
+            max_steps=2,
+            learning_rate=1e-3,
+        )
+    )
     assert out.name == "model"
     before, after = safetensors_state(nano), safetensors_state(out)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -129,7 +161,10 @@ def test_cli_train_sft_and_its_errors(nano, data, tmp_path, capsys):
     assert main(["train", "sft", "--stage", "xx", "--model", str(nano), "--data", str(data)]) == 2
     assert main(["train", "sft", "--model", str(nano), "--data", str(tmp_path / "nothing")]) == 2
     assert "neither a dataset folder" in capsys.readouterr().err
-    assert main(["train", "sft", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["train", "sft", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "no config.json" in capsys.readouterr().err
 
 

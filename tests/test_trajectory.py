@@ -17,7 +17,9 @@ from core.registry import ToolRegistry
 from core.trajectory import Final, Trajectory, prompt_after, to_messages
 
 FAST = protocol.format_fast_answer("spoof", "Flat lighting and a faint regular grid on the skin.")
-ZOOM = protocol.format_tool_call_turn("Zoom on the left cheek for print dots.", ToolCall("ZoomInTool", {"bbox": [30, 100, 110, 180]}))
+ZOOM = protocol.format_tool_call_turn(
+    "Zoom on the left cheek for print dots.", ToolCall("ZoomInTool", {"bbox": [30, 100, 110, 180]})
+)
 FFT = protocol.format_tool_call_turn("Check the spectrum for periodic peaks.", ToolCall("FFTTool", {}))
 ANSWER = protocol.format_answer_turn("Periodic peaks and flat texture: a recapture.", "spoof")
 
@@ -91,14 +93,25 @@ def test_save_and_load_round_trip(trajectory, tmp_path):
     assert len(loaded.turns) == len(trajectory.turns)
     for a, b in zip(loaded.turns, trajectory.turns):
         assert (a.index, a.kind, a.text, a.fast, a.think, a.tool_call, a.answer) == (
-            b.index, b.kind, b.text, b.fast, b.think, b.tool_call, b.answer
+            b.index,
+            b.kind,
+            b.text,
+            b.fast,
+            b.think,
+            b.tool_call,
+            b.answer,
         )
         assert (a.parse_error, a.tool_error, a.score_spoof) == (b.parse_error, b.tool_error, b.score_spoof)
         if b.tool_result is None:
             assert a.tool_result is None
             continue
         ra, rb = a.tool_result, b.tool_result
-        assert (ra.name, ra.arguments, ra.stats, ra.expert_p_spoof) == (rb.name, rb.arguments, rb.stats, rb.expert_p_spoof)
+        assert (ra.name, ra.arguments, ra.stats, ra.expert_p_spoof) == (
+            rb.name,
+            rb.arguments,
+            rb.stats,
+            rb.expert_p_spoof,
+        )
         assert ra.image.dtype == np.uint8 and ra.image.shape == rb.image.shape
         assert np.array_equal(ra.image, rb.image)
         assert (tmp_path / "inv" / ra.image_path).is_file()
@@ -117,7 +130,15 @@ def test_messages_follow_the_protocol_layout(trajectory):
     system = protocol.system_prompt(ToolRegistry().schemas())
     msgs = to_messages(trajectory, system=system)
     assert [m["role"] for m in msgs] == [
-        "system", "user", "assistant", "user", "assistant", "user", "assistant", "user", "assistant"
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
     ]
     assert msgs[0]["content"] == [{"type": "text", "text": system}]
 

@@ -24,10 +24,20 @@ torch.set_num_threads(1)
 def queue(storage, face):
     """Five cases: reviewed agreeing, reviewed disagreeing, unreviewed uncertain, failed, never investigated."""
     ids = {}
-    ids["agree"] = run_case(storage, face, [fast("spoof", 0.9), tool("FFTTool"), answer("spoof", 0.95)], filename="agree_print.png", attack_type="print")
-    ids["disagree"] = run_case(storage, face, [fast("spoof", 0.7), answer("spoof", 0.8)], filename="Disagree.JPG", attack_type="replay")
+    ids["agree"] = run_case(
+        storage,
+        face,
+        [fast("spoof", 0.9), tool("FFTTool"), answer("spoof", 0.95)],
+        filename="agree_print.png",
+        attack_type="print",
+    )
+    ids["disagree"] = run_case(
+        storage, face, [fast("spoof", 0.7), answer("spoof", 0.8)], filename="Disagree.JPG", attack_type="replay"
+    )
     ids["uncertain"] = run_case(storage, face, [fast("real", 0.4), answer("real", 0.45)], filename="uncertain_100%.png")
-    ids["failed"] = run_case(storage, face, [fast("real", 0.2)], filename="failed.png")  # the policy runs out of replies
+    ids["failed"] = run_case(
+        storage, face, [fast("real", 0.2)], filename="failed.png"
+    )  # the policy runs out of replies
     with storage.sessions.begin() as s:
         ids["empty"] = (create_case(s, storage.files, b"not investigated yet", filename="new.png", user="bob").id, None)
     review(storage, ids["agree"][1], "spoof")
@@ -46,14 +56,33 @@ def test_the_queue_shows_every_case_newest_first_with_its_latest_run_and_review(
         order = [r.case_id for r in list_cases(s)]
     assert order == [queue[k][0] for k in ("empty", "failed", "uncertain", "disagree", "agree")]
     agree = rows[queue["agree"][0]]
-    assert (agree.filename, agree.investigation_id, agree.status, agree.verdict, agree.score_spoof) == ("agree_print.png", queue["agree"][1], "completed", "spoof", 0.95)
-    assert (agree.policy, agree.analyst_verdict, agree.reviewer, agree.review_version, agree.attack_type, agree.disagreement) == ("scripted", "spoof", "rita", 1, "print", False)
+    assert (agree.filename, agree.investigation_id, agree.status, agree.verdict, agree.score_spoof) == (
+        "agree_print.png",
+        queue["agree"][1],
+        "completed",
+        "spoof",
+        0.95,
+    )
+    assert (
+        agree.policy,
+        agree.analyst_verdict,
+        agree.reviewer,
+        agree.review_version,
+        agree.attack_type,
+        agree.disagreement,
+    ) == ("scripted", "spoof", "rita", 1, "print", False)
     assert agree.image_sha256 == storage.files.put(astronaut_png()) and agree.created_at.tzinfo is not None
     disagree = rows[queue["disagree"][0]]
     assert (disagree.verdict, disagree.analyst_verdict, disagree.disagreement) == ("spoof", "real", True)
     assert rows[queue["failed"][0]].status == "failed"
     empty = rows[queue["empty"][0]]
-    assert (empty.investigation_id, empty.status, empty.analyst_verdict, empty.investigations, empty.disagreement) == (None, None, None, 0, False)
+    assert (empty.investigation_id, empty.status, empty.analyst_verdict, empty.investigations, empty.disagreement) == (
+        None,
+        None,
+        None,
+        0,
+        False,
+    )
 
 
 def test_the_queue_is_one_sql_statement_however_many_cases(storage, queue, face):
@@ -88,7 +117,9 @@ def test_filters_unreviewed_disagreement_and_uncertain_score(storage, queue):
     # P(spoof): agree 0.95, disagree 0.8, uncertain 0.45; the failed run has no final score
     assert _cases(storage, uncertain_only=True) == [queue["uncertain"][0]]  # 0.5 +- 0.1
     assert _cases(storage, uncertain_only=True, threshold=0.75, band=0.1) == [queue["disagree"][0]]
-    assert set(_cases(storage, uncertain_only=True, threshold=0.6, band=0.4)) == {queue[k][0] for k in ("agree", "disagree", "uncertain")}
+    assert set(_cases(storage, uncertain_only=True, threshold=0.6, band=0.4)) == {
+        queue[k][0] for k in ("agree", "disagree", "uncertain")
+    }
     assert _cases(storage, uncertain_only=True, unreviewed_only=True, threshold=0.75, band=0.1) == []
 
 
@@ -137,7 +168,9 @@ def test_setting_the_attack_type_is_audited_and_checked(storage):
         set_attack_type(s, case_id, "", user="bob")  # cleared
     with storage.sessions() as s:
         assert s.get(Case, case_id).attack_type is None
-        events = s.scalars(select(AuditEvent).where(AuditEvent.action == "case.set_attack_type").order_by(AuditEvent.id)).all()
+        events = s.scalars(
+            select(AuditEvent).where(AuditEvent.action == "case.set_attack_type").order_by(AuditEvent.id)
+        ).all()
     assert [(e.actor, e.before, e.after) for e in events] == [
         ("rita", {"attack_type": None}, {"attack_type": "replay"}),
         ("bob", {"attack_type": "replay"}, {"attack_type": None}),
@@ -151,8 +184,13 @@ def test_the_migration_adds_attack_types_to_an_existing_database(storage):
         command.downgrade(cfg, "0001")
     with storage.engine.begin() as conn:
         assert "attack_type" not in [c["name"] for c in inspect(conn).get_columns("cases")]
-        conn.execute(text("INSERT INTO cases (id, image_sha256, filename, byte_size, created_by, created_at) "
-                          "VALUES ('old', :sha, 'old.png', 3, 'ana', '2026-01-01 00:00:00')"), {"sha": "a" * 64})
+        conn.execute(
+            text(
+                "INSERT INTO cases (id, image_sha256, filename, byte_size, created_by, created_at) "
+                "VALUES ('old', :sha, 'old.png', 3, 'ana', '2026-01-01 00:00:00')"
+            ),
+            {"sha": "a" * 64},
+        )
     init_db(storage.engine)
     with storage.sessions() as s:
         assert s.get(Case, "old").attack_type is None

@@ -41,8 +41,14 @@ def reviewed(storage, face, experts):
         answer("spoof", 0.83, "Periodic peaks in the spectrum."),
     ]
     case_id, inv = run_case(storage, face, replies, filename="suspect<b>.png", attack_type="print", experts=experts)
-    review(storage, inv, "real", notes="Live person. " + EVIL, flags={2: ["wrong_tool", "wrong_reasoning"], 3: "good_step"},
-           corrected_answer="<think>Pores are visible.</think><answer><Real></answer>")
+    review(
+        storage,
+        inv,
+        "real",
+        notes="Live person. " + EVIL,
+        flags={2: ["wrong_tool", "wrong_reasoning"], 3: "good_step"},
+        corrected_answer="<think>Pores are visible.</think><answer><Real></answer>",
+    )
     return case_id, inv
 
 
@@ -62,7 +68,9 @@ def test_the_report_holds_the_evidence_every_turn_the_verdict_and_the_review(sto
     with storage.sessions() as s:
         inv = s.get(Investigation, inv_id)
         turns = s.scalars(select(Turn).where(Turn.investigation_id == inv_id).order_by(Turn.index)).all()
-        results = s.scalars(select(ToolResult).join(Turn).where(Turn.investigation_id == inv_id).order_by(Turn.index)).all()
+        results = s.scalars(
+            select(ToolResult).join(Turn).where(Turn.investigation_id == inv_id).order_by(Turn.index)
+        ).all()
         sha, face, crop_sha = inv.case.image_sha256, inv.face, inv.crop_sha256
     assert sha in html and crop_sha in html
     x1, y1, x2, y2 = face["bbox"]
@@ -80,9 +88,19 @@ def test_the_report_holds_the_evidence_every_turn_the_verdict_and_the_review(sto
     assert fft.expert_p_spoof is not None and f"{fft.expert_p_spoof:.3f}" in html
     # the review: verdict, reviewer, flags, notes, corrected answer
     assert "by rita" in html and "wrong_tool" in html and "wrong_reasoning" in html and "good_step" in html
-    assert "Live person." in html and "&lt;think&gt;Pores are visible.&lt;/think&gt;&lt;answer&gt;&lt;Real&gt;&lt;/answer&gt;" in html
+    assert (
+        "Live person." in html
+        and "&lt;think&gt;Pores are visible.&lt;/think&gt;&lt;answer&gt;&lt;Real&gt;&lt;/answer&gt;" in html
+    )
     # the audit trail, from intake to review
-    for action in ("case.create", "case.set_attack_type", "investigation.start", "turn.record", "investigation.finish", "review.create"):
+    for action in (
+        "case.create",
+        "case.set_attack_type",
+        "investigation.start",
+        "turn.record",
+        "investigation.finish",
+        "review.create",
+    ):
         assert f"<td>{action}</td>" in html
     assert "turn 0 (row " in html  # audit rows name turns by the numbers shown above
     assert "Generated" in html and "by ana" in html
@@ -90,7 +108,7 @@ def test_the_report_holds_the_evidence_every_turn_the_verdict_and_the_review(sto
 
 def test_model_and_analyst_text_is_escaped_and_the_file_is_self_contained(storage, reviewed):
     html = case_report_html(storage, reviewed[1])
-    assert "<script" not in html.lower() and "evil.example/x.png\">" not in html
+    assert "<script" not in html.lower() and 'evil.example/x.png">' not in html
     assert "&lt;script&gt;window.pwned = 1&lt;/script&gt;" in html
     assert "suspect&lt;b&gt;.png" in html
     parsed = _Tags()

@@ -44,7 +44,9 @@ def scripted_trajectory(face, label: str, i: int, *, wrong_final: bool = False):
     return run(face, ScriptedPolicy(replies), AgentConfig(), label=label)
 
 
-def write_dataset(folder: Path, *, source: str = "annotation", n: int = 4, queries: bool = True, wrong_final_every: int = 0) -> Path:
+def write_dataset(
+    folder: Path, *, source: str = "annotation", n: int = 4, queries: bool = True, wrong_final_every: int = 0
+) -> Path:
     """A dataset folder of ``n`` scripted trajectories (+ their queries)."""
     with DatasetWriter(folder, source=source, created_by="tests") as w:
         for i, (face, label) in enumerate(faces(n)):

@@ -28,11 +28,24 @@ def answer(verdict: str, p: float, think: str = "The evidence is consistent.") -
     return PolicyOutput(protocol.format_answer_turn(think, verdict), score_spoof=p)
 
 
-def run_case(storage, face, replies, *, filename="suspect.png", data: bytes | None = None, user="ana", attack_type=None, case_id=None, experts=None):
+def run_case(
+    storage,
+    face,
+    replies,
+    *,
+    filename="suspect.png",
+    data: bytes | None = None,
+    user="ana",
+    attack_type=None,
+    case_id=None,
+    experts=None,
+):
     """Open a case (unless ``case_id`` is given) and record one investigation of it; returns (case_id, investigation_id)."""
     if case_id is None:
         with storage.sessions.begin() as s:
-            case = create_case(s, storage.files, data if data is not None else astronaut_png(), filename=filename, user=user)
+            case = create_case(
+                s, storage.files, data if data is not None else astronaut_png(), filename=filename, user=user
+            )
             if attack_type is not None:
                 set_attack_type(s, case.id, attack_type, user=user)
             case_id, sha = case.id, case.image_sha256
@@ -42,7 +55,11 @@ def run_case(storage, face, replies, *, filename="suspect.png", data: bytes | No
         with storage.sessions() as s:
             sha = get_case(s, case_id).image_sha256
     rec = InvestigationRecorder(storage.sessions, storage.files, case_id, user=user)
-    for _ in rec.record(investigate(face, ScriptedPolicy(replies), image_sha256=sha, source=filename, registry=ToolRegistry(readers=experts))):
+    for _ in rec.record(
+        investigate(
+            face, ScriptedPolicy(replies), image_sha256=sha, source=filename, registry=ToolRegistry(readers=experts)
+        )
+    ):
         pass
     return case_id, rec.investigation_id
 
@@ -51,4 +68,11 @@ def review(storage, inv_id, verdict, *, reviewer="rita", **kwargs):
     """Submit (or update) the review of ``inv_id`` as ``reviewer``."""
     with storage.sessions.begin() as s:
         current = load_review(s, inv_id)
-        return submit_review(s, inv_id, reviewer=reviewer, verdict=verdict, expected_version=current.version if current else NO_REVIEW, **kwargs)
+        return submit_review(
+            s,
+            inv_id,
+            reviewer=reviewer,
+            verdict=verdict,
+            expected_version=current.version if current else NO_REVIEW,
+            **kwargs,
+        )

@@ -189,11 +189,18 @@ class OpenAIAnnotator:
                 hint = protocol.ANNOTATION_JSON_FAST if conv.kind == "fast" else protocol.ANNOTATION_JSON_REASONING
                 messages[-1] = _append_text(messages[-1], hint)
                 schema = _structured_schema(conv.kind, conv.registry.names)
-                kwargs["response_format"] = {"type": "json_schema", "json_schema": {"name": f"annotation_{conv.kind}", "schema": schema}}
+                kwargs["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": f"annotation_{conv.kind}", "schema": schema},
+                }
             try:
                 self.calls += 1
                 resp = self.client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens, **kwargs
+                    model=self.model,
+                    messages=messages,
+                    temperature=self.temperature,
+                    max_tokens=self.max_tokens,
+                    **kwargs,
                 )
             except self._openai.BadRequestError as exc:
                 if use_json and self.structured == "auto" and "response_format" in str(exc):
@@ -202,15 +209,29 @@ class OpenAIAnnotator:
                     self._count("no_structured_output")
                     continue
                 raise AnnotatorError(f"{self.name}: the endpoint refused the request: {_short(exc)}") from exc
-            except (self._openai.AuthenticationError, self._openai.PermissionDeniedError, self._openai.NotFoundError) as exc:
-                key = f"${self.api_key_env}" if self.api_key_env else "an API key (no key variable named: 'EMPTY' was sent)"
-                raise AnnotatorError(f"{self.name}: {_short(exc)} (is {key} right, and does the endpoint serve model {self.model!r}?)") from exc
+            except (
+                self._openai.AuthenticationError,
+                self._openai.PermissionDeniedError,
+                self._openai.NotFoundError,
+            ) as exc:
+                key = (
+                    f"${self.api_key_env}"
+                    if self.api_key_env
+                    else "an API key (no key variable named: 'EMPTY' was sent)"
+                )
+                raise AnnotatorError(
+                    f"{self.name}: {_short(exc)} (is {key} right, and does the endpoint serve model {self.model!r}?)"
+                ) from exc
             except self._openai.APITimeoutError:
                 last = f"timed out after {self.timeout:g} s"
                 self._count("timeout")
                 failures += 1
                 continue
-            except (self._openai.APIConnectionError, self._openai.RateLimitError, self._openai.InternalServerError) as exc:
+            except (
+                self._openai.APIConnectionError,
+                self._openai.RateLimitError,
+                self._openai.InternalServerError,
+            ) as exc:
                 last = _short(exc)
                 self._count(type(exc).__name__)
                 failures += 1
@@ -273,7 +294,11 @@ FAST_REASONS = {
     ("spoof", "print", True): "The face looks flat, with a paper-like surface and dull, uneven skin tones.",
     ("spoof", "replay", True): "The face looks flat and slightly washed out, with a glossy, screen-like sheen.",
     ("spoof", None, True): "The face looks flat and lacks the depth and shading of a live face.",
-    ("spoof", None, False): "The face looks plausible at a glance, but its surface seems slightly flat and needs a closer look.",
+    (
+        "spoof",
+        None,
+        False,
+    ): "The face looks plausible at a glance, but its surface seems slightly flat and needs a closer look.",
     ("real", None, True): "The face shows natural 3D shading, skin texture and highlights.",
     ("real", None, False): "Some regions look a little flat, but the shading and skin texture look natural overall.",
 }
@@ -300,7 +325,9 @@ class ExpertAnnotator:
     """
 
     name = "expert"
-    description = "Offline annotator: the expert ensemble policy, told the label (the hint), writing its analysis in words."
+    description = (
+        "Offline annotator: the expert ensemble policy, told the label (the hint), writing its analysis in words."
+    )
     enough_tools = 3  # stop once this many tools agree with the hint (the paper's best tool budget)
 
     def __init__(self, policy):
@@ -309,7 +336,10 @@ class ExpertAnnotator:
         self.policy: ExpertPolicy = policy
         self.version = policy.version
         # One policy per behaviour (never mutated: annotations may run in threads).
-        self._by_attempt = {1: ExpertPolicy(policy.bank, policy.threshold, min_tool_calls=1), 2: ExpertPolicy(policy.bank, policy.threshold, min_tool_calls=2)}
+        self._by_attempt = {
+            1: ExpertPolicy(policy.bank, policy.threshold, min_tool_calls=1),
+            2: ExpertPolicy(policy.bank, policy.threshold, min_tool_calls=2),
+        }
         self._persistent = ExpertPolicy(policy.bank, policy.threshold, min_tool_calls=10**6)
 
     @classmethod
@@ -341,7 +371,9 @@ class ExpertAnnotator:
         elif turn.tool_call is not None and agrees and len(traj.tool_turns) >= self.enough_tools:
             turn = ReasoningTurn(turn.think, answer=hint.label)  # enough agreeing evidence
         if turn.tool_call is not None and may_call:
-            return PolicyOutput(protocol.format_tool_call_turn(self._plan(traj, turn.tool_call.name, evidence, agrees), turn.tool_call))
+            return PolicyOutput(
+                protocol.format_tool_call_turn(self._plan(traj, turn.tool_call.name, evidence, agrees), turn.tool_call)
+            )
         return PolicyOutput(protocol.format_answer_turn(self._conclusion(traj, hint, evidence), hint.label))
 
     # --- texts --------------------------------------------------------------------------------
@@ -384,7 +416,9 @@ class ExpertAnnotator:
         if support:
             parts.append("Taken together: " + "; ".join(self._seen(t, evidence[t]) for t in support) + ".")
         if against:
-            parts.append("Against this, " + "; ".join(self._seen(t, evidence[t]) for t in against) + ", which I weigh less.")
+            parts.append(
+                "Against this, " + "; ".join(self._seen(t, evidence[t]) for t in against) + ", which I weigh less."
+            )
         if label == "spoof":
             what = ATTACK_WORDS.get(hint.attack_type or "", "a recaptured face")
             parts.append(f"The face is {what}, not a live person: this is a presentation attack.")

@@ -14,26 +14,48 @@ class ExpertTrainConfig:
     depends on data (epochs, calibration, fusion, threshold) is made on held-out capture domains."""
 
     # data: every domain of these manifests; each is held out once (leave-one-domain-out)
-    manifests: list[str] = field(default_factory=lambda: ["../shared/data/fas-dev/manifest.csv", "../shared/data/fas-train/manifest.csv"], metadata={"help": "manifests whose every domain is held out once (leave-one-domain-out)"})
+    manifests: list[str] = field(
+        default_factory=lambda: ["../shared/data/fas-dev/manifest.csv", "../shared/data/fas-train/manifest.csv"],
+        metadata={"help": "manifests whose every domain is held out once (leave-one-domain-out)"},
+    )
     domains: list[str] = field(default_factory=list, metadata={"help": "keep only these domains (empty = all)"})
     max_images: int | None = field(default=None, metadata={"help": "a seeded sample of this many images (smoke runs)"})
     # the RGB network: a linear probe on frozen ImageNet MobileNetV2 features
     rgb_size: int = field(default=128, metadata={"help": "input side (the 224 crop is resized)"})
-    rgb_c: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03, 0.1], metadata={"help": "probe's inverse L2 strengths; the best by mean LODO AUC is kept"})
-    augment_views: int = field(default=0, metadata={"help": "camera-augmented copies per image added to the probe's training rows (LODO AUC 88.2% -> 85.3% with 1: off)"})
+    rgb_c: list[float] = field(
+        default_factory=lambda: [0.003, 0.01, 0.03, 0.1],
+        metadata={"help": "probe's inverse L2 strengths; the best by mean LODO AUC is kept"},
+    )
+    augment_views: int = field(
+        default=0,
+        metadata={
+            "help": "camera-augmented copies per image added to the probe's training rows (LODO AUC 88.2% -> 85.3% with 1: off)"
+        },
+    )
     # the tool experts: small CNNs from scratch (AdamW, one-cycle schedule)
-    epochs: int = field(default=3, metadata={"help": "per expert, the best epoch count up to this is kept (mean LODO AUC)"})
+    epochs: int = field(
+        default=3, metadata={"help": "per expert, the best epoch count up to this is kept (mean LODO AUC)"}
+    )
     samples_per_epoch: int = field(default=3000, metadata={"help": "domain- and class-balanced draws per epoch"})
     batch_size: int = field(default=32, metadata={"help": "tool experts: draws per optimiser step"})
     lr_tools: float = field(default=1e-3, metadata={"help": "paper App. A.3"})
     weight_decay: float = field(default=1e-4, metadata={"help": "tool experts: AdamW weight decay"})
     # policy
-    max_tool_calls: int = field(default=3, metadata={"help": "the policy replayed on out-of-fold logits to fix its threshold"})
+    max_tool_calls: int = field(
+        default=3, metadata={"help": "the policy replayed on out-of-fold logits to fix its threshold"}
+    )
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     seed: int = field(default=0, metadata={"help": "seed of the draws, samples and initialisation"})
     # output
-    out: str = field(default="assets/experts", metadata={"help": "output folder of the networks, experts.json and lodo_logits.csv"})
-    calibrate_only: bool = field(default=False, metadata={"help": "keep the networks in `out`; refit calibration, fusion and threshold from its lodo_logits.csv"})
+    out: str = field(
+        default="assets/experts", metadata={"help": "output folder of the networks, experts.json and lodo_logits.csv"}
+    )
+    calibrate_only: bool = field(
+        default=False,
+        metadata={
+            "help": "keep the networks in `out`; refit calibration, fusion and threshold from its lodo_logits.csv"
+        },
+    )
 
 
 # --- MLLM training (paper §3.2, §4.1): KT / FI supervised fine-tuning and DT-GRPO ------------------------
@@ -44,53 +66,97 @@ class SFTConfig:
     for up to 4000 steps; the defaults here are sized for one device (see docs/training.md to scale out)."""
 
     # Parameters that control the data
-    stage: Literal["kt", "fi"] = field(default="kt", metadata={"help": "\"kt\": image + first-round query -> fast answer; \"fi\": whole multi-turn trajectories"})
-    data: list[str] = field(default_factory=list, metadata={"help": "dataset folders (app export, annotation, built) and/or manifest CSVs"})
-    domains: list[str] = field(default_factory=list, metadata={"help": "manifest rows: keep these domains (empty = all)"})
+    stage: Literal["kt", "fi"] = field(
+        default="kt",
+        metadata={"help": '"kt": image + first-round query -> fast answer; "fi": whole multi-turn trajectories'},
+    )
+    data: list[str] = field(
+        default_factory=list, metadata={"help": "dataset folders (app export, annotation, built) and/or manifest CSVs"}
+    )
+    domains: list[str] = field(
+        default_factory=list, metadata={"help": "manifest rows: keep these domains (empty = all)"}
+    )
     split: str | None = field(default=None, metadata={"help": "manifest rows: keep this split (train/test)"})
-    max_examples: int | None = field(default=None, metadata={"help": "cap on examples (a seeded sample), for smoke runs"})
-    build_dir: str | None = field(default=None, metadata={"help": "where a manifest is turned into a dataset folder (default: OUT/data)"})
-    keep_mismatched: bool = field(default=False, metadata={"help": "FI: also train on trajectories whose final answer disagrees with the label"})
+    max_examples: int | None = field(
+        default=None, metadata={"help": "cap on examples (a seeded sample), for smoke runs"}
+    )
+    build_dir: str | None = field(
+        default=None, metadata={"help": "where a manifest is turned into a dataset folder (default: OUT/data)"}
+    )
+    keep_mismatched: bool = field(
+        default=False, metadata={"help": "FI: also train on trajectories whose final answer disagrees with the label"}
+    )
     # Parameters that control the model
-    model: str = field(default="", metadata={"help": "base checkpoint folder (Qwen2.5-VL / InternVL3, transformers format; `tarfas model init-nano`)"})
-    adapter: str | None = field(default=None, metadata={"help": "start from this LoRA adapter (e.g. the KT adapter for FI): it keeps training"})
-    use_lora: bool = field(default=True, metadata={"help": "the paper's LoRA; False trains all parameters (nano smoke runs) and writes OUT/model"})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "base checkpoint folder (Qwen2.5-VL / InternVL3, transformers format; `tarfas model init-nano`)"
+        },
+    )
+    adapter: str | None = field(
+        default=None, metadata={"help": "start from this LoRA adapter (e.g. the KT adapter for FI): it keeps training"}
+    )
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "the paper's LoRA; False trains all parameters (nano smoke runs) and writes OUT/model"},
+    )
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_targets: str = field(default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", metadata={"help": "regex of the modules that get LoRA adapters"})
+    lora_targets: str = field(
+        default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        metadata={"help": "regex of the modules that get LoRA adapters"},
+    )
     # Parameters that control the optimisation
-    first_turn_weight: float = field(default=0.9, metadata={"help": "alpha of the FI loss: a*NLL(turn 1) + (1-a)*NLL(later turns)"})
+    first_turn_weight: float = field(
+        default=0.9, metadata={"help": "alpha of the FI loss: a*NLL(turn 1) + (1-a)*NLL(later turns)"}
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers learning-rate schedule"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of steps spent warming up"})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "examples per device and step"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "paper: per-device batch x accumulation x GPUs = 256"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "paper: per-device batch x accumulation x GPUs = 256"}
+    )
     max_steps: int = field(default=4000, metadata={"help": "paper: up to 4000 steps; -1 = use num_train_epochs"})
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs when max_steps is -1"})
-    max_length: int | None = field(default=4096, metadata={"help": "tokens per example (images included); longer examples are truncated"})
+    max_length: int | None = field(
+        default=4096, metadata={"help": "tokens per example (images included); longer examples are truncated"}
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={"help": "\"auto\" (bf16 on GPUs that support it, else fp32), \"bf16\", \"fp16\" or \"fp32\""})
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": '"auto" (bf16 on GPUs that support it, else fp32), "bf16", "fp16" or "fp32"'}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the data order and initialisation"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
     save_steps: int = field(default=500, metadata={"help": "save a checkpoint every N steps (0 = only at the end)"})
     # Parameters that control the output
-    out: str = field(default="runs/sft", metadata={"help": "output folder (adapter or model, with tarfas_lineage.json)"})
-    merge: bool = field(default=False, metadata={"help": "also write OUT/merged: the base with the adapter merged in (a plain checkpoint folder)"})
-    report_to: str = field(default="none", metadata={"help": "\"none\", \"tensorboard\", \"wandb\", ..."})
+    out: str = field(
+        default="runs/sft", metadata={"help": "output folder (adapter or model, with tarfas_lineage.json)"}
+    )
+    merge: bool = field(
+        default=False,
+        metadata={"help": "also write OUT/merged: the base with the adapter merged in (a plain checkpoint folder)"},
+    )
+    report_to: str = field(default="none", metadata={"help": '"none", "tensorboard", "wandb", ...'})
 
 
 @dataclass
 class RewardConfig:
     """The reward of ``tarfas train grpo`` (training/rewards.py): its kind and the paper's weights (§4.1)."""
 
-    kind: Literal["dt", "st"] = field(default="dt", metadata={"help": "dt: DT-GRPO, eqs. 10-14; st: the ST-GRPO baseline, eq. S15"})
+    kind: Literal["dt", "st"] = field(
+        default="dt", metadata={"help": "dt: DT-GRPO, eqs. 10-14; st: the ST-GRPO baseline, eq. S15"}
+    )
     beta_fast: float = field(default=0.1, metadata={"help": "reward weight of the fast answer (eq. 14)"})
     beta_rsn: float = field(default=0.5, metadata={"help": "reward weight of the reasoning answer (eq. 14)"})
     beta_tool: float = field(default=0.4, metadata={"help": "reward weight of the tool-diversity term (eq. 14)"})
-    gamma: dict[str, float] = field(default_factory=lambda: {name: DEFAULT_GAMMA for name in _tool_names()}, metadata={"help": "gamma_k per tool (eq. 12)"})
+    gamma: dict[str, float] = field(
+        default_factory=lambda: {name: DEFAULT_GAMMA for name in _tool_names()},
+        metadata={"help": "gamma_k per tool (eq. 12)"},
+    )
 
     def __post_init__(self):
         if self.kind not in ("dt", "st"):
@@ -123,32 +189,61 @@ class GRPOConfig:
     512 (64 queries x 8) for 300 steps."""
 
     # Parameters that control the data
-    data: list[str] = field(default_factory=list, metadata={"help": "dataset folders and/or manifest CSVs: (face crop, label) queries"})
-    domains: list[str] = field(default_factory=list, metadata={"help": "manifest rows: keep these domains (empty = all)"})
+    data: list[str] = field(
+        default_factory=list, metadata={"help": "dataset folders and/or manifest CSVs: (face crop, label) queries"}
+    )
+    domains: list[str] = field(
+        default_factory=list, metadata={"help": "manifest rows: keep these domains (empty = all)"}
+    )
     split: str | None = field(default=None, metadata={"help": "manifest rows: keep this split (train/test)"})
-    max_examples: int | None = field(default=None, metadata={"help": "cap on queries (a seeded sample), for smoke runs"})
-    build_dir: str | None = field(default=None, metadata={"help": "where a manifest is turned into a dataset folder (default: OUT/data)"})
+    max_examples: int | None = field(
+        default=None, metadata={"help": "cap on queries (a seeded sample), for smoke runs"}
+    )
+    build_dir: str | None = field(
+        default=None, metadata={"help": "where a manifest is turned into a dataset folder (default: OUT/data)"}
+    )
     # Parameters that control the model
-    model: str = field(default="", metadata={"help": "base checkpoint folder, or the merged output of `train sft --merge`"})
+    model: str = field(
+        default="", metadata={"help": "base checkpoint folder, or the merged output of `train sft --merge`"}
+    )
     adapter: str | None = field(default=None, metadata={"help": "the FI adapter: merged into the base before RL"})
-    use_lora: bool = field(default=False, metadata={"help": "the paper trains all parameters; True trains (and saves) a LoRA adapter instead"})
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "the paper trains all parameters; True trains (and saves) a LoRA adapter instead"},
+    )
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank (with use_lora)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with use_lora)"})
-    lora_targets: str = field(default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", metadata={"help": "regex of the modules that get LoRA adapters"})
+    lora_targets: str = field(
+        default=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        metadata={"help": "regex of the modules that get LoRA adapters"},
+    )
     # Parameters that control the rollouts
     num_generations: int = field(default=8, metadata={"help": "G"})
     max_tool_calls: int = field(default=3, metadata={"help": "paper's best (Fig. S11)"})
-    max_format_errors: int = field(default=2, metadata={"help": "malformed turns tolerated inside a rollout (each costs the format reward)"})
+    max_format_errors: int = field(
+        default=2, metadata={"help": "malformed turns tolerated inside a rollout (each costs the format reward)"}
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "per assistant turn"})
     max_completion_length: int = field(default=4096, metadata={"help": "all turns of a rollout, tool images included"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the rollouts"})
-    tools: list[str] = field(default_factory=list, metadata={"help": "tools offered (empty = all six; reward \"st\" forces ZoomInTool)"})
-    use_vllm: bool = field(default=False, metadata={"help": "generate with vLLM (GPU); \"colocate\" shares the GPU with training"})
-    vllm_mode: Literal["colocate", "server"] = field(default="colocate", metadata={"help": "vLLM next to training on the same GPU (colocate) or a separate `trl vllm-serve` (server)"})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of GPU memory vLLM may take (colocate)"})
+    tools: list[str] = field(
+        default_factory=list, metadata={"help": 'tools offered (empty = all six; reward "st" forces ZoomInTool)'}
+    )
+    use_vllm: bool = field(
+        default=False, metadata={"help": 'generate with vLLM (GPU); "colocate" shares the GPU with training'}
+    )
+    vllm_mode: Literal["colocate", "server"] = field(
+        default="colocate",
+        metadata={"help": "vLLM next to training on the same GPU (colocate) or a separate `trl vllm-serve` (server)"},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "share of GPU memory vLLM may take (colocate)"}
+    )
     # Parameters that control the reward (training/rewards.py)
-    reward: Literal["dt", "st"] = field(default="dt", metadata={"help": "\"dt\": DT-GRPO eqs. 10-14; \"st\": the ST-GRPO baseline, eq. S15 (ZoomIn only)"})
+    reward: Literal["dt", "st"] = field(
+        default="dt", metadata={"help": '"dt": DT-GRPO eqs. 10-14; "st": the ST-GRPO baseline, eq. S15 (ZoomIn only)'}
+    )
     beta_fast: float = _reward_field("beta_fast")
     beta_rsn: float = _reward_field("beta_rsn")
     beta_tool: float = _reward_field("beta_tool")
@@ -157,20 +252,32 @@ class GRPOConfig:
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (paper: 0)"})
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "completions per device and step; a multiple of num_generations"})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "completions per device and step; a multiple of num_generations"}
+    )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "paper: completions per step = 512"})
     max_steps: int = field(default=300, metadata={"help": "optimiser steps"})
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={"help": "\"auto\" (bf16 on GPUs that support it, else fp32), \"bf16\", \"fp16\" or \"fp32\""})
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": '"auto" (bf16 on GPUs that support it, else fp32), "bf16", "fp16" or "fp32"'}
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
     seed: int = field(default=0, metadata={"help": "seed of the data order and rollouts"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     logging_steps: int = field(default=1, metadata={"help": "log every N steps"})
     save_steps: int = field(default=50, metadata={"help": "save a checkpoint every N steps (0 = only at the end)"})
     # Parameters that control the output
-    out: str = field(default="runs/grpo", metadata={"help": "output folder (model, or adapter with use_lora, with tarfas_lineage.json)"})
+    out: str = field(
+        default="runs/grpo",
+        metadata={"help": "output folder (model, or adapter with use_lora, with tarfas_lineage.json)"},
+    )
     report_to: str = field(default="none", metadata={"help": "where to report metrics: none, tensorboard, wandb, ..."})
 
     def reward_config(self) -> RewardConfig:
         """The reward these flags describe (gamma_k the same for every tool)."""
-        return RewardConfig(kind=self.reward, beta_fast=self.beta_fast, beta_rsn=self.beta_rsn, beta_tool=self.beta_tool,
-                            gamma={name: self.gamma for name in _tool_names()})
+        return RewardConfig(
+            kind=self.reward,
+            beta_fast=self.beta_fast,
+            beta_rsn=self.beta_rsn,
+            beta_tool=self.beta_tool,
+            gamma={name: self.gamma for name in _tool_names()},
+        )

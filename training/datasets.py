@@ -84,8 +84,17 @@ def load_sources(
         if path.is_dir():
             datasets.append(read_dataset(path))
         elif path.is_file() and path.suffix.lower() == ".csv":
-            key = hashlib.sha256(json.dumps([str(path.resolve()), domains, split, max_examples, seed]).encode()).hexdigest()[:12]
-            folder = build_from_manifest(path, Path(build_dir) / f"{path.stem}-{key}", domains=domains, split=split, limit=max_examples, seed=seed)
+            key = hashlib.sha256(
+                json.dumps([str(path.resolve()), domains, split, max_examples, seed]).encode()
+            ).hexdigest()[:12]
+            folder = build_from_manifest(
+                path,
+                Path(build_dir) / f"{path.stem}-{key}",
+                domains=domains,
+                split=split,
+                limit=max_examples,
+                seed=seed,
+            )
             datasets.append(read_dataset(folder))
         else:
             raise TrainingDataError(f"{src} is neither a dataset folder (manifest.json inside) nor a manifest .csv")
@@ -106,8 +115,8 @@ def build_from_manifest(
     """Turn a manifest into a dataset folder: each face's expert-policy trajectory (FI) and its (crop,
     label) query (KT, GRPO). Resumable: images already in ``out`` are skipped. Returns ``out``."""
     from core import agent
-    from core.evaluation.scoring import load_face
     from core.evaluation.manifest import read_manifest, select
+    from core.evaluation.scoring import load_face
     from core.policies import resolve
 
     rows = select(read_manifest(manifest), domains or None, split)
@@ -136,7 +145,9 @@ def build_from_manifest(
             meta = {"path": row.rel_path, "domain": row.domain}
             if traj.status == "completed":
                 writer.add_trajectory(traj, id=rid, label=row.label, attack_type=row.attack_type or None, meta=meta)
-            writer.add_query(face.crop, row.label, id=rid + "-q", attack_type=row.attack_type or None, domain=row.domain, meta=meta)
+            writer.add_query(
+                face.crop, row.label, id=rid + "-q", attack_type=row.attack_type or None, domain=row.domain, meta=meta
+            )
         writer.extra["skipped"] = dict(skipped)
     return out
 
@@ -192,7 +203,12 @@ def kt_examples(data: LoadedData, *, max_examples: int | None = None, seed: int 
             except ProtocolParseError:
                 fast = None
             if fast is None or fast.verdict != rec.label:
-                msgs[2] = {"role": "assistant", "content": [{"type": "text", "text": protocol.format_fast_answer(rec.label, LABEL_REASONS[rec.label])}]}
+                msgs[2] = {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": protocol.format_fast_answer(rec.label, LABEL_REASONS[rec.label])}
+                    ],
+                }
                 stats["kt_from_label"] += 1
             else:
                 stats["kt_from_trajectory"] += 1
@@ -203,7 +219,12 @@ def kt_examples(data: LoadedData, *, max_examples: int | None = None, seed: int 
                 continue
             seen.add(img)
             msgs, images = _first_prompt(system, img)
-            msgs.append({"role": "assistant", "content": [{"type": "text", "text": protocol.format_fast_answer(q.label, LABEL_REASONS[q.label])}]})
+            msgs.append(
+                {
+                    "role": "assistant",
+                    "content": [{"type": "text", "text": protocol.format_fast_answer(q.label, LABEL_REASONS[q.label])}],
+                }
+            )
             rows.append({"messages": msgs, "images": images, "label": q.label, "source": q.source})
             stats["kt_from_label"] += 1
     data.stats.update(stats)
@@ -237,7 +258,9 @@ def fi_check(record: TrajectoryRecord, *, keep_mismatched: bool = False) -> str 
     return None
 
 
-def fi_examples(data: LoadedData, *, keep_mismatched: bool = False, max_examples: int | None = None, seed: int = 0) -> list[dict]:
+def fi_examples(
+    data: LoadedData, *, keep_mismatched: bool = False, max_examples: int | None = None, seed: int = 0
+) -> list[dict]:
     """FI rows: whole trajectories (system, face + query, fast answer, re-examine prompt, tool turns)."""
     rows, stats = [], Counter()
     for ds in data.datasets:

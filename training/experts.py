@@ -41,15 +41,17 @@ from tqdm import tqdm
 
 from core import faces
 from core.backbones import MOBILENET_V2_IMAGENET, load_pretrained_state, sha256_of
-from core.evidence import EvidenceModel, replay
-from core.experts import EXPERT_TOOLS, RGB, ZOOM, Calibration, ExpertBank, network_spec
 from core.evaluation.manifest import ManifestRow, read_manifest
 from core.evaluation.metrics import domain_eer_threshold, summarize
+from core.evidence import EvidenceModel, replay
+from core.experts import EXPERT_TOOLS, RGB, ZOOM, Calibration, ExpertBank, network_spec
 from core.registry import ToolRegistry, tool_spec
 
 from .configs import ExpertTrainConfig
 
-ZOOM_BOX = tuple(tool_spec(ZOOM).default_args["bbox"])  # the region the zoom view is calibrated on (experts.json "zoom")
+ZOOM_BOX = tuple(
+    tool_spec(ZOOM).default_args["bbox"]
+)  # the region the zoom view is calibrated on (experts.json "zoom")
 KEYS = [RGB, *EXPERT_TOOLS]  # networks
 EVIDENCE_KEYS = [RGB, *EXPERT_TOOLS, ZOOM]  # what the policy can observe
 
@@ -175,9 +177,12 @@ def zoom_views(crops: np.ndarray) -> np.ndarray:
     return np.stack([cv2.resize(c[y1:y2, x1:x2], (224, 224), interpolation=cv2.INTER_CUBIC) for c in crops])
 
 
-def tool_images(crops: np.ndarray | list[np.ndarray], registry: ToolRegistry, pool: ThreadPoolExecutor | None = None) -> dict[str, list[np.ndarray]]:
+def tool_images(
+    crops: np.ndarray | list[np.ndarray], registry: ToolRegistry, pool: ThreadPoolExecutor | None = None
+) -> dict[str, list[np.ndarray]]:
     """Every expert tool's output image for every crop (in a thread pool when given: the tools run in
     OpenCV, NumPy, PyWavelets and scikit-image code that releases the GIL)."""
+
     def run(c):
         return [registry.execute(name, {}, c).output.image for name in EXPERT_TOOLS]
 
@@ -189,7 +194,11 @@ def tool_images(crops: np.ndarray | list[np.ndarray], registry: ToolRegistry, po
 def pretrained_face_net(cfg: ExpertTrainConfig, pretrained: dict[str, torch.Tensor]) -> torch.nn.Module:
     """The RGB network with its ImageNet trunk loaded and an untrained head."""
     net = network_spec(RGB, cfg.rgb_size).build()
-    trunk = {k: v for k, v in pretrained.items() if k.startswith("features.") and int(k.split(".")[1]) < len(net.trunk.features)}
+    trunk = {
+        k: v
+        for k, v in pretrained.items()
+        if k.startswith("features.") and int(k.split(".")[1]) < len(net.trunk.features)
+    }
     net.trunk.load_state_dict(trunk, strict=True)
     return net.eval()
 
@@ -198,7 +207,9 @@ def pretrained_face_net(cfg: ExpertTrainConfig, pretrained: dict[str, torch.Tens
 def probe_features(net: torch.nn.Module, images, cfg: ExpertTrainConfig, batch: int = 64) -> np.ndarray:
     """The frozen trunk's pooled features of every image (what the linear head reads)."""
     spec = network_spec(RGB, cfg.rgb_size)
-    return np.concatenate([net.features(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]).astype(np.float64)
+    return np.concatenate(
+        [net.features(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]
+    ).astype(np.float64)
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, weight: np.ndarray, c: float) -> tuple[np.ndarray, float]:
@@ -211,7 +222,14 @@ def fit_probe(x: np.ndarray, y: np.ndarray, weight: np.ndarray, c: float) -> tup
 
 
 # --- the tool experts: small CNNs from scratch on the tool images --------------------------------------
-def train_tool_experts(images: dict[str, np.ndarray], data: FaceData, idx: np.ndarray, cfg: ExpertTrainConfig, eval_idx: np.ndarray | None = None, desc: str = "") -> tuple[list[dict], list[dict]]:
+def train_tool_experts(
+    images: dict[str, np.ndarray],
+    data: FaceData,
+    idx: np.ndarray,
+    cfg: ExpertTrainConfig,
+    eval_idx: np.ndarray | None = None,
+    desc: str = "",
+) -> tuple[list[dict], list[dict]]:
     """Train one expert per tool on the tool images of rows ``idx`` for ``cfg.epochs`` epochs of
     ``cfg.samples_per_epoch`` draws (every domain and class weighs the same; mirror flips). Returns, per
     epoch, a snapshot of every expert's weights and (with ``eval_idx``) their raw logits on those rows."""
@@ -220,8 +238,13 @@ def train_tool_experts(images: dict[str, np.ndarray], data: FaceData, idx: np.nd
     nets = {k: network_spec(k).build().train() for k in EXPERT_TOOLS}
     steps_per_epoch = max(1, cfg.samples_per_epoch // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opts = {k: torch.optim.AdamW(n.parameters(), lr=cfg.lr_tools, weight_decay=cfg.weight_decay) for k, n in nets.items()}
-    scheds = {k: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr_tools, total_steps=total, pct_start=0.1) for k, o in opts.items()}
+    opts = {
+        k: torch.optim.AdamW(n.parameters(), lr=cfg.lr_tools, weight_decay=cfg.weight_decay) for k, n in nets.items()
+    }
+    scheds = {
+        k: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=cfg.lr_tools, total_steps=total, pct_start=0.1)
+        for k, o in opts.items()
+    }
     weights = data.balanced_weights(idx)
     snapshots, logits = [], []
     with tqdm(total=total, desc=desc or "tool experts", unit="step", leave=False) as bar:
@@ -250,7 +273,9 @@ def train_tool_experts(images: dict[str, np.ndarray], data: FaceData, idx: np.nd
 def _raw(net: torch.nn.Module, key: str, images: np.ndarray, batch: int = 128) -> np.ndarray:
     spec = network_spec(key)
     net.eval()
-    out = np.concatenate([net(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]).astype(np.float64)
+    out = np.concatenate(
+        [net(spec.tensor(images[i : i + batch])).numpy() for i in range(0, len(images), batch)]
+    ).astype(np.float64)
     net.train()
     return out
 
@@ -303,12 +328,23 @@ def lodo_table(raw: dict[str, np.ndarray], y: np.ndarray, domain: np.ndarray, fo
         x = np.stack([fitted.calibration[k].apply(raw[k][test]) for k in EVIDENCE_KEYS], axis=1)
         s = policy_scores(fitted.evidence, x, max_calls)
         m = summarize(y[test], s, fitted.threshold)
-        rows.append({"domain": d, **{k: m[k] for k in ("n", "n_real", "n_spoof", "auc", "eer", "hter", "apcer", "bpcer")}, "threshold": fitted.threshold})
+        rows.append(
+            {
+                "domain": d,
+                **{k: m[k] for k in ("n", "n_real", "n_spoof", "auc", "eer", "hter", "apcer", "bpcer")},
+                "threshold": fitted.threshold,
+            }
+        )
         for k in EVIDENCE_KEYS:
             per_key[k].append(roc_auc_score(y[test], raw[k][test]))
         for drop in without:
             keep = [k for k in EVIDENCE_KEYS if k != drop]
-            fused = [fitted.evidence.log_odds(dict(zip(EVIDENCE_KEYS, r))) if drop is None else fitted.evidence.log_odds({k: v for k, v in zip(EVIDENCE_KEYS, r) if k in keep}) for r in x]
+            fused = [
+                fitted.evidence.log_odds(dict(zip(EVIDENCE_KEYS, r)))
+                if drop is None
+                else fitted.evidence.log_odds({k: v for k, v in zip(EVIDENCE_KEYS, r) if k in keep})
+                for r in x
+            ]
             without[drop].append(roc_auc_score(y[test], fused))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("auc", "eer", "hter", "apcer", "bpcer")}
     return {
@@ -335,13 +371,20 @@ def score_crop(policy, crop: np.ndarray, max_tool_calls: int = 3) -> float:
     the tools (benchmarks and spot checks of trained weights)."""
     from core.agent import AgentConfig, run
 
-    traj = run(faces.crop_face(crop), policy, AgentConfig(max_tool_calls=max_tool_calls), registry=ToolRegistry(readers=policy.bank))
+    traj = run(
+        faces.crop_face(crop),
+        policy,
+        AgentConfig(max_tool_calls=max_tool_calls),
+        registry=ToolRegistry(readers=policy.bank),
+    )
     if traj.final is None:
         raise RuntimeError(traj.error or "investigation failed")
     return traj.final.score_spoof
 
 
-def write_lodo_logits(path: Path, ids: list[str], domain: np.ndarray, y: np.ndarray, raw: dict[str, np.ndarray]) -> None:
+def write_lodo_logits(
+    path: Path, ids: list[str], domain: np.ndarray, y: np.ndarray, raw: dict[str, np.ndarray]
+) -> None:
     """The out-of-fold raw logits of every evidence key, one row per image (no pixels)."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -353,8 +396,12 @@ def write_lodo_logits(path: Path, ids: list[str], domain: np.ndarray, y: np.ndar
 def read_lodo_logits(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return ([r["id"] for r in rows], np.array([r["domain"] for r in rows]), np.array([int(r["label"]) for r in rows]),
-            {k: np.array([float(r[k]) for r in rows]) for k in EVIDENCE_KEYS})
+    return (
+        [r["id"] for r in rows],
+        np.array([r["domain"] for r in rows]),
+        np.array([int(r["label"]) for r in rows]),
+        {k: np.array([float(r[k]) for r in rows]) for k in EVIDENCE_KEYS},
+    )
 
 
 def train_experts(cfg: ExpertTrainConfig) -> Path:
@@ -365,12 +412,19 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
         return _recalibrate(cfg, out, t0)
     data = load_faces(cfg)
     folds = folds_of(data)
-    print(f"{len(data.ids)} images, {len(folds)} domains ({', '.join(folds)}); {data.no_face} without a detected face, {len(data.skipped)} unreadable")
+    print(
+        f"{len(data.ids)} images, {len(folds)} domains ({', '.join(folds)}); {data.no_face} without a detected face, {len(data.skipped)} unreadable"
+    )
     face_net = pretrained_face_net(cfg, load_pretrained_state(MOBILENET_V2_IMAGENET))
-    feats = {RGB: probe_features(face_net, data.crops, cfg), ZOOM: probe_features(face_net, zoom_views(data.crops), cfg)}
+    feats = {
+        RGB: probe_features(face_net, data.crops, cfg),
+        ZOOM: probe_features(face_net, zoom_views(data.crops), cfg),
+    }
     # Augmented views join the probe's training rows (never its held-out scores); off by default (README).
     rng = random.Random(cfg.seed)
-    views = [probe_features(face_net, np.stack([augment(c, rng) for c in data.crops]), cfg) for _ in range(cfg.augment_views)]
+    views = [
+        probe_features(face_net, np.stack([augment(c, rng) for c in data.crops]), cfg) for _ in range(cfg.augment_views)
+    ]
 
     def fit(rows: np.ndarray, c: float) -> tuple[np.ndarray, float]:
         x = np.concatenate([feats[RGB][rows], *(v[rows] for v in views)])
@@ -398,15 +452,21 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
         for e, lg in enumerate(logits):
             for k in EXPERT_TOOLS:
                 tool_oof[e][k][test] = lg[k]
-        print(f"  held out {d:12s} RGB {roc_auc_score(data.y[test], probe_oof[cfg.rgb_c[0]][RGB][test]):.3f} "
-              + " ".join(f"{k[:5]} {roc_auc_score(data.y[test], logits[-1][k]):.3f}" for k in EXPERT_TOOLS))
+        print(
+            f"  held out {d:12s} RGB {roc_auc_score(data.y[test], probe_oof[cfg.rgb_c[0]][RGB][test]):.3f} "
+            + " ".join(f"{k[:5]} {roc_auc_score(data.y[test], logits[-1][k]):.3f}" for k in EXPERT_TOOLS)
+        )
 
     # Step 3a: the probe's strength and each expert's epoch count, by mean LODO AUC.
     selection = {RGB: {str(c): _masked_auc(probe_oof[c][RGB], data, folds) for c in cfg.rgb_c}}
     selection |= {k: [_masked_auc(tool_oof[e][k], data, folds) for e in range(cfg.epochs)] for k in EXPERT_TOOLS}
     best_c = float(max(cfg.rgb_c, key=lambda c: selection[RGB][str(c)]))
     epochs = {k: int(np.argmax(selection[k])) + 1 for k in EXPERT_TOOLS}
-    raw = {RGB: probe_oof[best_c][RGB], ZOOM: probe_oof[best_c][ZOOM], **{k: tool_oof[epochs[k] - 1][k] for k in EXPERT_TOOLS}}
+    raw = {
+        RGB: probe_oof[best_c][RGB],
+        ZOOM: probe_oof[best_c][ZOOM],
+        **{k: tool_oof[epochs[k] - 1][k] for k in EXPERT_TOOLS},
+    }
     lodo_seconds = round(time.time() - t0, 1)
 
     # Step 4: the shipped networks, trained on every domain.
@@ -428,8 +488,12 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
         "description": "tarfas expert ensemble: RGB network (linear probe on frozen ImageNet MobileNetV2 features) + one CNN per visual tool (paper Fig. S9)",
         "recipe": asdict(cfg),
         "data": _data_meta(cfg, data),
-        "pretrained": {"file": Path(MOBILENET_V2_IMAGENET.relpath).name, "sha256": MOBILENET_V2_IMAGENET.sha256,
-                       "package": MOBILENET_V2_IMAGENET.pypi, "licence": MOBILENET_V2_IMAGENET.licence},
+        "pretrained": {
+            "file": Path(MOBILENET_V2_IMAGENET.relpath).name,
+            "sha256": MOBILENET_V2_IMAGENET.sha256,
+            "package": MOBILENET_V2_IMAGENET.pypi,
+            "licence": MOBILENET_V2_IMAGENET.licence,
+        },
         "selection": {"by": "mean leave-one-domain-out AUC", "rgb_c": best_c, "epochs": epochs, "auc": selection},
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
         "train_seconds": {"lodo": lodo_seconds, "total": None},
@@ -460,7 +524,15 @@ def _data_meta(cfg: ExpertTrainConfig, data: FaceData) -> dict:
     }
 
 
-def _fit_and_save(bank: ExpertBank, cfg: ExpertTrainConfig, out: Path, y: np.ndarray, domain: np.ndarray, raw: dict[str, np.ndarray], folds: list[str]) -> Path:
+def _fit_and_save(
+    bank: ExpertBank,
+    cfg: ExpertTrainConfig,
+    out: Path,
+    y: np.ndarray,
+    domain: np.ndarray,
+    raw: dict[str, np.ndarray],
+    folds: list[str],
+) -> Path:
     fitted = fit_policy(raw, y, domain, cfg.max_tool_calls)
     bank.calibration = fitted.calibration
     lodo = lodo_table(raw, y, domain, folds, cfg.max_tool_calls)
@@ -478,9 +550,13 @@ def _fit_and_save(bank: ExpertBank, cfg: ExpertTrainConfig, out: Path, y: np.nda
     )
     path = bank.save(out)
     m = lodo["mean"]
-    print(f"LODO over {len(folds)} domains: mean AUC {m['auc']:.3f} (min {lodo['min_auc']:.3f}), mean HTER {m['hter']:.3f}; threshold {fitted.threshold:.3f}")
+    print(
+        f"LODO over {len(folds)} domains: mean AUC {m['auc']:.3f} (min {lodo['min_auc']:.3f}), mean HTER {m['hter']:.3f}; threshold {fitted.threshold:.3f}"
+    )
     for r in lodo["domains"]:
-        print(f"  {r['domain']:12s} n {r['n']:5d}  AUC {r['auc']:.3f}  EER {r['eer']:.3f}  HTER {r['hter']:.3f}  APCER {r['apcer']:.3f}  BPCER {r['bpcer']:.3f}")
+        print(
+            f"  {r['domain']:12s} n {r['n']:5d}  AUC {r['auc']:.3f}  EER {r['eer']:.3f}  HTER {r['hter']:.3f}  APCER {r['apcer']:.3f}  BPCER {r['bpcer']:.3f}"
+        )
     return path
 
 
@@ -491,7 +567,9 @@ def _recalibrate(cfg: ExpertTrainConfig, out: Path, t0: float) -> Path:
     if not logits.exists():
         from core.errors import WeightsError
 
-        raise WeightsError(f"{logits} is missing: --calibrate-only refits from the out-of-fold logits of a full training run")
+        raise WeightsError(
+            f"{logits} is missing: --calibrate-only refits from the out-of-fold logits of a full training run"
+        )
     _, domain, y, raw = read_lodo_logits(logits)
     folds = [d for d in sorted(set(domain)) if len(set(y[domain == d])) == 2]
     return _fit_and_save(bank, cfg, out, y, domain, raw, folds)

@@ -42,7 +42,6 @@ from .rollout import TokenPolicy, face_from_image, run_rollouts
 from .sft import load_data, load_policy_model, precision_flags
 
 
-
 class DTGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose completions are whole CoT-VT investigations (see the module docstring)."""
 
@@ -62,18 +61,29 @@ class DTGRPOTrainer(GRPOTrainer):
             parts = [f[key] for f in fields if key in f]
             if parts:
                 merged[key] = torch.cat(parts, dim=0).to(self.accelerator.device)
-        completion_ids, logprobs = self._generate_single_turn(ids, images, merged, num_generations=1, has_tool_images="image_grid_thw" in merged)
+        completion_ids, logprobs = self._generate_single_turn(
+            ids, images, merged, num_generations=1, has_tool_images="image_grid_thw" in merged
+        )
         return [(c, logprobs[i] if logprobs is not None else None) for i, c in enumerate(completion_ids)]
 
     def _generate(self, prompts: list):
         mode = "train" if self.model.training else "eval"
         max_tokens = self.max_completion_length
         faces = [
-            face_from_image(next(p["image"] for m in prompt if m["role"] == "user" for p in m["content"] if p.get("type") == "image"))
+            face_from_image(
+                next(
+                    p["image"] for m in prompt if m["role"] == "user" for p in m["content"] if p.get("type") == "image"
+                )
+            )
             for prompt in prompts
         ]
         t0 = time.perf_counter()
-        rollouts, sampler = run_rollouts(faces, lambda gen: TokenPolicy(gen, self.processing_class, max_tokens), self._generate_turns, self.agent_config)
+        rollouts, sampler = run_rollouts(
+            faces,
+            lambda gen: TokenPolicy(gen, self.processing_class, max_tokens),
+            self._generate_turns,
+            self.agent_config,
+        )
         wall = time.perf_counter() - t0
 
         # What TRL's _generate returns: ids, the env mask (as tool_mask), completions as messages (logged),
@@ -93,7 +103,9 @@ class DTGRPOTrainer(GRPOTrainer):
         lengths = [sum(r.mask) for r in rollouts]
         m["completions/mean_length"].append(sum(lengths) / len(lengths))
         m["completions/max_length"].append(max(lengths))
-        self.state.num_input_tokens_seen += sum(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+        self.state.num_input_tokens_seen += sum(
+            len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)
+        )
         m["num_tokens"] = [self.state.num_input_tokens_seen]
         counts = Counter()
         for r in rollouts:
@@ -119,7 +131,10 @@ class DTGRPOTrainer(GRPOTrainer):
         trajs, labels = [x["trajectory"] for x in inputs], [x["label"] for x in inputs]
         n = len(trajs)
         m = self._metrics[mode]
-        m["accuracy/fast"].append(sum(t.fast_answer is not None and t.fast_answer.verdict == y for t, y in zip(trajs, labels, strict=True)) / n)
+        m["accuracy/fast"].append(
+            sum(t.fast_answer is not None and t.fast_answer.verdict == y for t, y in zip(trajs, labels, strict=True))
+            / n
+        )
         m["accuracy/final"].append(sum(final_answer(t) == y for t, y in zip(trajs, labels, strict=True)) / n)
         m["format/fast_ok"].append(sum(fast_format(t) == 0 for t in trajs) / n)
         m["format/reasoning_ok"].append(sum(reasoning_format(t) == 0 for t in trajs) / n)
@@ -128,9 +143,24 @@ class DTGRPOTrainer(GRPOTrainer):
 
 # GRPOConfig fields that trl.GRPOConfig takes under the same name and with the same meaning.
 TRL_GRPO_FIELDS = (
-    "num_generations", "beta", "max_completion_length", "temperature", "top_p", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "max_steps", "logging_steps",
-    "save_steps", "report_to", "seed", "gradient_checkpointing",
+    "num_generations",
+    "beta",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "use_vllm",
+    "vllm_mode",
+    "vllm_gpu_memory_utilization",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "max_steps",
+    "logging_steps",
+    "save_steps",
+    "report_to",
+    "seed",
+    "gradient_checkpointing",
 )
 
 
@@ -142,12 +172,16 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     if not cfg.model:
         raise ValueError("--model is required: a checkpoint folder (base, or the merged output of `train sft --merge`)")
     if cfg.per_device_train_batch_size % cfg.num_generations:
-        raise ValueError(f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a multiple of num_generations ({cfg.num_generations})")
+        raise ValueError(
+            f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a multiple of num_generations ({cfg.num_generations})"
+        )
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     reward_cfg = cfg.reward_config()
     tools = ["ZoomInTool"] if cfg.reward == "st" else (cfg.tools or None)
-    agent_config = AgentConfig(max_tool_calls=cfg.max_tool_calls, max_format_errors=cfg.max_format_errors, allowed_tools=tools)
+    agent_config = AgentConfig(
+        max_tool_calls=cfg.max_tool_calls, max_format_errors=cfg.max_format_errors, allowed_tools=tools
+    )
 
     data = load_data(cfg, out)
     rows = grpo_queries(data, max_examples=cfg.max_examples, seed=cfg.seed)
@@ -156,10 +190,14 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
 
     # The paper trains all parameters from the FI model: the FI adapter is merged into the base first.
     # With use_lora the adapter itself keeps training instead, so the output stays a small adapter.
-    model, processor, _ = load_policy_model(cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora)
+    model, processor, _ = load_policy_model(
+        cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora
+    )
     peft_config = None
     if cfg.use_lora and cfg.adapter is None:
-        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM"
+        )
     funcs, weights = make_reward_funcs(reward_cfg)
     args = trl.GRPOConfig(**{
         **{name: getattr(cfg, name) for name in TRL_GRPO_FIELDS},

@@ -23,8 +23,18 @@ def weights_digest(folder: str | Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
 
 
-def write_lineage(out: str | Path, *, kind: str, stage: str, config, base_model: str, parent: str | None,
-                  data: list[dict], stats: dict, result: dict) -> Path:
+def write_lineage(
+    out: str | Path,
+    *,
+    kind: str,
+    stage: str,
+    config,
+    base_model: str,
+    parent: str | None,
+    data: list[dict],
+    stats: dict,
+    result: dict,
+) -> Path:
     """Write ``tarfas_lineage.json`` into ``out`` (an adapter or model folder) and return its path.
     ``kind``: "lora-adapter" or "full-model"; ``stage``: "kt", "fi", "grpo"."""
     import peft

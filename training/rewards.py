@@ -22,6 +22,7 @@ from core.trajectory import Trajectory
 
 from .configs import RewardConfig
 
+
 @dataclass
 class RewardBreakdown:
     """Every term of the reward of one rollout (logged per step by the GRPO trainer)."""

@@ -102,7 +102,9 @@ class TokenPolicy:
             self._append_environment(msgs)
         ids = self.prompt_ids + self.completion_ids
         if len(self.completion_ids) >= self.max_completion_tokens:
-            raise RolloutBudgetError(f"the rollout reached its budget of {self.max_completion_tokens} completion tokens")
+            raise RolloutBudgetError(
+                f"the rollout reached its budget of {self.max_completion_tokens} completion tokens"
+            )
         t0 = time.perf_counter()
         sampled, lps = self.generate(ids, self.images, _concat_fields(self._fields))
         self.generate_s += time.perf_counter() - t0
@@ -159,7 +161,9 @@ class LockstepSampler:
     submitted, the last one in runs ``generate_batch`` for all of them (left-padded, as TRL batches), so a
     GRPO step makes one call per turn instead of one per turn and completion."""
 
-    def __init__(self, generate_batch: Callable[[list, list, list], list[tuple[list[int], list[float] | None]]], rollouts: int):
+    def __init__(
+        self, generate_batch: Callable[[list, list, list], list[tuple[list[int], list[float] | None]]], rollouts: int
+    ):
         self._generate_batch = generate_batch
         self._live = rollouts
         self._cond = threading.Condition()
@@ -204,7 +208,9 @@ class LockstepSampler:
         self._cond.notify_all()
 
 
-def run_rollouts(faces: list[FaceCrop], make_policy: Callable[[GenerateFn], TokenPolicy], generate_batch, config) -> tuple[list[Rollout], LockstepSampler]:
+def run_rollouts(
+    faces: list[FaceCrop], make_policy: Callable[[GenerateFn], TokenPolicy], generate_batch, config
+) -> tuple[list[Rollout], LockstepSampler]:
     """Run one agent loop per face concurrently, sampling their turns in lockstep batches."""
     from concurrent.futures import ThreadPoolExecutor
 

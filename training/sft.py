@@ -131,8 +131,19 @@ def load_data(cfg, out: Path):
 
 # SFTConfig fields that trl.SFTConfig takes under the same name and with the same meaning.
 TRL_SFT_FIELDS = (
-    "max_length", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "lr_scheduler_type",
-    "max_steps", "num_train_epochs", "logging_steps", "save_steps", "report_to", "seed", "gradient_checkpointing",
+    "max_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "lr_scheduler_type",
+    "max_steps",
+    "num_train_epochs",
+    "logging_steps",
+    "save_steps",
+    "report_to",
+    "seed",
+    "gradient_checkpointing",
 )
 
 
@@ -161,7 +172,9 @@ def train_sft(cfg: SFTConfig, callbacks: list | None = None) -> Path:
     # Continuing from an adapter (KT -> FI) keeps training that same adapter, so the result always applies to
     # the original base model: the app loads it as --model BASE --adapter OUT/adapter.
     # Without LoRA, a given adapter is merged into the base and every weight trains.
-    model, processor, _ = load_policy_model(cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora)
+    model, processor, _ = load_policy_model(
+        cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora
+    )
     peft_config = None
     if cfg.use_lora and cfg.adapter is None:
         peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -175,7 +188,9 @@ def train_sft(cfg: SFTConfig, callbacks: list | None = None) -> Path:
     })  # fmt: skip
     collator = None
     if cfg.stage == "fi":
-        collator = TurnWeightedCollator(processor, max_length=cfg.max_length, assistant_only_loss=True, first_turn_weight=cfg.first_turn_weight)
+        collator = TurnWeightedCollator(
+            processor, max_length=cfg.max_length, assistant_only_loss=True, first_turn_weight=cfg.first_turn_weight
+        )
     trainer = TurnWeightedSFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=processor,
                                      data_collator=collator, peft_config=peft_config, callbacks=callbacks)  # fmt: skip
     result = trainer.train()
@@ -205,7 +220,9 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out: str | Pat
 
     from core.mllm.processor import install_remote_code
 
-    model, processor, arch = load_policy_model(str(model_dir), str(adapter_dir), trainable_adapter=False, merge_adapter=True)
+    model, processor, arch = load_policy_model(
+        str(model_dir), str(adapter_dir), trainable_adapter=False, merge_adapter=True
+    )
     out = Path(out)
     model.eval().save_pretrained(out)
     processor.save_pretrained(out)

@@ -50,8 +50,11 @@ def check_correctness(ann: Trajectory) -> list[Issue]:
     """The final answer exists and matches the ground-truth label."""
     final, label = final_answer(ann), Hint.of(ann).label
     if final is None:
-        why = {"turn_limit": "no answer within the turn limit", "format": "the conversation broke off at a malformed turn",
-               "annotator_error": f"the annotator failed ({ann.error})"}.get(stop_reason(ann), "no final answer")
+        why = {
+            "turn_limit": "no answer within the turn limit",
+            "format": "the conversation broke off at a malformed turn",
+            "annotator_error": f"the annotator failed ({ann.error})",
+        }.get(stop_reason(ann), "no final answer")
         return [Issue("correctness", "no_answer", why)]
     if final != label:
         return [Issue("correctness", "wrong_answer", f"final answer {final} does not match the label {label}")]
@@ -130,7 +133,9 @@ def check_leakage(ann: Trajectory) -> list[Issue]:
             issues.append(Issue("leakage", "mentions_hint", f"turn {i}: repeats the hint ({hint_text!r})"))
         for pat in EXPERT_PATTERNS:
             if m := pat.search(text):
-                issues.append(Issue("leakage", "mentions_expert", f"turn {i}: refers to the expert's confidence ({m.group(0)!r})"))
+                issues.append(
+                    Issue("leakage", "mentions_expert", f"turn {i}: refers to the expert's confidence ({m.group(0)!r})")
+                )
                 break
         numbers = set(re.findall(r"(?<![\w.])\d*\.?\d+(?![\w.])", text))
         hit = sorted(numbers & values)

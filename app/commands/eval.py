@@ -22,19 +22,36 @@ DESCRIPTION = (
 
 @dataclass
 class EvalOptions:
-    manifest: str = field(default="", metadata={"help": "manifest CSV, or an evaluation protocol file (.yaml/.yml/.json)"})
-    root: str | None = field(default=None, metadata={"help": "folder the manifest paths are relative to (default: the manifest's folder)"})
+    manifest: str = field(
+        default="", metadata={"help": "manifest CSV, or an evaluation protocol file (.yaml/.yml/.json)"}
+    )
+    root: str | None = field(
+        default=None, metadata={"help": "folder the manifest paths are relative to (default: the manifest's folder)"}
+    )
     domains: list[str] | None = field(default=None, metadata={"help": "comma-separated domains to keep"})
     split: str | None = field(default=None, metadata={"help": "keep rows of this split only (train/test)"})
     limit: int | None = field(default=None, metadata={"help": "score at most N images (a seeded sample)"})
-    scores_out: str | None = field(default=None, metadata={"help": "write the per-image scores CSV (path,label,domain,score_spoof,verdict,...)"})
+    scores_out: str | None = field(
+        default=None, metadata={"help": "write the per-image scores CSV (path,label,domain,score_spoof,verdict,...)"}
+    )
     threshold: float | None = field(default=None, metadata={"help": "decision threshold on P(spoof), fixed a priori"})
-    dev_manifest: str | None = field(default=None, metadata={"help": "fix the threshold at the EER of this dev manifest"})
+    dev_manifest: str | None = field(
+        default=None, metadata={"help": "fix the threshold at the EER of this dev manifest"}
+    )
     json_out: str | None = field(default=None, metadata={"help": "write the metrics as JSON"})
-    report: str | None = field(default=None, metadata={"help": "write report.md, report.json, roc.png, det.png and scores.csv to this folder"})
-    analyses: list[str] | None = field(default=None, metadata={"help": "comma-separated: fast,tools,tool-use,max-calls (or 'all'); implies the report runner"})
-    max_calls_grid: list[int] = field(default_factory=lambda: [1, 2, 3, 4], metadata={"help": "tool-call limits of the max-calls analysis"})
-    limit_per_domain: int | None = field(default=None, metadata={"help": "at most N images per domain/split selection (a seeded sample)"})
+    report: str | None = field(
+        default=None, metadata={"help": "write report.md, report.json, roc.png, det.png and scores.csv to this folder"}
+    )
+    analyses: list[str] | None = field(
+        default=None,
+        metadata={"help": "comma-separated: fast,tools,tool-use,max-calls (or 'all'); implies the report runner"},
+    )
+    max_calls_grid: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 4], metadata={"help": "tool-call limits of the max-calls analysis"}
+    )
+    limit_per_domain: int | None = field(
+        default=None, metadata={"help": "at most N images per domain/split selection (a seeded sample)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the samples and of the bootstrap"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals; 0 = none"})
 
@@ -45,7 +62,9 @@ class EvalOptions:
         if self.limit and not self.plain:
             raise ValueError("--limit is for plain runs; with a protocol or --report use --limit-per-domain")
         if self.is_protocol and (self.domains or self.split or self.dev_manifest or self.root):
-            raise ValueError("--domains/--split/--dev-manifest/--root belong in the protocol file, not on the command line")
+            raise ValueError(
+                "--domains/--split/--dev-manifest/--root belong in the protocol file, not on the command line"
+            )
 
     @property
     def is_protocol(self) -> bool:
@@ -74,16 +93,30 @@ def run(args) -> int:
         if opts.threshold is not None:
             protocol.threshold = float(opts.threshold)
     else:
-        protocol = manifest_protocol(opts.manifest, opts.root, domains=opts.domains, split=opts.split,
-                                     threshold=opts.threshold if opts.threshold is not None else "policy",
-                                     dev_manifest=opts.dev_manifest, limit=opts.limit)
+        protocol = manifest_protocol(
+            opts.manifest,
+            opts.root,
+            domains=opts.domains,
+            split=opts.split,
+            threshold=opts.threshold if opts.threshold is not None else "policy",
+            dev_manifest=opts.dev_manifest,
+            limit=opts.limit,
+        )
     if opts.limit_per_domain is not None:
         protocol.limit_per_domain = opts.limit_per_domain
     policy, registry = load_policy(args)
     result = analyses.run_evaluation(
-        protocol, policy, registry=registry, tools=tuple(agent.tools) if agent.tools else None, max_tool_calls=agent.max_tool_calls,
-        analyses=opts.analyses, max_calls_grid=tuple(opts.max_calls_grid), seed=opts.seed, n_boot=0 if opts.plain else opts.bootstrap,
-        on_no_face=agent.on_no_face or "whole", progress=opts.plain or sys.stderr.isatty() or bool(opts.report),
+        protocol,
+        policy,
+        registry=registry,
+        tools=tuple(agent.tools) if agent.tools else None,
+        max_tool_calls=agent.max_tool_calls,
+        analyses=opts.analyses,
+        max_calls_grid=tuple(opts.max_calls_grid),
+        seed=opts.seed,
+        n_boot=0 if opts.plain else opts.bootstrap,
+        on_no_face=agent.on_no_face or "whole",
+        progress=opts.plain or sys.stderr.isatty() or bool(opts.report),
     )
     for s in result.scores.values():
         if s.score_spoof is None:
@@ -91,16 +124,27 @@ def run(args) -> int:
     if opts.plain:
         _print_plain(result, opts)
         return 0
-    print(f"protocol {protocol.name} ({protocol.kind}); policy: {result.policy} [{result.policy_version}]; {result.images} images in {result.seconds:.1f} s")
+    print(
+        f"protocol {protocol.name} ({protocol.kind}); policy: {result.policy} [{result.policy_version}]; {result.images} images in {result.seconds:.1f} s"
+    )
     for f in result.folds:
         print(f"\n{f.fold}: threshold {f.threshold:.4f} ({f.threshold_source})")
         print(report.metrics_table(f))
     if result.fast is not None:
-        print("\nfast answer vs reasoning answer (paper Table S6)\n" + report.compact_table([("Fast answer", result.fast), ("Reasoning answer", result.folds)]))
-    for title, variants in (("tools offered (paper Table 2)", result.ablation), ("max tool calls (paper Fig. S11)", result.max_calls)):
+        print(
+            "\nfast answer vs reasoning answer (paper Table S6)\n"
+            + report.compact_table([("Fast answer", result.fast), ("Reasoning answer", result.folds)])
+        )
+    for title, variants in (
+        ("tools offered (paper Table 2)", result.ablation),
+        ("max tool calls (paper Fig. S11)", result.max_calls),
+    ):
         if variants:
             calls = {v.variant.name: f"{v.mean_calls:.2f}" for v in variants}
-            print(f"\n{title}\n" + report.compact_table([(v.variant.name, v.folds) for v in variants], calls, "mean tool calls"))
+            print(
+                f"\n{title}\n"
+                + report.compact_table([(v.variant.name, v.folds) for v in variants], calls, "mean tool calls")
+            )
     if opts.report:
         from core.experts import DEFAULT_DIR
 
@@ -108,7 +152,16 @@ def run(args) -> int:
         path = report.write_report(result, opts.report, report.run_info(result, _command(args), weights))
         print(f"\nreport: {path}")
     if opts.json_out:
-        Path(opts.json_out).write_text(json.dumps({"policy": result.policy, "policy_version": result.policy_version, "results": [f.to_dict() for f in result.folds]}, indent=2))
+        Path(opts.json_out).write_text(
+            json.dumps(
+                {
+                    "policy": result.policy,
+                    "policy_version": result.policy_version,
+                    "results": [f.to_dict() for f in result.folds],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -120,14 +173,27 @@ def _print_plain(result, opts: EvalOptions) -> None:
     metrics = scoring.metrics_by_domain(scored, fold.threshold)
     ms = [s.ms for s in scored if s.score_spoof is not None]
     median = float(statistics.median(ms)) if ms else None
-    print(f"policy: {result.policy} [{result.policy_version}]  threshold {fold.threshold:.4f} ({fold.threshold_source})")
+    print(
+        f"policy: {result.policy} [{result.policy_version}]  threshold {fold.threshold:.4f} ({fold.threshold_source})"
+    )
     print(report.domain_table(metrics))
     print(f"{len(scored)} images in {result.seconds:.1f} s; median {median or 0:.1f} ms per image")
     if opts.scores_out:
         scoring.write_scores(opts.scores_out, scored, fold.threshold)
     if opts.json_out:
-        Path(opts.json_out).write_text(json.dumps({"policy": result.policy, "policy_version": result.policy_version, "threshold": fold.threshold,
-                                                   "threshold_source": fold.threshold_source, "metrics": metrics, "median_ms_per_image": median}, indent=2))
+        Path(opts.json_out).write_text(
+            json.dumps(
+                {
+                    "policy": result.policy,
+                    "policy_version": result.policy_version,
+                    "threshold": fold.threshold,
+                    "threshold_source": fold.threshold_source,
+                    "metrics": metrics,
+                    "median_ms_per_image": median,
+                },
+                indent=2,
+            )
+        )
 
 
 def _command(args) -> list[str]:

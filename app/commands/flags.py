@@ -35,7 +35,9 @@ def _shown(v) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...] = (), positional: tuple[str, ...] = ()) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser, cls, *, exclude: tuple[str, ...] = (), positional: tuple[str, ...] = ()
+) -> None:
     """One flag per field of ``cls`` (``positional`` fields become positional arguments). A flag that the
     parser already has (two policy backends that both take ``--model``) gets the second help appended."""
     hints = typing.get_type_hints(cls)

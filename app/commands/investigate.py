@@ -19,7 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image")
     add_policy_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (tool images are written to --out-dir)")
-    p.add_argument("--out-dir", default=None, help="folder for the crop, tool images and trajectory.json (default: a new temp folder)")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="folder for the crop, tool images and trajectory.json (default: a new temp folder)",
+    )
 
 
 def run(args) -> int:
@@ -44,7 +48,9 @@ def run(args) -> int:
         return EXIT_INPUT
     config = agent_options(args).agent_config(on_no_face)
     policy, registry = load_policy(args)
-    traj = agent.run(face, policy, config, registry=registry, source=str(args.image), image_sha256=faces.sha256_bytes(data))
+    traj = agent.run(
+        face, policy, config, registry=registry, source=str(args.image), image_sha256=faces.sha256_bytes(data)
+    )
     traj.timings_ms = {"load": (t_load - t0) * 1e3, "face": (t_face - t_load) * 1e3, **traj.timings_ms}
     out_dir = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="tarfas-"))
     traj.save(out_dir)
@@ -70,7 +76,9 @@ def trajectory_json(traj, out_dir: Path, policy, threshold) -> dict:
         "error": traj.error,
         "face": d["face"],
         "crop_path": str(out_dir / traj.crop_path) if traj.crop_path else None,
-        "fast_answer": {"verdict": fast.verdict, "reason": fast.reason, "score_spoof": traj.fast_score} if fast else None,
+        "fast_answer": {"verdict": fast.verdict, "reason": fast.reason, "score_spoof": traj.fast_score}
+        if fast
+        else None,
         "tool_calls": [
             {
                 "name": t.tool_result.name,
@@ -82,7 +90,14 @@ def trajectory_json(traj, out_dir: Path, policy, threshold) -> dict:
             }
             for t in traj.tool_turns
         ],
-        "final": {"verdict": traj.final.verdict, "score_spoof": traj.final.score_spoof, "threshold": threshold, "source": traj.final.source} if traj.final else None,
+        "final": {
+            "verdict": traj.final.verdict,
+            "score_spoof": traj.final.score_spoof,
+            "threshold": threshold,
+            "source": traj.final.source,
+        }
+        if traj.final
+        else None,
         "turns": d["turns"],
         "timings_ms": traj.timings_ms,
         "trajectory_path": str(out_dir / "trajectory.json"),
@@ -90,7 +105,10 @@ def trajectory_json(traj, out_dir: Path, policy, threshold) -> dict:
 
 
 def render_text(traj, out_dir: Path, policy, threshold) -> str:
-    lines = [f"tarfas investigation of {traj.source}", f"policy: {getattr(policy, 'description', traj.policy)} [{traj.policy_version}]"]
+    lines = [
+        f"tarfas investigation of {traj.source}",
+        f"policy: {getattr(policy, 'description', traj.policy)} [{traj.policy_version}]",
+    ]
     if traj.face and traj.face.notes:
         lines += [f"note: {n}" for n in traj.face.notes]
     for t in traj.turns:
@@ -108,5 +126,7 @@ def render_text(traj, out_dir: Path, policy, threshold) -> str:
         lines.append(f"\nFINAL: {traj.final.verdict.upper()}  P(spoof) = {traj.final.score_spoof:.3f}{thr}{fb}")
     if traj.error:
         lines.append(f"error: {traj.error}")
-    lines.append(f"time: {traj.timings_ms.get('total', 0):.0f} ms (+ {traj.timings_ms.get('face', 0):.0f} ms face crop); files: {out_dir}")
+    lines.append(
+        f"time: {traj.timings_ms.get('total', 0):.0f} ms (+ {traj.timings_ms.get('face', 0):.0f} ms face crop); files: {out_dir}"
+    )
     return "\n".join(lines)

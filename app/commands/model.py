@@ -21,7 +21,9 @@ class InitNanoOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", required=True)
-    nano = sub.add_parser("init-nano", help="build a tiny offline Qwen2.5-VL or InternVL3 (real architecture, local tokenizer) into OUT")
+    nano = sub.add_parser(
+        "init-nano", help="build a tiny offline Qwen2.5-VL or InternVL3 (real architecture, local tokenizer) into OUT"
+    )
     add_config_args(nano, InitNanoOptions, positional=("out",))
 
 

@@ -13,10 +13,16 @@ from .flags import add_config_args, config_from_args
 
 @dataclass
 class AgentOptions:
-    policy: str = field(default="expert", metadata={"help": "policy that investigates: expert (the offline ensemble), hf or vllm"})
+    policy: str = field(
+        default="expert", metadata={"help": "policy that investigates: expert (the offline ensemble), hf or vllm"}
+    )
     max_tool_calls: int = field(default=3, metadata={"help": "tool calls allowed per investigation (paper: 3)"})
-    tools: list[str] | None = field(default=None, metadata={"help": "comma-separated subset of tools to offer (default: all six)"})
-    on_no_face: Literal["error", "whole"] | None = field(default=None, metadata={"help": "when no face is found: stop with an error, or analyse the whole image"})
+    tools: list[str] | None = field(
+        default=None, metadata={"help": "comma-separated subset of tools to offer (default: all six)"}
+    )
+    on_no_face: Literal["error", "whole"] | None = field(
+        default=None, metadata={"help": "when no face is found: stop with an error, or analyse the whole image"}
+    )
 
     def __post_init__(self):
         if self.max_tool_calls < 0:
@@ -28,12 +34,16 @@ class AgentOptions:
     def agent_config(self, on_no_face: str):
         from core.agent import AgentConfig
 
-        return AgentConfig(max_tool_calls=self.max_tool_calls, allowed_tools=self.tools, extra={"on_no_face": on_no_face})
+        return AgentConfig(
+            max_tool_calls=self.max_tool_calls, allowed_tools=self.tools, extra={"on_no_face": on_no_face}
+        )
 
 
 @dataclass
 class ExpertOptions:
-    weights: str | None = field(default=None, metadata={"help": "expert weights folder (default: the shipped assets/experts)"})
+    weights: str | None = field(
+        default=None, metadata={"help": "expert weights folder (default: the shipped assets/experts)"}
+    )
 
 
 @dataclass
@@ -49,9 +59,13 @@ class HFOptions:
 
 @dataclass
 class VLLMOptions:
-    base_url: str | None = field(default=None, metadata={"help": "vllm: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"})
+    base_url: str | None = field(
+        default=None, metadata={"help": "vllm: OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"}
+    )
     model: str | None = field(default=None, metadata={"help": "vllm: served model name"})
-    api_key_env: str | None = field(default=None, metadata={"help": "vllm: environment variable that holds the API key"})
+    api_key_env: str | None = field(
+        default=None, metadata={"help": "vllm: environment variable that holds the API key"}
+    )
     max_new_tokens: int = field(default=512, metadata={"help": "hf/vllm: token budget of one assistant turn"})
 
     def __post_init__(self):

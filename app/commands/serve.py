@@ -12,9 +12,13 @@ HELP = "serve the analyst workbench (Gradio): investigate, review, queue, export
 
 @dataclass
 class ServeOptions:
-    data_dir: str = field(default="tarfas-data", metadata={"help": "case store folder: tarfas.db and the evidence files"})
+    data_dir: str = field(
+        default="tarfas-data", metadata={"help": "case store folder: tarfas.db and the evidence files"}
+    )
     db: str | None = field(default=None, metadata={"help": "SQLAlchemy database URL instead of <data-dir>/tarfas.db"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to serve on (beyond localhost needs --auth or --users-file)"})
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "address to serve on (beyond localhost needs --auth or --users-file)"}
+    )
     port: int = field(default=7860, metadata={"help": "port to serve on"})
     auth: list[str] = field(default_factory=list, metadata={"help": "analyst logins, USER:PASS, comma-separated"})
     users_file: str | None = field(default=None, metadata={"help": "file of user:password lines (chmod 600)"})
@@ -38,5 +42,13 @@ def run(args) -> int:
 
     opts = config_from_args(ServeOptions, args)
     users = load_users(opts.auth, opts.users_file)
-    serve(opts.data_dir, db_url=opts.db, host=opts.host, port=opts.port, users=users, concurrency=opts.concurrency, max_file_mb=opts.max_file_mb)
+    serve(
+        opts.data_dir,
+        db_url=opts.db,
+        host=opts.host,
+        port=opts.port,
+        users=users,
+        concurrency=opts.concurrency,
+        max_file_mb=opts.max_file_mb,
+    )
     return 0

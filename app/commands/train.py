@@ -9,19 +9,25 @@ from .flags import add_config_args, config_from_args
 HELP = "train models"
 TARGETS = {
     "experts": (
-        "ExpertTrainConfig", "training.experts", "train_experts",
+        "ExpertTrainConfig",
+        "training.experts",
+        "train_experts",
         "train the expert ensemble (pretrained RGB network + one CNN per tool), choosing and calibrating on held-out domains",
         "Leave-one-domain-out training: epochs, calibration, fusion and the threshold are fitted on out-of-fold scores of domains "
         "the networks never saw; then the shipped networks are trained on every domain. See README (Shipped weights).",
     ),
     "sft": (
-        "SFTConfig", "training.sft", "train_sft",
+        "SFTConfig",
+        "training.sft",
+        "train_sft",
         "supervised fine-tuning of an MLLM policy: --stage kt (fast answers) or fi (multi-turn trajectories)",
         "TRL SFTTrainer + LoRA (paper §3.2.1-3.2.2). --data takes dataset folders (app export, annotation) and/or manifest CSVs, "
         "comma-separated. Writes OUT/adapter (or OUT/model) with tarfas_lineage.json. See docs/training.md.",
     ),
     "grpo": (
-        "GRPOConfig", "training.grpo", "train_grpo",
+        "GRPOConfig",
+        "training.grpo",
+        "train_grpo",
         "DT-GRPO with real tool rollouts (or the ST-GRPO baseline with --reward st)",
         "TRL GRPOTrainer whose rollouts run tarfas's agent loop and tools (paper §3.2.3). "
         "Writes OUT/model (or OUT/adapter with --use-lora) with tarfas_lineage.json. See docs/training.md.",

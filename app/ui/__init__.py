@@ -17,8 +17,10 @@ TITLE = "tarfas — face anti-spoofing workbench"
 def build_app(ctx: AppContext) -> gr.Blocks:
     # delete_cache: Gradio's copies of served files older than a day are removed hourly (a server runs for weeks).
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
-        gr.Markdown(f"## {TITLE}\nAn agent investigates each face with forensic tools, turn by turn; you review, correct and export. "
-                    "Demo samples: the *SIMULATED* images are made by this project from a public-domain portrait.")
+        gr.Markdown(
+            f"## {TITLE}\nAn agent investigates each face with forensic tools, turn by turn; you review, correct and export. "
+            "Demo samples: the *SIMULATED* images are made by this project from a public-domain portrait."
+        )
         current = gr.Textbox(label="Current investigation", interactive=False, elem_id="current-investigation")
         with gr.Tabs() as tabs:
             with gr.Tab("Investigate", id="investigate"):
@@ -35,7 +37,10 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         def pick(evt: gr.SelectData):
             return tab_queue.picked_investigation(evt), gr.Tabs(selected="review")
 
-        table.select(pick, None, [review_box, tabs], api_name=False).then(do_open, review_box, review_outputs, api_name=False)
+        table.select(pick, None, [review_box, tabs], api_name=False).then(
+            do_open, review_box, review_outputs, api_name=False
+        )
+
         # Opening a tab shows its content at once (Queue and Metrics as they are now). Review opens the current investigation only when another
         # one (or none) is open: switching tabs and back must never discard notes the analyst has typed.
         def review_selected(box, cur):

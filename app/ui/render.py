@@ -72,10 +72,19 @@ def turn_messages(turn: Turn, cache: PngCache) -> list[gr.ChatMessage]:
     out: list[gr.ChatMessage] = []
     n = turn.index
     if turn.kind == "fast" and turn.fast is not None:
-        out.append(gr.ChatMessage(role="assistant", content=f"**Fast answer: {verdict_label(turn.fast.verdict)}**{_score(turn.score_spoof)}\n\n{turn.fast.reason}",
-                                  metadata={"title": f"⚡ Fast answer (turn {n})", "status": "done", "duration": turn.elapsed_ms / 1e3}))
+        out.append(
+            gr.ChatMessage(
+                role="assistant",
+                content=f"**Fast answer: {verdict_label(turn.fast.verdict)}**{_score(turn.score_spoof)}\n\n{turn.fast.reason}",
+                metadata={"title": f"⚡ Fast answer (turn {n})", "status": "done", "duration": turn.elapsed_ms / 1e3},
+            )
+        )
     if turn.think:
-        out.append(gr.ChatMessage(role="assistant", content=turn.think, metadata={"title": f"💭 Thought (turn {n})", "status": "done"}))
+        out.append(
+            gr.ChatMessage(
+                role="assistant", content=turn.think, metadata={"title": f"💭 Thought (turn {n})", "status": "done"}
+            )
+        )
     if turn.tool_call is not None:
         lines = [f"**Arguments**\n```json\n{json.dumps(turn.tool_call.arguments)}\n```"]
         r = turn.tool_result
@@ -94,16 +103,28 @@ def turn_messages(turn: Turn, cache: PngCache) -> list[gr.ChatMessage]:
             out.append(_image_message(cache, r.image, f"{r.name} output, turn {n}"))
     if turn.error:
         which = "Format error" if turn.parse_error else "Tool error"
-        out.append(gr.ChatMessage(role="assistant", content=f"{turn.error}\n\n(This message was fed back to the model.)",
-                                  metadata={"title": f"⚠️ {which} (turn {n})", "status": "done"}))
+        out.append(
+            gr.ChatMessage(
+                role="assistant",
+                content=f"{turn.error}\n\n(This message was fed back to the model.)",
+                metadata={"title": f"⚠️ {which} (turn {n})", "status": "done"},
+            )
+        )
     if turn.answer is not None:
-        out.append(gr.ChatMessage(role="assistant", content=f"Answer: **{verdict_label(turn.answer)}**{_score(turn.score_spoof)}"))
+        out.append(
+            gr.ChatMessage(
+                role="assistant", content=f"Answer: **{verdict_label(turn.answer)}**{_score(turn.score_spoof)}"
+            )
+        )
     return out
 
 
 def verdict_message(final: Final) -> gr.ChatMessage:
     how = "" if final.source == "answer" else " (the reasoning did not conclude: this is the fast answer)"
-    return gr.ChatMessage(role="assistant", content=f"## Final verdict: {verdict_label(final.verdict).upper()}\nP(spoof) = **{final.score_spoof:.3f}**{how}")
+    return gr.ChatMessage(
+        role="assistant",
+        content=f"## Final verdict: {verdict_label(final.verdict).upper()}\nP(spoof) = **{final.score_spoof:.3f}**{how}",
+    )
 
 
 def opening_messages(traj: Trajectory, cache: PngCache) -> list[gr.ChatMessage]:
@@ -115,15 +136,24 @@ def opening_messages(traj: Trajectory, cache: PngCache) -> list[gr.ChatMessage]:
         lines += [f"_{note}_" for note in traj.face.notes]
     out = [gr.ChatMessage(role="user", content="\n\n".join(lines))]
     if traj.crop is not None:
-        out.append(gr.ChatMessage(role="user", content={"path": cache.path(traj.crop), "alt_text": "the 224x224 face crop investigated"}))
+        out.append(
+            gr.ChatMessage(
+                role="user", content={"path": cache.path(traj.crop), "alt_text": "the 224x224 face crop investigated"}
+            )
+        )
     return out
 
 
 def closing_messages(traj: Trajectory) -> list[gr.ChatMessage]:
     out = []
     if traj.status in ("failed", "interrupted") or traj.error:
-        out.append(gr.ChatMessage(role="assistant", content=f"Investigation {traj.status}: {traj.error or 'no error recorded'}",
-                                  metadata={"title": f"❌ {traj.status}" if traj.status != "completed" else "⚠️ note", "status": "done"}))
+        out.append(
+            gr.ChatMessage(
+                role="assistant",
+                content=f"Investigation {traj.status}: {traj.error or 'no error recorded'}",
+                metadata={"title": f"❌ {traj.status}" if traj.status != "completed" else "⚠️ note", "status": "done"},
+            )
+        )
     return out
 
 
@@ -154,14 +184,22 @@ class Transcript:
             self.opening = opening_messages(event.trajectory, self.cache)
         elif isinstance(event, TurnStarted):
             title = "⚡ Fast answer" if event.kind == "fast" else f"💭 Turn {event.index}"
-            self.turns[event.index] = [gr.ChatMessage(role="assistant", content="thinking…", metadata={"title": title, "status": "pending"})]
+            self.turns[event.index] = [
+                gr.ChatMessage(role="assistant", content="thinking…", metadata={"title": title, "status": "pending"})
+            ]
         elif isinstance(event, ToolCalled):
             self.turns.setdefault(event.index, []).append(
-                gr.ChatMessage(role="assistant", content=f"```json\n{json.dumps(event.call.arguments)}\n```",
-                               metadata={"title": f"🛠 Tool call (turn {event.index}): {event.call.name}", "status": "pending"}))
+                gr.ChatMessage(
+                    role="assistant",
+                    content=f"```json\n{json.dumps(event.call.arguments)}\n```",
+                    metadata={"title": f"🛠 Tool call (turn {event.index}): {event.call.name}", "status": "pending"},
+                )
+            )
         elif isinstance(event, ToolResultReady):
             if event.result.image is not None:
-                self.turns.setdefault(event.index, []).append(_image_message(self.cache, event.result.image, f"{event.result.name} output"))
+                self.turns.setdefault(event.index, []).append(
+                    _image_message(self.cache, event.result.image, f"{event.result.name} output")
+                )
         elif isinstance(event, TurnCompleted):
             self.turns[event.turn.index] = turn_messages(event.turn, self.cache)
         elif isinstance(event, VerdictReached):

@@ -30,15 +30,19 @@ def export(ctx: AppContext, ids_text: str, user: str):
     folder = Path(result.folder)
     archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
     skipped = ", ".join(f"{len(v)} {k}" for k, v in result.skipped.items()) or "none"
-    info = (f"Exported **{result.exported}** reviewed investigations ({len(result.case_ids)} GRPO queries) to `{folder}` "
-            f"as {user}; export #{result.export_id}, manifest SHA-256 `{result.manifest_sha256}`. Skipped: {skipped}.")
+    info = (
+        f"Exported **{result.exported}** reviewed investigations ({len(result.case_ids)} GRPO queries) to `{folder}` "
+        f"as {user}; export #{result.export_id}, manifest SHA-256 `{result.manifest_sha256}`. Skipped: {skipped}."
+    )
     gr.Info(f"exported {result.exported} investigations")
     return info, archive
 
 
 def build(ctx: AppContext):
-    gr.Markdown("Writes every reviewed investigation (or only the ids below) as a training dataset folder under "
-                f"`{ctx.exports_dir}`; the export is recorded with its file hashes.")
+    gr.Markdown(
+        "Writes every reviewed investigation (or only the ids below) as a training dataset folder under "
+        f"`{ctx.exports_dir}`; the export is recorded with its file hashes."
+    )
     ids = gr.Textbox(label="Investigation ids (optional; default: all reviewed cases)", lines=2, elem_id="export-ids")
     go = gr.Button("Export dataset", variant="primary", elem_id="export")
     info = gr.Markdown(elem_id="export-info")

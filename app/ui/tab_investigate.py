@@ -4,7 +4,6 @@ compare the crop with tool outputs side by side, and run any tool by hand on the
 from __future__ import annotations
 
 import json
-
 import time
 from pathlib import Path
 
@@ -67,14 +66,24 @@ def _row(name: str, job: Job) -> list:
     verdict = traj.final.verdict if traj is not None and traj.final else ""
     score = round(traj.final.score_spoof, 4) if traj is not None and traj.final else None
     status = traj.status if traj is not None else ("refused" if job.state == "error" else job.state)
-    return [name, status, verdict, score, job.investigation_id or "", job.error or (traj.error if traj is not None and traj.error else "")]
+    return [
+        name,
+        status,
+        verdict,
+        score,
+        job.investigation_id or "",
+        job.error or (traj.error if traj is not None and traj.error else ""),
+    ]
 
 
 def _tool_images(ctx: AppContext, traj: Trajectory | None) -> list[tuple[str, str]]:
     if traj is None:
         return []
-    return [(ctx.png.path(t.tool_result.image), f"turn {t.index}: {t.tool_result.name}")
-            for t in traj.turns if t.tool_result is not None and t.tool_result.image is not None]
+    return [
+        (ctx.png.path(t.tool_result.image), f"turn {t.index}: {t.tool_result.name}")
+        for t in traj.turns
+        if t.tool_result is not None and t.tool_result.image is not None
+    ]
 
 
 class _Outputs:
@@ -86,7 +95,10 @@ class _Outputs:
 
     def __call__(self, *values, final: bool = False):
         # The final update carries everything: API clients keep only the last one.
-        out = [gr.skip() if not final and i != 0 and v is not None and v == old else v for i, (v, old) in enumerate(zip(values, self.last))]
+        out = [
+            gr.skip() if not final and i != 0 and v is not None and v == old else v
+            for i, (v, old) in enumerate(zip(values, self.last))
+        ]
         self.last = list(values)
         return tuple(out)
 
@@ -101,8 +113,13 @@ def _seen_before(ctx: AppContext, job: Job) -> list[gr.ChatMessage]:
         if not earlier:
             return []
         listing = ", ".join(f"`{c.id[:12]}` ({c.created_by}, {c.created_at:%Y-%m-%d})" for c in earlier[-5:])
-    return [gr.ChatMessage(role="assistant", content=f"This exact image (same SHA-256) was already examined in {len(earlier)} earlier case(s): {listing}.",
-                           metadata={"title": "ℹ️ seen before", "status": "done"})]
+    return [
+        gr.ChatMessage(
+            role="assistant",
+            content=f"This exact image (same SHA-256) was already examined in {len(earlier)} earlier case(s): {listing}.",
+            metadata={"title": "ℹ️ seen before", "status": "done"},
+        )
+    ]
 
 
 def stream_jobs(ctx: AppContext, jobs: list[tuple[str, Job]]):
@@ -113,10 +130,19 @@ def stream_jobs(ctx: AppContext, jobs: list[tuple[str, Job]]):
     last_inv, crop, tool_image, gallery = "", None, None, []
     # Acknowledge at once: the analyst sees the upload taken before the first turn exists.
     names = ", ".join(name for name, _ in jobs[:3]) + (f" and {len(jobs) - 3} more" if len(jobs) > 3 else "")
-    yield send([gr.ChatMessage(role="user", content=f"Queued for investigation: **{names}**")], f"Queued {len(jobs)} image(s)…",
-               last_inv, crop, tool_image, gallery, list(rows.values()))
+    yield send(
+        [gr.ChatMessage(role="user", content=f"Queued for investigation: **{names}**")],
+        f"Queued {len(jobs)} image(s)…",
+        last_inv,
+        crop,
+        tool_image,
+        gallery,
+        list(rows.values()),
+    )
     for k, (name, job) in enumerate(jobs):
-        header = [gr.ChatMessage(role="user", content=f"**Image {k + 1} of {len(jobs)}**: {name}")] if len(jobs) > 1 else []
+        header = (
+            [gr.ChatMessage(role="user", content=f"**Image {k + 1} of {len(jobs)}**: {name}")] if len(jobs) > 1 else []
+        )
         transcript = Transcript(ctx.png, header)
         try:
             for batch in job.stream_batches(timeout=JOB_IDLE_TIMEOUT_S):
@@ -128,21 +154,38 @@ def stream_jobs(ctx: AppContext, jobs: list[tuple[str, Job]]):
                     images = _tool_images(ctx, traj)
                     if images:
                         gallery, tool_image = images, images[-1][0]
-                rows[job.id] = _row(name, job) if job.finished else [name, "running", "", None, job.investigation_id or "", ""]
-                yield send(transcript.messages(), f"Investigating **{name}** ({k + 1}/{len(jobs)})…", job.investigation_id or last_inv,
-                           crop, tool_image, gallery, list(rows.values()))
+                rows[job.id] = (
+                    _row(name, job) if job.finished else [name, "running", "", None, job.investigation_id or "", ""]
+                )
+                yield send(
+                    transcript.messages(),
+                    f"Investigating **{name}** ({k + 1}/{len(jobs)})…",
+                    job.investigation_id or last_inv,
+                    crop,
+                    tool_image,
+                    gallery,
+                    list(rows.values()),
+                )
         except TimeoutError as exc:
             job.error = str(exc)
         job.wait(timeout=JOB_IDLE_TIMEOUT_S)
         rows[job.id] = _row(name, job)
         if job.error:
-            msgs = transcript.messages() + [gr.ChatMessage(role="assistant", content=f"**{name}: not investigated.** {job.error}", metadata={"title": "❌ refused", "status": "done"})]
+            msgs = transcript.messages() + [
+                gr.ChatMessage(
+                    role="assistant",
+                    content=f"**{name}: not investigated.** {job.error}",
+                    metadata={"title": "❌ refused", "status": "done"},
+                )
+            ]
             gr.Warning(f"{name}: {job.error}")
         else:
             msgs = transcript.messages() + _seen_before(ctx, job)
             last_inv = job.investigation_id or last_inv
         done = sum(1 for _, j in jobs if j.finished)
-        status = f"{done} of {len(jobs)} investigated" + (f" · last: {rows[job.id][1]} {rows[job.id][2]}" if not job.error else f" · **{name}**: {job.error}")
+        status = f"{done} of {len(jobs)} investigated" + (
+            f" · last: {rows[job.id][1]} {rows[job.id][2]}" if not job.error else f" · **{name}**: {job.error}"
+        )
         yield send(msgs, status, last_inv, crop, tool_image, gallery, list(rows.values()), final=k == len(jobs) - 1)
 
 
@@ -152,14 +195,25 @@ def build(ctx: AppContext, current: gr.Textbox):
     demo = samples()
     with gr.Row():
         with gr.Column(scale=1, min_width=280):
-            files = gr.File(label="Face images (one or many)", file_count="multiple", file_types=["image"], type="filepath", elem_id="upload")
+            files = gr.File(
+                label="Face images (one or many)",
+                file_count="multiple",
+                file_types=["image"],
+                type="filepath",
+                elem_id="upload",
+            )
             go = gr.Button("Investigate", variant="primary", elem_id="investigate")
             with gr.Row():
-                sample = gr.Dropdown(list(demo), value=next(iter(demo), None), label="Demo sample (no upload needed)", scale=3)
+                sample = gr.Dropdown(
+                    list(demo), value=next(iter(demo), None), label="Demo sample (no upload needed)", scale=3
+                )
                 go_sample = gr.Button("Investigate sample", scale=1, elem_id="investigate-sample")
             with gr.Accordion("Settings", open=False):
                 policy = gr.Dropdown(policies, value="expert", label="Policy")
-                policy_args = gr.Textbox(label="Policy arguments (key=value, comma separated)", placeholder="model=/path, adapter=/path, base_url=http://127.0.0.1:8000/v1")
+                policy_args = gr.Textbox(
+                    label="Policy arguments (key=value, comma separated)",
+                    placeholder="model=/path, adapter=/path, base_url=http://127.0.0.1:8000/v1",
+                )
                 max_calls = gr.Slider(0, 6, value=3, step=1, label="Max tool calls (paper: 3)")
                 tools = gr.CheckboxGroup(TOOLS, value=TOOLS, label="Tools offered")
                 whole = gr.Checkbox(False, label="Analyse the whole image when no face is found")
@@ -167,14 +221,35 @@ def build(ctx: AppContext, current: gr.Textbox):
         with gr.Column(scale=2):
             chat = gr.Chatbot(label="Investigation", height=560, elem_id="transcript", buttons=["copy_all"])
     with gr.Row():
-        crop = gr.Image(label="Face crop investigated (original pixels)", format="png", interactive=False, buttons=["fullscreen", "download"], elem_id="crop")
-        tool_image = gr.Image(label="Tool output", format="png", interactive=False, buttons=["fullscreen", "download"], elem_id="tool-image")
-    gallery = gr.Gallery(label="All tool outputs of this case (click to compare)", format="png", columns=6, height=180, allow_preview=False, object_fit="contain")
+        crop = gr.Image(
+            label="Face crop investigated (original pixels)",
+            format="png",
+            interactive=False,
+            buttons=["fullscreen", "download"],
+            elem_id="crop",
+        )
+        tool_image = gr.Image(
+            label="Tool output",
+            format="png",
+            interactive=False,
+            buttons=["fullscreen", "download"],
+            elem_id="tool-image",
+        )
+    gallery = gr.Gallery(
+        label="All tool outputs of this case (click to compare)",
+        format="png",
+        columns=6,
+        height=180,
+        allow_preview=False,
+        object_fit="contain",
+    )
     with gr.Accordion("Run a tool by hand on this case", open=False):
         with gr.Row():
             manual_tool = gr.Dropdown(TOOLS, value=BOX_TOOLS[0].name, label="Tool")
-            bbox = gr.Textbox(value=", ".join(map(str, BOX_TOOLS[0].default_args["bbox"])),
-                              label=f"{'/'.join(t.name for t in BOX_TOOLS)} box x1, y1, x2, y2 (pixels of the 224x224 crop)")
+            bbox = gr.Textbox(
+                value=", ".join(map(str, BOX_TOOLS[0].default_args["bbox"])),
+                label=f"{'/'.join(t.name for t in BOX_TOOLS)} box x1, y1, x2, y2 (pixels of the 224x224 crop)",
+            )
             run_tool = gr.Button("Run tool")
         manual_info = gr.Markdown()
     batch = gr.Dataframe(headers=BATCH_COLUMNS, label="Batch", interactive=False, wrap=True)
@@ -193,7 +268,9 @@ def build(ctx: AppContext, current: gr.Textbox):
             name = p.name
             size = p.stat().st_size
             if size > ctx.max_file_bytes:
-                gr.Warning(f"{name} is {size / 2**20:.1f} MiB; the upload limit is {ctx.max_file_bytes / 2**20:.0f} MiB: skipped")
+                gr.Warning(
+                    f"{name} is {size / 2**20:.1f} MiB; the upload limit is {ctx.max_file_bytes / 2**20:.0f} MiB: skipped"
+                )
                 continue
             jobs.append((name, ctx.runner.submit(p.read_bytes(), filename=name, user=user, settings=settings)))
         if not jobs:
@@ -205,7 +282,15 @@ def build(ctx: AppContext, current: gr.Textbox):
             raise gr.Error(f"unknown demo sample {name!r}")
         settings = settings_from(policy, policy_args, max_calls, tools, whole)
         path = demo[name]
-        yield from stream_jobs(ctx, [(path.name, ctx.runner.submit(path.read_bytes(), filename=path.name, user=ctx.user(request), settings=settings))])
+        yield from stream_jobs(
+            ctx,
+            [
+                (
+                    path.name,
+                    ctx.runner.submit(path.read_bytes(), filename=path.name, user=ctx.user(request), settings=settings),
+                )
+            ],
+        )
 
     def show_tool(evt: gr.SelectData, images):
         return images[evt.index][0] if images and evt.index is not None else None
@@ -222,7 +307,9 @@ def build(ctx: AppContext, current: gr.Textbox):
         return run_manual_tool(ctx, inv_id, tool, args, ctx.user(request))
 
     go.click(investigate_files, [files, *settings_in], outputs, api_name="investigate", concurrency_limit=None)
-    go_sample.click(investigate_sample, [sample, *settings_in], outputs, api_name="investigate_sample", concurrency_limit=None)
+    go_sample.click(
+        investigate_sample, [sample, *settings_in], outputs, api_name="investigate_sample", concurrency_limit=None
+    )
     gallery.select(show_tool, gallery, tool_image, api_name=False)
     run_tool.click(manual, [current, manual_tool, bbox], [tool_image, manual_info], api_name="run_tool")
 
@@ -248,9 +335,18 @@ def run_manual_tool(ctx: AppContext, inv_id: str, tool: str, arguments: dict, us
         raise gr.Error(str(exc)) from None
     image_sha = ctx.storage.files.put_png(ex.output.image)
     with ctx.storage.sessions.begin() as s:
-        audit.record(s, user, "tool.manual_run", "investigation", inv.id, None,
-                     {"tool": ex.name, "arguments": ex.arguments, "stats": ex.output.stats, "image_sha256": image_sha})
+        audit.record(
+            s,
+            user,
+            "tool.manual_run",
+            "investigation",
+            inv.id,
+            None,
+            {"tool": ex.name, "arguments": ex.arguments, "stats": ex.output.stats, "image_sha256": image_sha},
+        )
     p = ex.expert_p_spoof
     stats = ", ".join(f"{k} = {v:.4g}" for k, v in ex.output.stats.items())
-    info = f"**{ex.name}** `{ex.arguments}` in {(time.perf_counter() - t0) * 1e3:.0f} ms · {stats}" + (f" · expert P(spoof trace) = {p:.2f}" if p is not None else "")
+    info = f"**{ex.name}** `{ex.arguments}` in {(time.perf_counter() - t0) * 1e3:.0f} ms · {stats}" + (
+        f" · expert P(spoof trace) = {p:.2f}" if p is not None else ""
+    )
     return ctx.png.path(ex.output.image), info

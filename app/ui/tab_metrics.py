@@ -28,23 +28,32 @@ def compute(ctx: AppContext, threshold: str | float | None):
         raise gr.Error(str(exc)) from None
     lines = [
         f"**{m.reviewed}** reviewed investigations: {m.labelled} labelled real/spoof, {m.unsure} unsure.",
-        "**Agreement** model vs analyst: " + (f"{m.agreement:.1%} ({m.agreed} of {m.compared})" if m.agreement is not None else "nothing to compare yet"),
+        "**Agreement** model vs analyst: "
+        + (f"{m.agreement:.1%} ({m.agreed} of {m.compared})" if m.agreement is not None else "nothing to compare yet"),
     ]
     if m.no_model_verdict:
         lines.append(f"{m.no_model_verdict} labelled runs have no model verdict (failed or interrupted).")
     if m.roc is not None:
-        lines.append(f"**ROC AUC** of the model's P(spoof) against analyst labels: {m.roc.auc:.3f} ({m.roc.n_real} real, {m.roc.n_spoof} spoof)")
+        lines.append(
+            f"**ROC AUC** of the model's P(spoof) against analyst labels: {m.roc.auc:.3f} ({m.roc.n_real} real, {m.roc.n_spoof} spoof)"
+        )
     if m.threshold is not None:
         lines.append(f"Model verdicts recomputed at threshold {m.threshold:.3f}.")
     (rr, rs), (sr, ss) = m.confusion
-    lines.append(f"\n| analyst \\ model | Real | Spoof |\n|---|---|---|\n| **Real** | {rr} | {rs} |\n| **Spoof** | {sr} | {ss} |")
+    lines.append(
+        f"\n| analyst \\ model | Real | Spoof |\n|---|---|---|\n| **Real** | {rr} | {rs} |\n| **Spoof** | {sr} | {ss} |"
+    )
     return "\n\n".join(lines), roc_figure(m), confusion_figure(m)
 
 
 def build(ctx: AppContext):
     with gr.Row():
         # A Textbox, not gr.Number: Number shows an empty value as 0, which would silently mean "all spoof".
-        threshold = gr.Textbox(value="", placeholder="e.g. 0.589", label="Recompute model verdicts at this P(spoof) threshold (empty: the stored verdicts)")
+        threshold = gr.Textbox(
+            value="",
+            placeholder="e.g. 0.589",
+            label="Recompute model verdicts at this P(spoof) threshold (empty: the stored verdicts)",
+        )
         go = gr.Button("Compute", elem_id="metrics-refresh")
     text = gr.Markdown(elem_id="metrics-text")
     with gr.Row():

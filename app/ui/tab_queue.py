@@ -37,9 +37,18 @@ def make_filter(checked: list[str], attack_type: str | None, status: str | None,
 
 # (CaseRow field, column title): the investigation id goes first, a click on a row opens it.
 COLUMNS = [
-    ("investigation_id", "investigation"), ("filename", "file"), ("status", "status"), ("verdict", "model"),
-    ("score_spoof", "P(spoof)"), ("analyst_verdict", "analyst"), ("reviewer", "reviewer"), ("disagreement", "disagree"),
-    ("attack_type", "attack"), ("investigations", "runs"), ("created_at", "uploaded (UTC)"), ("created_by", "by"),
+    ("investigation_id", "investigation"),
+    ("filename", "file"),
+    ("status", "status"),
+    ("verdict", "model"),
+    ("score_spoof", "P(spoof)"),
+    ("analyst_verdict", "analyst"),
+    ("reviewer", "reviewer"),
+    ("disagreement", "disagree"),
+    ("attack_type", "attack"),
+    ("investigations", "runs"),
+    ("created_at", "uploaded (UTC)"),
+    ("created_by", "by"),
 ]
 
 
@@ -65,7 +74,12 @@ def build(ctx: AppContext):
         attack = gr.Dropdown(attack_types(), value=ANY, label="Attack type")
         status = gr.Dropdown([ANY, *INVESTIGATION_STATUSES], value=ANY, label="Status")
         refresh = gr.Button("Refresh", elem_id="queue-refresh")
-    table = gr.Dataframe(headers=[title for _, title in COLUMNS], label="Cases (click a row to open it in Review)", interactive=False, elem_id="queue-table")
+    table = gr.Dataframe(
+        headers=[title for _, title in COLUMNS],
+        label="Cases (click a row to open it in Review)",
+        interactive=False,
+        elem_id="queue-table",
+    )
     count = gr.Markdown(elem_id="queue-count")
 
     def load(checked, attack, status):

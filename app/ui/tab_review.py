@@ -11,16 +11,15 @@ from datetime import datetime, timezone
 
 import gradio as gr
 
-from storage import cases
+from storage import cases, models
 from storage.errors import ConcurrentReviewError, InvalidReviewError, NotFoundError
 from storage.investigations import get_investigation, load_trajectory
-from storage import models
 from storage.models import TURN_FLAGS
 from storage.reviews import NO_REVIEW, load_review, submit_review
 
 from .context import AppContext
-from .reports import write_case_report
 from .render import Transcript, trajectory_messages, verdict_label
+from .reports import write_case_report
 
 VERDICTS = ["real", "spoof", "unsure"]
 
@@ -43,14 +42,23 @@ def summary(ctx: AppContext, inv_id: str) -> str:
         case = inv.case
         review = load_review(s, inv_id)
         lines = [
-            f"**Case** `{case.id}` · file {case.filename or '—'} · image SHA-256 `{case.image_sha256}` · uploaded by {case.created_by}" + (f" · attack type {case.attack_type}" if getattr(case, "attack_type", None) else ""),
+            f"**Case** `{case.id}` · file {case.filename or '—'} · image SHA-256 `{case.image_sha256}` · uploaded by {case.created_by}"
+            + (f" · attack type {case.attack_type}" if getattr(case, "attack_type", None) else ""),
             f"**Investigation** `{inv.id}` · policy `{inv.policy}` · status **{inv.status}**"
-            + (f" · re-run of `{inv.rerun_of}`" if inv.rerun_of else "") + f" · started by {inv.started_by}",
-            f"**Model verdict**: {verdict_label(inv.verdict)}" + (f" · P(spoof) = {inv.score_spoof:.3f}" if inv.score_spoof is not None else ""),
+            + (f" · re-run of `{inv.rerun_of}`" if inv.rerun_of else "")
+            + f" · started by {inv.started_by}",
+            f"**Model verdict**: {verdict_label(inv.verdict)}"
+            + (f" · P(spoof) = {inv.score_spoof:.3f}" if inv.score_spoof is not None else ""),
         ]
         if review:
-            agree = "" if review.verdict == "unsure" or inv.verdict is None else (" · agrees with the model" if review.verdict == inv.verdict else " · **overrides the model**")
-            lines.append(f"**Analyst verdict**: {verdict_label(review.verdict)} by {review.reviewer} (version {review.version}){agree}")
+            agree = (
+                ""
+                if review.verdict == "unsure" or inv.verdict is None
+                else (" · agrees with the model" if review.verdict == inv.verdict else " · **overrides the model**")
+            )
+            lines.append(
+                f"**Analyst verdict**: {verdict_label(review.verdict)} by {review.reviewer} (version {review.version}){agree}"
+            )
         else:
             lines.append("**Analyst verdict**: not reviewed yet")
         if inv.status in ("interrupted", "failed"):
@@ -76,11 +84,29 @@ def open_case(ctx: AppContext, inv_id: str):
         verdict, notes, corrected, version = review.verdict, review.notes, review.corrected_answer or "", review.version
     else:
         selected, verdict, notes, corrected, version = [], None, "", "", NO_REVIEW
-    return (trajectory_messages(traj, ctx.png), summary(ctx, inv_id), verdict, notes, corrected,
-            gr.update(choices=choices, value=selected), version, attack)
+    return (
+        trajectory_messages(traj, ctx.png),
+        summary(ctx, inv_id),
+        verdict,
+        notes,
+        corrected,
+        gr.update(choices=choices, value=selected),
+        version,
+        attack,
+    )
 
 
-def save(ctx: AppContext, inv_id: str, verdict: str | None, notes: str, corrected: str, flags: list[str], version: int, user: str, attack: str | None = None):
+def save(
+    ctx: AppContext,
+    inv_id: str,
+    verdict: str | None,
+    notes: str,
+    corrected: str,
+    flags: list[str],
+    version: int,
+    user: str,
+    attack: str | None = None,
+):
     inv_id = (inv_id or "").strip()
     if not inv_id:
         raise gr.Error("open a case first")
@@ -88,8 +114,16 @@ def save(ctx: AppContext, inv_id: str, verdict: str | None, notes: str, correcte
         raise gr.Error("choose a verdict: real, spoof or unsure")
     try:
         with ctx.storage.sessions.begin() as s:
-            state = submit_review(s, inv_id, reviewer=user, verdict=verdict, expected_version=int(version or 0), notes=notes or "",
-                                  flags=parse_flag_choices(flags), corrected_answer=(corrected or "").strip() or None)
+            state = submit_review(
+                s,
+                inv_id,
+                reviewer=user,
+                verdict=verdict,
+                expected_version=int(version or 0),
+                notes=notes or "",
+                flags=parse_flag_choices(flags),
+                corrected_answer=(corrected or "").strip() or None,
+            )
             if attack is not None:
                 # Same transaction: the verdict and the attack type are saved together or not at all.
                 cases.set_attack_type(s, get_investigation(s, inv_id).case_id, attack or None, user=user)
@@ -97,7 +131,12 @@ def save(ctx: AppContext, inv_id: str, verdict: str | None, notes: str, correcte
         raise gr.Error(str(exc)) from None
     when = datetime.now(timezone.utc).strftime("%H:%M:%S UTC")
     gr.Info(f"review saved: {verdict_label(state.verdict)} (version {state.version})")
-    return state.verdict, f"Saved **{verdict_label(state.verdict)}** as {state.reviewer} at {when} (version {state.version}).", state.version, summary(ctx, inv_id)
+    return (
+        state.verdict,
+        f"Saved **{verdict_label(state.verdict)}** as {state.reviewer} at {when} (version {state.version}).",
+        state.version,
+        summary(ctx, inv_id),
+    )
 
 
 def build(ctx: AppContext, current: gr.Textbox):
@@ -112,10 +151,17 @@ def build(ctx: AppContext, current: gr.Textbox):
         with gr.Column(scale=2):
             verdict = gr.Radio(VERDICTS, label="Analyst verdict", elem_id="review-verdict")
             with gr.Row():
-                quick = {v: gr.Button(f"{v.capitalize()} (Alt+{v[0].upper()})", elem_id=f"review-{v}", size="sm") for v in VERDICTS}
+                quick = {
+                    v: gr.Button(f"{v.capitalize()} (Alt+{v[0].upper()})", elem_id=f"review-{v}", size="sm")
+                    for v in VERDICTS
+                }
             notes = gr.Textbox(label="Notes", lines=4, elem_id="review-notes")
-            corrected = gr.Textbox(label="Corrected final answer (optional: the reasoning you would have written)", lines=3)
-            attack = gr.Dropdown(["", *models.ATTACK_TYPES], value="", label="Attack type of this case (empty: not set)")
+            corrected = gr.Textbox(
+                label="Corrected final answer (optional: the reasoning you would have written)", lines=3
+            )
+            attack = gr.Dropdown(
+                ["", *models.ATTACK_TYPES], value="", label="Attack type of this case (empty: not set)"
+            )
             flags = gr.CheckboxGroup([], label="Flag turns")
             version = gr.Number(value=NO_REVIEW, label="Review version you loaded", interactive=False, precision=0)
             save_btn = gr.Button("Save review (Alt+Enter)", variant="primary", elem_id="review-save")
@@ -136,6 +182,7 @@ def build(ctx: AppContext, current: gr.Textbox):
     def quick_save(v):
         def fn(inv_id, notes, corrected, flags, version, attack, request: gr.Request):
             return save(ctx, inv_id, v, notes, corrected, flags, version, ctx.user(request), attack)
+
         return fn
 
     def do_rerun(inv_id, request: gr.Request):
@@ -158,10 +205,24 @@ def build(ctx: AppContext, current: gr.Textbox):
 
     open_btn.click(do_open, inv_box, open_outputs, api_name="open_case")
     inv_box.submit(do_open, inv_box, open_outputs, api_name=False)
-    from_current.click(lambda c: c, current, inv_box, api_name=False).then(do_open, inv_box, open_outputs, api_name=False)
-    save_btn.click(do_save, [inv_box, verdict, notes, corrected, flags, version, attack], [verdict, saved, version, info], api_name="save_review")
+    from_current.click(lambda c: c, current, inv_box, api_name=False).then(
+        do_open, inv_box, open_outputs, api_name=False
+    )
+    save_btn.click(
+        do_save,
+        [inv_box, verdict, notes, corrected, flags, version, attack],
+        [verdict, saved, version, info],
+        api_name="save_review",
+    )
     for v, btn in quick.items():
-        btn.click(quick_save(v), [inv_box, notes, corrected, flags, version, attack], [verdict, saved, version, info], api_name=f"review_{v}")
-    rerun_btn.click(do_rerun, inv_box, [chat, inv_box], api_name="rerun", concurrency_limit=None).then(do_open, inv_box, open_outputs, api_name=False)
+        btn.click(
+            quick_save(v),
+            [inv_box, notes, corrected, flags, version, attack],
+            [verdict, saved, version, info],
+            api_name=f"review_{v}",
+        )
+    rerun_btn.click(do_rerun, inv_box, [chat, inv_box], api_name="rerun", concurrency_limit=None).then(
+        do_open, inv_box, open_outputs, api_name=False
+    )
     report_btn.click(do_report, inv_box, report_file, api_name="case_report")
     return inv_box, open_outputs, do_open

@@ -40,7 +40,7 @@ def tools_of(families: tuple[str, ...] | None) -> tuple[str, ...] | None:
 
 
 def _short(names) -> str:
-    """"FFTTool", "WaveletTransformTool" -> "FFT, Wavelet": tool names as the paper's tables write them."""
+    """ "FFTTool", "WaveletTransformTool" -> "FFT, Wavelet": tool names as the paper's tables write them."""
     return ", ".join(re.sub(r"(Transform|Detection)?Tool$", "", n) for n in names)
 
 
@@ -89,7 +89,14 @@ def _score(s: ScoredImage, answer: str) -> float | None:
 
 def _metrics(items: list[ScoredImage], answer: str, threshold: float, n_boot: int, seed: int) -> FasMetrics:
     ok = [s for s in items if _score(s, answer) is not None]
-    return fas_metrics([s.row.y for s in ok], [_score(s, answer) for s in ok], threshold, [s.row.attack_type for s in ok], n_boot=n_boot, seed=seed)
+    return fas_metrics(
+        [s.row.y for s in ok],
+        [_score(s, answer) for s in ok],
+        threshold,
+        [s.row.attack_type for s in ok],
+        n_boot=n_boot,
+        seed=seed,
+    )
 
 
 def evaluate_folds(
@@ -113,7 +120,11 @@ def evaluate_folds(
             everything += items
             targets[sel.name] = _metrics(items, answer, threshold, n_boot, seed)
             unread[sel.name] = sum(1 for s in items if _score(s, answer) is None)
-        pooled = _metrics(list({s.row.path: s for s in everything}.values()), answer, threshold, n_boot, seed) if len(fold.targets) > 1 else None
+        pooled = (
+            _metrics(list({s.row.path: s for s in everything}.values()), answer, threshold, n_boot, seed)
+            if len(fold.targets) > 1
+            else None
+        )
         results.append(FoldResult(fold.name, threshold, source_of, source_n, targets, pooled, unread))
     return results
 
@@ -126,13 +137,25 @@ def _fold_threshold(protocol, fold: Fold, picked, scores, answer, policy_thresho
         return mode, f"given a priori ({protocol.threshold_origin})", 0
     if mode == "policy":
         if policy_threshold is None:
-            raise ProtocolError("this policy ships no threshold; give one (--threshold, --dev-manifest or the protocol's threshold)")
-        return float(policy_threshold), "the policy's threshold: its shipped threshold, fixed on held-out data when it was trained", 0
+            raise ProtocolError(
+                "this policy ships no threshold; give one (--threshold, --dev-manifest or the protocol's threshold)"
+            )
+        return (
+            float(policy_threshold),
+            "the policy's threshold: its shipped threshold, fixed on held-out data when it was trained",
+            0,
+        )
     ok = [scores[r.path] for r in picked[fold.source] if _score(scores[r.path], answer) is not None]
     y = [s.row.y for s in ok]
     if len(set(y)) < 2:
-        raise ProtocolError(f"fold {fold.name}: the source {fold.source.name} needs real and spoof images to fix a threshold")
-    return eer_threshold(y, [_score(s, answer) for s in ok]), f"EER of the {answer} scores on the source ({fold.source.name}, {len(ok)} images)", len(ok)
+        raise ProtocolError(
+            f"fold {fold.name}: the source {fold.source.name} needs real and spoof images to fix a threshold"
+        )
+    return (
+        eer_threshold(y, [_score(s, answer) for s in ok]),
+        f"EER of the {answer} scores on the source ({fold.source.name}, {len(ok)} images)",
+        len(ok),
+    )
 
 
 def headline_columns(folds: list[FoldResult]) -> dict[str, FasMetrics]:
@@ -246,7 +269,9 @@ def _mean_calls(scores: dict[Path, ScoredImage]) -> float:
     return float(np.mean(ok)) if ok else 0.0
 
 
-def pick_rows(protocol: Protocol, seed: int = 0, limit_per_domain: int | None = None) -> dict[Selection, list[ManifestRow]]:
+def pick_rows(
+    protocol: Protocol, seed: int = 0, limit_per_domain: int | None = None
+) -> dict[Selection, list[ManifestRow]]:
     """The rows of each selection. A cap is applied per part (domain/split), with one seeded sample
     per part, so that a part shared by several selections (leave-one-out) uses the same images.
     ``protocol.limit`` then keeps one seeded sample of that many of all target images."""
@@ -264,7 +289,10 @@ def pick_rows(protocol: Protocol, seed: int = 0, limit_per_domain: int | None = 
         picked[sel] = sorted(rows.values(), key=lambda r: r.rel_path)
     if protocol.limit:
         targets = {s for f in protocol.folds for s in f.targets}
-        kept = {r.path for r in protocol.sample({r.path: r for s in targets for r in picked[s]}.values(), seed, protocol.limit)}
+        kept = {
+            r.path
+            for r in protocol.sample({r.path: r for s in targets for r in picked[s]}.values(), seed, protocol.limit)
+        }
         for s in targets:
             picked[s] = [r for r in picked[s] if r.path in kept]
     return picked
@@ -300,14 +328,30 @@ def run_evaluation(
     def scores_of(v: Variant) -> dict[Path, ScoredImage]:
         if v.key not in cache:
             t = time.perf_counter()
-            cache[v.key] = (score_variant(rows, face_cache, policy, v, registry=registry, progress=progress), time.perf_counter() - t)
+            cache[v.key] = (
+                score_variant(rows, face_cache, policy, v, registry=registry, progress=progress),
+                time.perf_counter() - t,
+            )
         return cache[v.key][0]
 
     def folds_of(v: Variant, answer="reasoning", boot=0) -> list[FoldResult]:
-        return evaluate_folds(protocol, picked, scores_of(v), answer=answer, policy_threshold=policy_threshold, n_boot=boot, seed=seed)
+        return evaluate_folds(
+            protocol, picked, scores_of(v), answer=answer, policy_threshold=policy_threshold, n_boot=boot, seed=seed
+        )
 
     main = Variant("main" if tools is None else "main (" + ",".join(tools) + ")", tools, max_tool_calls)
-    res = EvaluationResult(protocol, getattr(policy, "name", type(policy).__name__), getattr(policy, "version", ""), main, folds_of(main, boot=n_boot), scores_of(main), picked, seed, n_boot, list(analyses))
+    res = EvaluationResult(
+        protocol,
+        getattr(policy, "name", type(policy).__name__),
+        getattr(policy, "version", ""),
+        main,
+        folds_of(main, boot=n_boot),
+        scores_of(main),
+        picked,
+        seed,
+        n_boot,
+        list(analyses),
+    )
     if "fast" in analyses:
         res.fast = folds_of(main, "fast")
         res.answer_changes = answer_changes(protocol, picked, res.scores, res.fast, res.folds)

@@ -96,7 +96,9 @@ def attack_type_key(attack_type: str | None) -> str:
     return t or UNSPECIFIED_ATTACK
 
 
-def apcer_by_attack_type(y, scores, attack_types: Sequence[str | None], threshold: float) -> dict[str, tuple[float, int]]:
+def apcer_by_attack_type(
+    y, scores, attack_types: Sequence[str | None], threshold: float
+) -> dict[str, tuple[float, int]]:
     """{attack type: (APCER, number of attacks)} over the spoofs (real faces are ignored, whatever
     their attack_type). Empty when there are no spoofs. Types are sorted by name."""
     y, s = _check(y, scores)
@@ -153,7 +155,13 @@ def _percentile_interval(values: list[float], level: float) -> tuple[float, floa
 
 
 def bootstrap_ci(
-    y, scores, statistic: Callable[[np.ndarray, np.ndarray], float | None], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    y,
+    scores,
+    statistic: Callable[[np.ndarray, np.ndarray], float | None],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> tuple[float, float] | None:
     """Percentile interval of ``statistic(y, scores)`` over ``n_boot`` stratified resamples
     (:func:`stratified_resamples`). None when no resample gives a value (e.g. AUC of one class)."""

@@ -263,13 +263,31 @@ def manifest_protocol(
     present = {r.domain for r in rows if split is None or r.split == split}
     pool_domains = [d for d in (domains or sorted(present)) if d in present]
     if not pool_domains:
-        raise ProtocolError(f"no rows left after the domain/split filters (domains {domains or 'all'}, split {split or 'any'}; "
-                            f"the manifest's domains: {', '.join(sorted({r.domain for r in rows}))})")
+        raise ProtocolError(
+            f"no rows left after the domain/split filters (domains {domains or 'all'}, split {split or 'any'}; "
+            f"the manifest's domains: {', '.join(sorted({r.domain for r in rows}))})"
+        )
     targets = [Selection(d + (f"-{split}" if split else ""), (Part(d, split, 0),)) for d in pool_domains]
     source = None
     if dev_manifest:
         manifests.append((Path(dev_manifest).resolve(), None))
         source = Selection(f"dev ({dev_manifest})", (Part(None, None, 1),))
         threshold = "source_eer"
-    spec = {"manifest": str(manifest), "domains": domains, "split": split, "dev_manifest": str(dev_manifest) if dev_manifest else None, "threshold": threshold, "limit": limit}
-    return Protocol(Path(manifest).stem, "per_domain", [Fold("per domain", source, targets)], manifests, threshold, limit=limit, threshold_origin="--threshold", spec=spec)
+    spec = {
+        "manifest": str(manifest),
+        "domains": domains,
+        "split": split,
+        "dev_manifest": str(dev_manifest) if dev_manifest else None,
+        "threshold": threshold,
+        "limit": limit,
+    }
+    return Protocol(
+        Path(manifest).stem,
+        "per_domain",
+        [Fold("per domain", source, targets)],
+        manifests,
+        threshold,
+        limit=limit,
+        threshold_origin="--threshold",
+        spec=spec,
+    )

@@ -71,7 +71,9 @@ def shown_path(path: str | Path) -> str:
     return rel if rel.count("..") <= 2 else str(path)
 
 
-def run_info(result: EvaluationResult, command: list[str] | None = None, weights_dir: str | Path | None = None) -> RunInfo:
+def run_info(
+    result: EvaluationResult, command: list[str] | None = None, weights_dir: str | Path | None = None
+) -> RunInfo:
     info = RunInfo(command or ["tarfas", *sys.argv[1:]], result.seed, versions=package_versions())
     if weights_dir is not None and Path(weights_dir).is_dir():
         info.weights_dir = shown_path(weights_dir)
@@ -115,22 +117,51 @@ def domain_table(metrics: dict[str, dict]) -> str:
         if not m.get("n"):
             rows.append([name, "0", "", "", "no scored images", "", "", "", "", *counts])
             continue
-        rows.append([name, str(m["n"]), str(m["n_real"]), str(m["n_spoof"])] + [pct(m[k]) for k in ("auc", "eer", "hter", "apcer", "bpcer")] + counts)
+        rows.append(
+            [name, str(m["n"]), str(m["n_real"]), str(m["n_spoof"])]
+            + [pct(m[k]) for k in ("auc", "eer", "hter", "apcer", "bpcer")]
+            + counts
+        )
     return format_table(header, rows, markdown=False)
 
 
 def metrics_table(fold: FoldResult) -> str:
     ci = any(m.ci for m in fold.targets.values())
-    header = ["target", "n (real/spoof)", "AUC %" + (" [95% CI]" if ci else ""), "EER %", "HTER %" + (" [95% CI]" if ci else ""), "APCER %", "BPCER %", "ACER %", "worst attack (APCER %)", "BPCER@APCER=5% %", "BPCER@APCER=1% %", "HTER@test-EER % (optimistic)"]
+    header = [
+        "target",
+        "n (real/spoof)",
+        "AUC %" + (" [95% CI]" if ci else ""),
+        "EER %",
+        "HTER %" + (" [95% CI]" if ci else ""),
+        "APCER %",
+        "BPCER %",
+        "ACER %",
+        "worst attack (APCER %)",
+        "BPCER@APCER=5% %",
+        "BPCER@APCER=1% %",
+        "HTER@test-EER % (optimistic)",
+    ]
     rows = []
     items = list(fold.targets.items()) + ([("**pooled targets**", fold.pooled)] if fold.pooled is not None else [])
     for name, m in items:
         worst = f"{m.worst_attack_type} ({pct(m.worst_apcer)})" if m.worst_attack_type else "–"
         unread = fold.unreadable.get(name, 0)
-        rows.append([
-            name, f"{m.n} ({m.n_real}/{m.n_spoof})" + (f", {unread} unreadable" if unread else ""), pct_ci(m, "auc"), pct(m.eer), pct_ci(m, "hter"),
-            pct(m.apcer), pct(m.bpcer), pct(m.acer), worst, pct(m.bpcer_at_apcer.get("5%")), pct(m.bpcer_at_apcer.get("1%")), pct(m.hter_at_test_eer),
-        ])
+        rows.append(
+            [
+                name,
+                f"{m.n} ({m.n_real}/{m.n_spoof})" + (f", {unread} unreadable" if unread else ""),
+                pct_ci(m, "auc"),
+                pct(m.eer),
+                pct_ci(m, "hter"),
+                pct(m.apcer),
+                pct(m.bpcer),
+                pct(m.acer),
+                worst,
+                pct(m.bpcer_at_apcer.get("5%")),
+                pct(m.bpcer_at_apcer.get("1%")),
+                pct(m.hter_at_test_eer),
+            ]
+        )
     return format_table(header, rows)
 
 
@@ -140,16 +171,27 @@ def attack_table(fold: FoldResult) -> str:
         return ""
     rows = []
     for name, m in fold.targets.items():
-        rows.append([name] + [f"{pct(m.apcer_by_type[t])} (n={m.n_by_type[t]})" if t in m.apcer_by_type else "–" for t in types] + [pct(m.bpcer)])
+        rows.append(
+            [name]
+            + [f"{pct(m.apcer_by_type[t])} (n={m.n_by_type[t]})" if t in m.apcer_by_type else "–" for t in types]
+            + [pct(m.bpcer)]
+        )
     return format_table(["target"] + [f"APCER {t} %" for t in types] + ["BPCER %"], rows)
 
 
-def compact_table(rows: list[tuple[str, list[FoldResult]]], extra: dict[str, str] | None = None, extra_name: str = "") -> str:
+def compact_table(
+    rows: list[tuple[str, list[FoldResult]]], extra: dict[str, str] | None = None, extra_name: str = ""
+) -> str:
     """Rows = configurations; columns = HTER % / AUC % of each headline column (+ the mean over folds,
     + an extra column given per row name)."""
     cols = list(headline_columns(rows[0][1]))
     many = len(rows[0][1]) > 1
-    header = ["configuration"] + [f"{c} HTER % / AUC %" for c in cols] + (["mean HTER % / AUC %"] if many else []) + ([extra_name] if extra else [])
+    header = (
+        ["configuration"]
+        + [f"{c} HTER % / AUC %" for c in cols]
+        + (["mean HTER % / AUC %"] if many else [])
+        + ([extra_name] if extra else [])
+    )
     out = []
     for name, folds in rows:
         hc = headline_columns(folds)
@@ -169,12 +211,18 @@ def _curves(result: EvaluationResult) -> list[tuple[str, np.ndarray, np.ndarray]
         prefix = f"{fold.name}: " if len(result.folds) > 1 and len(fold.targets) > 1 else ""
         sels = list(fold.targets) + ([None] if len(fold.targets) > 1 else [])
         for sel in sels:
-            rows = {r.path: r for t in fold.targets for r in result.picked[t]} if sel is None else {r.path: r for r in result.picked[sel]}
+            rows = (
+                {r.path: r for t in fold.targets for r in result.picked[t]}
+                if sel is None
+                else {r.path: r for r in result.picked[sel]}
+            )
             ok = [result.scores[p] for p in rows if result.scores[p].score_spoof is not None]
             y = np.asarray([s.row.y for s in ok])
             if len(set(y.tolist())) < 2:
                 continue
-            curves.append((prefix + ("pooled" if sel is None else sel.name), y, np.asarray([s.score_spoof for s in ok])))
+            curves.append(
+                (prefix + ("pooled" if sel is None else sel.name), y, np.asarray([s.score_spoof for s in ok]))
+            )
     return curves
 
 
@@ -215,7 +263,12 @@ def plot_roc_det(result: EvaluationResult, out_dir: Path) -> list[str]:
     labels = [f"{100 * t:g}%" for t in ticks]
     ax.set_xticks(norm.ppf(ticks), labels, fontsize=8)
     ax.set_yticks(norm.ppf(ticks), labels, fontsize=8)
-    ax.set(xlim=norm.ppf([0.0005, 0.97]), ylim=norm.ppf([0.0005, 0.97]), xlabel="BPCER (real faces rejected)", ylabel="APCER (attacks accepted)")
+    ax.set(
+        xlim=norm.ppf([0.0005, 0.97]),
+        ylim=norm.ppf([0.0005, 0.97]),
+        xlabel="BPCER (real faces rejected)",
+        ylabel="APCER (attacks accepted)",
+    )
     ax.set_title(f"DET · {title}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
@@ -257,20 +310,57 @@ def plot_max_calls(result: EvaluationResult, out_dir: Path) -> list[str]:
 def report_dict(result: EvaluationResult, info: RunInfo) -> dict:
     p = result.protocol
     d = {
-        "protocol": {"name": p.name, "kind": p.kind, "description": p.description, "file": shown_path(p.path) if p.path else None, "spec": p.spec, "threshold_mode": p.threshold},
-        "run": asdict(info) | {"command_line": info.command_line, "seconds": result.seconds, "images": result.images, "n_boot": result.n_boot},
+        "protocol": {
+            "name": p.name,
+            "kind": p.kind,
+            "description": p.description,
+            "file": shown_path(p.path) if p.path else None,
+            "spec": p.spec,
+            "threshold_mode": p.threshold,
+        },
+        "run": asdict(info)
+        | {
+            "command_line": info.command_line,
+            "seconds": result.seconds,
+            "images": result.images,
+            "n_boot": result.n_boot,
+        },
         "policy": {"name": result.policy, "version": result.policy_version},
         "selections": {s.name: len(rows) for s, rows in result.picked.items()},
         "results": [f.to_dict() for f in result.folds],
-        "mean_over_folds": {k: fold_mean(result.folds, k) for k in ("hter", "auc", "eer", "acer")} if len(result.folds) > 1 else None,
+        "mean_over_folds": {k: fold_mean(result.folds, k) for k in ("hter", "auc", "eer", "acer")}
+        if len(result.folds) > 1
+        else None,
         "notes": {"optimistic": OPTIMISTIC_NOTE},
     }
     if result.fast is not None:
-        d["fast_vs_reasoning"] = {"fast": [f.to_dict() for f in result.fast], "reasoning": [f.to_dict() for f in result.folds], "answer_changes": result.answer_changes}
+        d["fast_vs_reasoning"] = {
+            "fast": [f.to_dict() for f in result.fast],
+            "reasoning": [f.to_dict() for f in result.folds],
+            "answer_changes": result.answer_changes,
+        }
     if result.ablation:
-        d["tool_ablation"] = [{"name": v.variant.name, "tools": v.variant.tools, "max_tool_calls": v.variant.max_tool_calls, "seconds": v.seconds, "mean_calls": v.mean_calls, "folds": [f.to_dict() for f in v.folds]} for v in result.ablation]
+        d["tool_ablation"] = [
+            {
+                "name": v.variant.name,
+                "tools": v.variant.tools,
+                "max_tool_calls": v.variant.max_tool_calls,
+                "seconds": v.seconds,
+                "mean_calls": v.mean_calls,
+                "folds": [f.to_dict() for f in v.folds],
+            }
+            for v in result.ablation
+        ]
     if result.max_calls:
-        d["max_tool_calls"] = [{"max_tool_calls": v.variant.max_tool_calls, "seconds": v.seconds, "mean_calls": v.mean_calls, "folds": [f.to_dict() for f in v.folds]} for v in result.max_calls]
+        d["max_tool_calls"] = [
+            {
+                "max_tool_calls": v.variant.max_tool_calls,
+                "seconds": v.seconds,
+                "mean_calls": v.mean_calls,
+                "folds": [f.to_dict() for f in v.folds],
+            }
+            for v in result.max_calls
+        ]
     if result.tool_use is not None:
         d["tool_use_by_attack_type"] = result.tool_use
     return d
@@ -286,7 +376,8 @@ def markdown(result: EvaluationResult, info: RunInfo, images: list[str]) -> str:
         "",
         f"- command: `{info.command_line}`",
         f"- protocol: `{p.kind}`" + (f", file `{p.path.name}` (sha256 {info.protocol_sha256[:12]})" if p.path else ""),
-        f"- policy: **{result.policy}** version `{result.policy_version}`" + (f", weights `{info.weights_dir}`" if info.weights_dir else ""),
+        f"- policy: **{result.policy}** version `{result.policy_version}`"
+        + (f", weights `{info.weights_dir}`" if info.weights_dir else ""),
         f"- agent: max {result.main.max_tool_calls} tool calls, tools: {', '.join(result.main.tools) if result.main.tools else 'all six'}",
         f"- images: {result.images} ({', '.join(f'{s.name}: {len(r)}' for s, r in result.picked.items())})"
         + (f"; at most {info.limit_per_domain} per domain/split (seeded sample)" if info.limit_per_domain else ""),
@@ -304,19 +395,34 @@ def markdown(result: EvaluationResult, info: RunInfo, images: list[str]) -> str:
         if at:
             L += ["APCER per attack type (at the same threshold):", "", at, ""]
     if len(result.folds) > 1:
-        L += [f"Mean over folds: HTER {pct(fold_mean(result.folds, 'hter'))} %, AUC {pct(fold_mean(result.folds, 'auc'))} %, EER {pct(fold_mean(result.folds, 'eer'))} %.", ""]
+        L += [
+            f"Mean over folds: HTER {pct(fold_mean(result.folds, 'hter'))} %, AUC {pct(fold_mean(result.folds, 'auc'))} %, EER {pct(fold_mean(result.folds, 'eer'))} %.",
+            "",
+        ]
     L += [f"_{OPTIMISTIC_NOTE}_", ""]
     L += [f"![{im}]({im})" for im in images if im in ("roc.png", "det.png")] + [""]
     if result.fast is not None:
-        L += ["## Fast answer vs reasoning answer (paper Table S6)", "", "Both from the same trajectories; each answer's threshold is fixed the same way (for `source_eer`, on its own source scores).", ""]
+        L += [
+            "## Fast answer vs reasoning answer (paper Table S6)",
+            "",
+            "Both from the same trajectories; each answer's threshold is fixed the same way (for `source_eer`, on its own source scores).",
+            "",
+        ]
         L += [compact_table([("Fast answer", result.fast), ("Reasoning answer", result.folds)]), ""]
         for fr, rr in zip(result.fast, result.folds):
             L.append(f"- {fr.fold}: thresholds: fast answer {fr.threshold:.4f}, reasoning answer {rr.threshold:.4f}.")
         for fold, c in (result.answer_changes or {}).items():
-            L.append(f"- {fold}: the reasoning changed the fast decision on {c['changed']} of {c['n']} target images ({c['corrected']} corrected, {c['broken']} broken).")
+            L.append(
+                f"- {fold}: the reasoning changed the fast decision on {c['changed']} of {c['n']} target images ({c['corrected']} corrected, {c['broken']} broken)."
+            )
         L.append("")
     if result.ablation:
-        L += ["## Ablation by the tools offered (paper Table 2)", "", f"Each configuration is a separate investigation of every image (max {result.main.max_tool_calls} tool calls), with its own threshold.", ""]
+        L += [
+            "## Ablation by the tools offered (paper Table 2)",
+            "",
+            f"Each configuration is a separate investigation of every image (max {result.main.max_tool_calls} tool calls), with its own threshold.",
+            "",
+        ]
         calls = {v.variant.name: f"{v.mean_calls:.2f}" for v in result.ablation}
         L += [compact_table([(v.variant.name, v.folds) for v in result.ablation], calls, "mean tool calls"), ""]
     if result.max_calls:
@@ -325,7 +431,12 @@ def markdown(result: EvaluationResult, info: RunInfo, images: list[str]) -> str:
         L += [compact_table([(v.variant.name, v.folds) for v in result.max_calls], calls, "mean tool calls"), ""]
         L += [f"![{im}]({im})" for im in images if im == "max_tool_calls.png"] + [""]
     if result.tool_use is not None:
-        L += ["## Tool use per attack type", "", "Over every image investigated by the main configuration (source and targets): % of images that called each tool, mean calls per image, and each family's share of the calls.", ""]
+        L += [
+            "## Tool use per attack type",
+            "",
+            "Over every image investigated by the main configuration (source and targets): % of images that called each tool, mean calls per image, and each family's share of the calls.",
+            "",
+        ]
         from ..registry import FAMILIES, TOOL_NAMES
 
         families = (*FAMILIES[1:], FAMILIES[0])  # the image-analysis families first, then zoom
@@ -333,9 +444,18 @@ def markdown(result: EvaluationResult, info: RunInfo, images: list[str]) -> str:
         rows = []
         for g, u in result.tool_use.items():
             fam = u["family_share"]
-            rows.append([g, str(u["n"]), f"{u['mean_calls']:.2f}"] + [pct(u["tool_rate"][t], 1) for t in TOOL_NAMES] + [" / ".join(pct(fam[k], 0) for k in families)])
+            rows.append(
+                [g, str(u["n"]), f"{u['mean_calls']:.2f}"]
+                + [pct(u["tool_rate"][t], 1) for t in TOOL_NAMES]
+                + [" / ".join(pct(fam[k], 0) for k in families)]
+            )
         L += [format_table(header, rows), ""]
-    L += ["## Definitions", "", "Spoof is the positive class; an image is called spoof when P(spoof) >= threshold. APCER: attacks accepted as real; BPCER: real faces rejected; HTER = (APCER + BPCER)/2 at the a-priori threshold; ACER = (worst per-attack-type APCER + BPCER)/2; BPCER@APCER=x: the lowest BPCER among the ROC thresholds whose APCER <= x; EER and AUC are threshold-free. Spoofs without an attack type are grouped as `unspecified`.", ""]
+    L += [
+        "## Definitions",
+        "",
+        "Spoof is the positive class; an image is called spoof when P(spoof) >= threshold. APCER: attacks accepted as real; BPCER: real faces rejected; HTER = (APCER + BPCER)/2 at the a-priori threshold; ACER = (worst per-attack-type APCER + BPCER)/2; BPCER@APCER=x: the lowest BPCER among the ROC thresholds whose APCER <= x; EER and AUC are threshold-free. Spoofs without an attack type are grouped as `unspecified`.",
+        "",
+    ]
     return "\n".join(L)
 
 
@@ -345,7 +465,9 @@ def write_report(result: EvaluationResult, out_dir: str | Path, info: RunInfo) -
     out.mkdir(parents=True, exist_ok=True)
     images = plot_roc_det(result, out) + plot_max_calls(result, out)
     # A verdict column only where every image has one threshold (a single fold).
-    write_scores(out / "scores.csv", result.scores.values(), result.folds[0].threshold if len(result.folds) == 1 else None)
+    write_scores(
+        out / "scores.csv", result.scores.values(), result.folds[0].threshold if len(result.folds) == 1 else None
+    )
     d = report_dict(result, info)
     d["files"] = images + ["scores.csv", "report.md", "report.json"]
     (out / "report.json").write_text(json.dumps(d, indent=2, default=_json_default))

@@ -22,7 +22,18 @@ from .manifest import ManifestRow
 from .metrics import summarize
 
 # The per-image scores CSV of `tarfas eval --scores-out` and of a report's scores.csv.
-SCORES_COLUMNS = ["path", "label", "domain", "score_spoof", "verdict", "error", "attack_type", "split", "fast_score", "tool_calls"]
+SCORES_COLUMNS = [
+    "path",
+    "label",
+    "domain",
+    "score_spoof",
+    "verdict",
+    "error",
+    "attack_type",
+    "split",
+    "fast_score",
+    "tool_calls",
+]
 
 
 @dataclass
@@ -55,10 +66,17 @@ class Variant:
 
     @property
     def key(self) -> tuple:
-        return (tuple(sorted(self.tools)) if self.tools is not None and set(self.tools) != set(TOOL_NAMES) else None, self.max_tool_calls)
+        return (
+            tuple(sorted(self.tools)) if self.tools is not None and set(self.tools) != set(TOOL_NAMES) else None,
+            self.max_tool_calls,
+        )
 
     def config(self, on_no_face: str) -> agent.AgentConfig:
-        return agent.AgentConfig(max_tool_calls=self.max_tool_calls, allowed_tools=list(self.tools) if self.tools is not None else None, extra={"on_no_face": on_no_face})
+        return agent.AgentConfig(
+            max_tool_calls=self.max_tool_calls,
+            allowed_tools=list(self.tools) if self.tools is not None else None,
+            extra={"on_no_face": on_no_face},
+        )
 
 
 def load_face(row: ManifestRow, on_no_face: str = "whole") -> faces.FaceCrop | str:
@@ -92,8 +110,15 @@ class FaceCache:
                 self.get(row)
 
 
-def score_face(row: ManifestRow, face: faces.FaceCrop | str, policy, config=None, *, registry: ToolRegistry | None = None,
-               t0: float | None = None) -> ScoredImage:
+def score_face(
+    row: ManifestRow,
+    face: faces.FaceCrop | str,
+    policy,
+    config=None,
+    *,
+    registry: ToolRegistry | None = None,
+    t0: float | None = None,
+) -> ScoredImage:
     """Investigate one prepared face (or record the error that replaced it) with the tools of ``registry``
     (see :func:`core.agent.investigate`). ``ms`` runs from ``t0`` (default: now), so callers choose
     whether face preparation counts."""
@@ -104,11 +129,25 @@ def score_face(row: ManifestRow, face: faces.FaceCrop | str, policy, config=None
     ms = (time.perf_counter() - t0) * 1e3
     if traj.final is None:
         return ScoredImage(row, None, face.face_detected, error=traj.error or "no verdict", ms=ms)
-    return ScoredImage(row, traj.final.score_spoof, face.face_detected, [t.tool_result.name for t in traj.tool_turns], traj.fast_score, ms=ms)
+    return ScoredImage(
+        row,
+        traj.final.score_spoof,
+        face.face_detected,
+        [t.tool_result.name for t in traj.tool_turns],
+        traj.fast_score,
+        ms=ms,
+    )
 
 
-def score_variant(rows, face_cache: FaceCache, policy, variant: Variant, *, registry: ToolRegistry | None = None,
-                  progress: bool = True) -> dict[Path, ScoredImage]:
+def score_variant(
+    rows,
+    face_cache: FaceCache,
+    policy,
+    variant: Variant,
+    *,
+    registry: ToolRegistry | None = None,
+    progress: bool = True,
+) -> dict[Path, ScoredImage]:
     """Investigate every row with one variant (its tools taken from ``registry``); unreadable images are
     recorded, never abort the run."""
     config = variant.config(face_cache.on_no_face)
@@ -146,6 +185,23 @@ def write_scores(path: str | Path, scored: Iterable[ScoredImage], threshold: flo
         for s in sorted(scored, key=lambda s: s.row.rel_path):
             r = s.row
             score = "" if s.score_spoof is None else f"{s.score_spoof:.6f}"
-            verdict = "" if s.score_spoof is None or threshold is None else ("spoof" if s.score_spoof >= threshold else "real")
+            verdict = (
+                ""
+                if s.score_spoof is None or threshold is None
+                else ("spoof" if s.score_spoof >= threshold else "real")
+            )
             fast = "" if s.fast_score is None else f"{s.fast_score:.6f}"
-            w.writerow([r.rel_path, r.label, r.domain, score, verdict, s.error or "", r.attack_type, r.split, fast, ";".join(s.tool_calls)])
+            w.writerow(
+                [
+                    r.rel_path,
+                    r.label,
+                    r.domain,
+                    score,
+                    verdict,
+                    s.error or "",
+                    r.attack_type,
+                    r.split,
+                    fast,
+                    ";".join(s.tool_calls),
+                ]
+            )

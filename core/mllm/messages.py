@@ -70,7 +70,9 @@ def _split(messages, image_root):
     return out, images
 
 
-def to_processor_inputs(messages: list[dict], processor, *, add_generation_prompt: bool = True, image_root: str | Path | None = None) -> ProcessorInputs:
+def to_processor_inputs(
+    messages: list[dict], processor, *, add_generation_prompt: bool = True, image_root: str | Path | None = None
+) -> ProcessorInputs:
     """Render agent messages with the processor's chat template and collect their images.
 
     Feed the result as ``processor(text=[r.text], images=r.images or None, return_tensors="pt")``."""

@@ -26,7 +26,18 @@ QWEN_SPECIAL = [
 # Added but not special in the real tokenizers (they survive skip_special_tokens in decoding).
 QWEN_ADDED = ["<tool_call>", "</tool_call>"]
 # InternVL3-hf adds these on top of the Qwen2.5 vocabulary.
-INTERNVL_SPECIAL = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>", "<video>"]
+INTERNVL_SPECIAL = [
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+    "<video>",
+]
 
 NANO_VOCAB = 4096  # learned BPE tokens (specials come on top)
 NANO_IMAGE_SIDE = 224  # the face crop side; InternVL's tile size is set to it
@@ -68,13 +79,18 @@ def build_nano(out: str | Path, arch: str = "qwen2_5_vl", spec: NanoSpec | None 
     model = model_cls(config).eval()
     processor = _processor(arch, tokenizer, config)
     attach_chat_template(processor, arch)
-    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    model.generation_config.eos_token_id = [
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    ]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     processor.save_pretrained(out)
     install_remote_code(out, arch)
-    (out / "tarfas_nano.json").write_text(json.dumps({"arch": arch, "spec": spec.__dict__, "vocab": len(tokenizer)}, indent=2))
+    (out / "tarfas_nano.json").write_text(
+        json.dumps({"arch": arch, "spec": spec.__dict__, "vocab": len(tokenizer)}, indent=2)
+    )
     return out
 
 
@@ -94,7 +110,9 @@ def training_corpus() -> list[str]:
         protocol.ANNOTATOR_SYSTEM_PROMPT,
         protocol.TOOL_LIMIT_MESSAGE,
         protocol.fast_answer_feedback("fast answer must be exactly <Real><reason>...</reason>"),
-        protocol.error_feedback("expected <think></think> followed by one <tool_call></tool_call> or one <answer></answer>"),
+        protocol.error_feedback(
+            "expected <think></think> followed by one <tool_call></tool_call> or one <answer></answer>"
+        ),
         "You are a helpful assistant.",
     ]
     observations = [
@@ -108,7 +126,9 @@ def training_corpus() -> list[str]:
             p = 10 + 13 * i
             obs = " ".join(o.format(p=p, v=verdict) for o in observations)
             texts.append(protocol.format_fast_answer(verdict, f"At a glance {obs}."))
-            texts.append(protocol.format_tool_call_turn(f"Next I use {name} to check: {obs}.", protocol.ToolCall(name, {})))
+            texts.append(
+                protocol.format_tool_call_turn(f"Next I use {name} to check: {obs}.", protocol.ToolCall(name, {}))
+            )
             texts.append(protocol.format_answer_turn(f"{name} result: {obs}. This is a {verdict} face.", verdict))
             texts.append(protocol.expert_guidance(name, p / 100))
     texts.append(json.dumps({"name": "ZoomInTool", "arguments": {"bbox": [0, 0, 112, 112]}}))
@@ -126,7 +146,10 @@ def build_tokenizer(arch: str = "qwen2_5_vl", vocab_size: int = NANO_VOCAB):
     specials = QWEN_SPECIAL + (INTERNVL_SPECIAL if arch == "internvl" else [])
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -141,7 +164,9 @@ def build_tokenizer(arch: str = "qwen2_5_vl", vocab_size: int = NANO_VOCAB):
         kwargs["extra_special_tokens"] = {
             "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>",
         }  # fmt: skip
-    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", **kwargs)
+    tok = Qwen2Tokenizer(
+        vocab=state["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", **kwargs
+    )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
     tok.model_max_length = 32768

@@ -13,7 +13,17 @@ from .processing_tarfas import TarfasInternVLProcessor, TarfasQwen2_5_VLProcesso
 from .template import attach_chat_template
 
 # Vision placeholders of Qwen2.5-VL and InternVL: the processor inserts them, a model must never sample them.
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<IMG_CONTEXT>", "<img>", "</img>", "<video>")
+VISION_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<IMG_CONTEXT>",
+    "<img>",
+    "</img>",
+    "<video>",
+)
 
 
 def vision_token_ids(tokenizer) -> list[int]:
@@ -34,7 +44,7 @@ def make_processor(arch: str, image_processor, tokenizer, image_seq_length: int 
 
 
 def detect_arch(model_dir: str | Path) -> str:
-    """"qwen2_5_vl" or "internvl", from the folder's config.json."""
+    """ "qwen2_5_vl" or "internvl", from the folder's config.json."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise WeightsError(f"{model_dir} is not a model folder (no config.json)")

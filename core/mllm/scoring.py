@@ -37,16 +37,29 @@ def class_token_score(model, processor, prompt_text: str, images, assistant_pref
     import torch
 
     def enc(cls):
-        return processor(text=[prompt_text + assistant_prefix + CLASS_STRINGS[cls]], images=images or None, return_tensors="pt")
+        return processor(
+            text=[prompt_text + assistant_prefix + CLASS_STRINGS[cls]], images=images or None, return_tensors="pt"
+        )
 
     es, er = enc("spoof"), enc("real")
     ids_s, ids_r = es["input_ids"][0].tolist(), er["input_ids"][0].tolist()
     k = split_point(ids_s, ids_r)
     n = len(ids_s)
-    inputs = {key: (v[:, :k] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (1, n) else v) for key, v in es.items()}
+    inputs = {
+        key: (v[:, :k] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (1, n) else v) for key, v in es.items()
+    }
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    inputs = {key: (v.to(device, dtype) if torch.is_tensor(v) and v.is_floating_point() else v.to(device) if torch.is_tensor(v) else v) for key, v in inputs.items()}
+    inputs = {
+        key: (
+            v.to(device, dtype)
+            if torch.is_tensor(v) and v.is_floating_point()
+            else v.to(device)
+            if torch.is_tensor(v)
+            else v
+        )
+        for key, v in inputs.items()
+    }
     with torch.no_grad():
         logits = model(**inputs, logits_to_keep=1).logits[0, -1].float()
     pair = torch.stack([logits[ids_s[k]], logits[ids_r[k]]])

@@ -68,4 +68,13 @@ def _bank(weights: str | Path | None, required: bool):
         return _banks[key]
 
 
-__all__ = ["Conversation", "Policy", "PolicyOutput", "ScriptedPolicy", "load_policy", "resolve", "readers_for", "POLICY_NAMES"]
+__all__ = [
+    "Conversation",
+    "Policy",
+    "PolicyOutput",
+    "ScriptedPolicy",
+    "load_policy",
+    "resolve",
+    "readers_for",
+    "POLICY_NAMES",
+]

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import protocol
-from ..evidence import MIN_GAIN_BITS, EvidenceModel, choose
 from ..errors import UnknownToolError
+from ..evidence import MIN_GAIN_BITS, EvidenceModel, choose
 from ..experts import RGB, ZOOM, ExpertBank, sigmoid
 from ..registry import tool_spec
 from ..trajectory import Trajectory
@@ -60,7 +60,9 @@ class ExpertPolicy:
         self._cache: dict[tuple[str, int], float] = {}
 
     @classmethod
-    def load(cls, weights: str | Path | None = None, threshold: float | None = None, min_tool_calls: int = 1) -> ExpertPolicy:
+    def load(
+        cls, weights: str | Path | None = None, threshold: float | None = None, min_tool_calls: int = 1
+    ) -> ExpertPolicy:
         return cls(ExpertBank.load(weights), threshold, min_tool_calls)
 
     # --- evidence ---------------------------------------------------------------------------------
@@ -112,7 +114,11 @@ class ExpertPolicy:
         verdict = "spoof" if p >= self.threshold else "real"
         look = "shows signs of a recaptured face (print or screen)" if verdict == "spoof" else "looks like a live face"
         reason = f"At a glance the face {look}; the RGB face network gives P(spoof) = {p:.2f}."
-        return PolicyOutput(protocol.format_fast_answer(verdict, reason), score_spoof=p, notes={"evidence": {RGB: round(p, 4)}, "policy": "expert ensemble"})
+        return PolicyOutput(
+            protocol.format_fast_answer(verdict, reason),
+            score_spoof=p,
+            notes={"evidence": {RGB: round(p, 4)}, "policy": "expert ensemble"},
+        )
 
     def _tool_turn(self, traj, observed, p, spec, gain, notes) -> PolicyOutput:
         tool = spec.name
@@ -123,13 +129,20 @@ class ExpertPolicy:
         why = f"expected gain {gain:.2f} bits" if gain >= 0.01 else "expected gain under 0.01 bits"
         why += f", AUC {auc:.2f} on cameras it was not trained on" if auc is not None else ""
         if gain < MIN_GAIN_BITS:  # a check the protocol asks for, not one the evidence needs
-            parts.append(f"{'My first impression' if first else 'The evidence so far'} leans {lean} (P(spoof) = {p:.2f}), "
-                         f"and no tool left is expected to change it much; I still check it once.")
+            parts.append(
+                f"{'My first impression' if first else 'The evidence so far'} leans {lean} (P(spoof) = {p:.2f}), "
+                f"and no tool left is expected to change it much; I still check it once."
+            )
             parts.append(f"I use {tool} {spec.purpose}: the most informative {spec.family} check left ({why}).")
         else:
-            parts.append(f"My first impression leans {lean} (P(spoof) = {p:.2f}) and needs checking." if first
-                         else f"The evidence so far leans {lean} (P(spoof) = {p:.2f}).")
-            parts.append(f"Next I use {tool} {spec.purpose}: it is the most informative {spec.family} check left ({why}).")
+            parts.append(
+                f"My first impression leans {lean} (P(spoof) = {p:.2f}) and needs checking."
+                if first
+                else f"The evidence so far leans {lean} (P(spoof) = {p:.2f})."
+            )
+            parts.append(
+                f"Next I use {tool} {spec.purpose}: it is the most informative {spec.family} check left ({why})."
+            )
         args = self.bank.view_args(tool) or dict(spec.default_args)  # a view is looked at as it was calibrated
         text = protocol.format_tool_call_turn(" ".join(s for s in parts if s), protocol.ToolCall(tool, args))
         return PolicyOutput(text, score_spoof=None, notes=notes)
@@ -138,7 +151,10 @@ class ExpertPolicy:
         verdict = "spoof" if p >= self.threshold else "real"
         parts = [self._last_result_sentence(traj, observed)]
         # each as it was reported: the fast answer's P for the RGB view, each expert's reading for a tool
-        listing = ", ".join(f"RGB view {self.p_spoof({RGB: v}):.0%}" if k == RGB else f"{k} {sigmoid(v):.0%}" for k, v in observed.items())
+        listing = ", ".join(
+            f"RGB view {self.p_spoof({RGB: v}):.0%}" if k == RGB else f"{k} {sigmoid(v):.0%}"
+            for k, v in observed.items()
+        )
         parts.append(f"Spoof evidence: {listing}.")
         strength = "clearly" if abs(p - self.threshold) > 0.3 else "narrowly"
         parts.append(
@@ -146,7 +162,9 @@ class ExpertPolicy:
             f"{'above' if verdict == 'spoof' else 'below'} the decision threshold {self.threshold:.2f}: "
             + ("this is a presentation attack." if verdict == "spoof" else "this is a live face.")
         )
-        return PolicyOutput(protocol.format_answer_turn(" ".join(s for s in parts if s), verdict), score_spoof=p, notes=notes)
+        return PolicyOutput(
+            protocol.format_answer_turn(" ".join(s for s in parts if s), verdict), score_spoof=p, notes=notes
+        )
 
     def _last_result_sentence(self, traj: Trajectory, observed: dict[str, float]) -> str:
         last = traj.turns[-1] if traj.turns else None
@@ -157,9 +175,13 @@ class ExpertPolicy:
         r = last.tool_result
         if r is None:
             return ""
-        stats = ", ".join(STAT_LABELS[k][0] + " " + STAT_LABELS[k][1].format(v) for k, v in r.stats.items() if k in STAT_LABELS)
+        stats = ", ".join(
+            STAT_LABELS[k][0] + " " + STAT_LABELS[k][1].format(v) for k, v in r.stats.items() if k in STAT_LABELS
+        )
         who = _reader(r.name)
-        reading = f"{who} reads {sigmoid(observed[r.name]):.0%} spoof trace" if r.name in observed else "no expert reading"
+        reading = (
+            f"{who} reads {sigmoid(observed[r.name]):.0%} spoof trace" if r.name in observed else "no expert reading"
+        )
         return f"{r.name} result: {reading}" + (f" ({stats})." if stats else ".")
 
 

@@ -72,9 +72,16 @@ class HFPolicy:
 
     @classmethod
     def load(
-        cls, model: str | Path, adapter: str | Path | None = None, device: str | None = None, dtype: str | None = None, **kwargs
+        cls,
+        model: str | Path,
+        adapter: str | Path | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        **kwargs,
     ) -> HFPolicy:
-        return cls(load_model_and_processor(model, adapter=adapter, device=device, dtype=dtype), model_dir=model, **kwargs)
+        return cls(
+            load_model_and_processor(model, adapter=adapter, device=device, dtype=dtype), model_dir=model, **kwargs
+        )
 
     # ------------------------------------------------------------------------------------------------
     def next_turn(self, conversation: Conversation) -> PolicyOutput:
@@ -116,7 +123,11 @@ class HFPolicy:
             new_ids = out[0, n_prompt:].tolist()
             n_new = len(new_ids)
             text_new, stopped_by = self._decode(new_ids)
-            notes.update(new_tokens=n_new, generate_ms=round(gen_s * 1e3, 1), tokens_per_s=round(n_new / gen_s, 1) if gen_s > 0 else None)
+            notes.update(
+                new_tokens=n_new,
+                generate_ms=round(gen_s * 1e3, 1),
+                tokens_per_s=round(n_new / gen_s, 1) if gen_s > 0 else None,
+            )
         notes["stopped_by"] = stopped_by
         text = forced + text_new
         score = None
@@ -124,7 +135,10 @@ class HFPolicy:
         if pos is not None:
             s = class_token_score(self.model, self.processor, inputs.text, inputs.images, text[:pos])
             score = s.p_spoof
-            notes.update(score_source="class_token_logits", class_logits={"spoof": round(s.logits[0], 4), "real": round(s.logits[1], 4)})
+            notes.update(
+                score_source="class_token_logits",
+                class_logits={"spoof": round(s.logits[0], 4), "real": round(s.logits[1], 4)},
+            )
         return PolicyOutput(text, score, notes)
 
     def _decode(self, ids: list[int]) -> tuple[str, str]:
@@ -154,5 +168,3 @@ def _version(model_dir: Path | None, adapter: str | None) -> str:
                 else:
                     h.update(str(f.stat().st_size).encode())
     return h.hexdigest()[:12]
-
-

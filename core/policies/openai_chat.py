@@ -80,7 +80,13 @@ class OpenAIChatPolicy:
         import openai
 
         messages = to_openai_messages(conversation.messages, self.image_root)
-        request = dict(model=self.model, messages=messages, max_tokens=self.max_new_tokens, temperature=self.temperature, stop=STOP_STRINGS)
+        request = dict(
+            model=self.model,
+            messages=messages,
+            max_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            stop=STOP_STRINGS,
+        )
         notes: dict = {}
         t0 = time.perf_counter()
         try:
@@ -98,7 +104,9 @@ class OpenAIChatPolicy:
         except openai.APIConnectionError as exc:
             raise ModelServerError(f"cannot reach {self.base_url}: {exc}") from exc
         except openai.APIStatusError as exc:
-            raise ModelServerError(f"{self.base_url} refused the request (HTTP {exc.status_code}): {_short(exc)}") from exc
+            raise ModelServerError(
+                f"{self.base_url} refused the request (HTTP {exc.status_code}): {_short(exc)}"
+            ) from exc
         elapsed = time.perf_counter() - t0
         choice = resp.choices[0]
         text = _with_closing_tag(_text_of(choice.message), choice.finish_reason, getattr(choice, "stop_reason", None))
@@ -109,7 +117,14 @@ class OpenAIChatPolicy:
         score = None
         content_lp = getattr(getattr(choice, "logprobs", None), "content", None)
         if content_lp:
-            entries = [{"token": e.token, "logprob": e.logprob, "top_logprobs": [{"token": a.token, "logprob": a.logprob} for a in (e.top_logprobs or [])]} for e in content_lp]
+            entries = [
+                {
+                    "token": e.token,
+                    "logprob": e.logprob,
+                    "top_logprobs": [{"token": a.token, "logprob": a.logprob} for a in (e.top_logprobs or [])],
+                }
+                for e in content_lp
+            ]
             score, how = score_from_top_logprobs(text, entries)
             notes["score_source"] = how
         else:

@@ -32,8 +32,13 @@ def _configure(connection) -> None:
 
 def run_migrations_offline() -> None:
     url = config.get_main_option("sqlalchemy.url")
-    context.configure(url=url, target_metadata=target_metadata, literal_binds=True,
-                      render_as_batch=make_url(url).get_backend_name() == "sqlite", render_item=_render_item)
+    context.configure(
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=make_url(url).get_backend_name() == "sqlite",
+        render_item=_render_item,
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -20,11 +20,47 @@ not in it. The raw annotator conversation is kept in the record's ``meta["annota
 
 from ..annotators import resolve_annotator
 from .conversation import L_MAX, annotate_image, annotator_messages, training_view
-from .outputs import REJECTED, REVIEW_QUEUE, STATS, dataset_stats, queued_trajectories, sample_id, write_review_queue, write_stats
-from .pipeline import SOURCE, AnnotateConfig, RunSummary, SampleResult, annotate_sample, describe, load_rows, run_annotation
+from .outputs import (
+    REJECTED,
+    REVIEW_QUEUE,
+    STATS,
+    dataset_stats,
+    queued_trajectories,
+    sample_id,
+    write_review_queue,
+    write_stats,
+)
+from .pipeline import (
+    SOURCE,
+    AnnotateConfig,
+    RunSummary,
+    SampleResult,
+    annotate_sample,
+    describe,
+    load_rows,
+    run_annotation,
+)
 
 __all__ = [
-    "AnnotateConfig", "RunSummary", "SampleResult", "annotate_image", "annotate_sample", "run_annotation", "training_view",
-    "annotator_messages", "resolve_annotator", "dataset_stats", "write_stats", "write_review_queue", "queued_trajectories",
-    "load_rows", "describe", "sample_id", "L_MAX", "SOURCE", "REJECTED", "REVIEW_QUEUE", "STATS",
+    "AnnotateConfig",
+    "RunSummary",
+    "SampleResult",
+    "annotate_image",
+    "annotate_sample",
+    "run_annotation",
+    "training_view",
+    "annotator_messages",
+    "resolve_annotator",
+    "dataset_stats",
+    "write_stats",
+    "write_review_queue",
+    "queued_trajectories",
+    "load_rows",
+    "describe",
+    "sample_id",
+    "L_MAX",
+    "SOURCE",
+    "REJECTED",
+    "REVIEW_QUEUE",
+    "STATS",
 ]

@@ -47,10 +47,22 @@ def annotate_image(
     ``max_turns - 1`` (the last turn must answer).
     """
     face = image if isinstance(image, FaceCrop) else crop_face(image)
-    config = agent.AgentConfig(max_tool_calls=max_turns - 1 if max_tool_calls is None else max_tool_calls,
-                               max_format_errors=0, allowed_tools=tools)
-    return agent.run(face, annotator, config, registry=registry, prompts=AnnotationPrompts(max_turns), label=hint.label,
-                     source=source, image_sha256=image_sha256, meta={"hint": hint.as_meta(), "attempt": attempt})
+    config = agent.AgentConfig(
+        max_tool_calls=max_turns - 1 if max_tool_calls is None else max_tool_calls,
+        max_format_errors=0,
+        allowed_tools=tools,
+    )
+    return agent.run(
+        face,
+        annotator,
+        config,
+        registry=registry,
+        prompts=AnnotationPrompts(max_turns),
+        label=hint.label,
+        source=source,
+        image_sha256=image_sha256,
+        meta={"hint": hint.as_meta(), "attempt": attempt},
+    )
 
 
 def training_view(ann: Trajectory, params: dict) -> Trajectory:
@@ -71,15 +83,39 @@ def training_view(ann: Trajectory, params: dict) -> Trajectory:
     )
     for t in ann.turns:
         if t.kind == "fast":
-            view.turns.append(Turn(t.index, "fast", protocol.format_fast_answer(t.fast.verdict, t.fast.reason), fast=t.fast, elapsed_ms=t.elapsed_ms))
+            view.turns.append(
+                Turn(
+                    t.index,
+                    "fast",
+                    protocol.format_fast_answer(t.fast.verdict, t.fast.reason),
+                    fast=t.fast,
+                    elapsed_ms=t.elapsed_ms,
+                )
+            )
         elif t.tool_result is not None:
             r = t.tool_result
             call = ToolCall(r.name, r.arguments)
-            turn = Turn(t.index, "reasoning", protocol.format_tool_call_turn(t.think, call), think=t.think, tool_call=call, elapsed_ms=t.elapsed_ms)
+            turn = Turn(
+                t.index,
+                "reasoning",
+                protocol.format_tool_call_turn(t.think, call),
+                think=t.think,
+                tool_call=call,
+                elapsed_ms=t.elapsed_ms,
+            )
             turn.tool_result = ToolResult(r.name, r.arguments, r.stats, r.expert_p_spoof, r.elapsed_ms, r.image)
             view.turns.append(turn)
         else:
-            view.turns.append(Turn(t.index, "reasoning", protocol.format_answer_turn(t.think, t.answer), think=t.think, answer=t.answer, elapsed_ms=t.elapsed_ms))
+            view.turns.append(
+                Turn(
+                    t.index,
+                    "reasoning",
+                    protocol.format_answer_turn(t.think, t.answer),
+                    think=t.think,
+                    answer=t.answer,
+                    elapsed_ms=t.elapsed_ms,
+                )
+            )
     answer = final_answer(ann)
     view.final = Final(answer, 1.0 if answer == "spoof" else 0.0, "answer")
     view.status = "completed"

@@ -41,18 +41,29 @@ def sample_id(row: ManifestRow) -> str:
 
 
 def _row_info(row: ManifestRow) -> dict:
-    return {"rel_path": row.rel_path, "domain": row.domain, "split": row.split, "label": row.label, "attack_type": row.attack_type or None}
+    return {
+        "rel_path": row.rel_path,
+        "domain": row.domain,
+        "split": row.split,
+        "label": row.label,
+        "attack_type": row.attack_type or None,
+    }
 
 
 def _tool_readings(ann: Trajectory) -> dict:
-    return {"tools": [t.tool_result.name for t in ann.tool_turns], "expert_p_spoof": [t.tool_result.expert_p_spoof for t in ann.tool_turns]}
+    return {
+        "tools": [t.tool_result.name for t in ann.tool_turns],
+        "expert_p_spoof": [t.tool_result.expert_p_spoof for t in ann.tool_turns],
+    }
 
 
 def _conversation(writer: DatasetWriter, ann: Trajectory) -> list[dict]:
     """The raw annotator conversation with images stored in the dataset's images/ folder."""
     msgs = []
     for m in annotator_messages(ann):
-        content = [{"type": "image", "path": writer.add_image(p["image"])} if p["type"] == "image" else p for p in m["content"]]
+        content = [
+            {"type": "image", "path": writer.add_image(p["image"])} if p["type"] == "image" else p for p in m["content"]
+        ]
         msgs.append({"role": m["role"], "content": content})
     return msgs
 
@@ -68,7 +79,9 @@ def _attempt_record(writer: DatasetWriter, ann: Trajectory, issues: list[Issue])
     }
 
 
-def write_accepted(writer: DatasetWriter, row: ManifestRow, attempts: list[Attempt], *, params: dict, review_rate: float) -> None:
+def write_accepted(
+    writer: DatasetWriter, row: ManifestRow, attempts: list[Attempt], *, params: dict, review_rate: float
+) -> None:
     """The accepted (last) attempt as a training record, its conversations kept for audit."""
     ann, _ = attempts[-1]
     traj = training_view(ann, params | {"attempt": attempt_of(ann)})
@@ -98,14 +111,18 @@ def write_accepted(writer: DatasetWriter, row: ManifestRow, attempts: list[Attem
     writer.add_trajectory(traj, id=sample_id(row), label=row.label, attack_type=row.attack_type or None, meta=meta)
 
 
-def write_rejected(writer: DatasetWriter, log: JsonlLog, row: ManifestRow, issues: list[Issue], attempts: list[Attempt]) -> None:
-    log.append({
-        "id": sample_id(row),
-        **_row_info(row),
-        "reasons": sorted({f"{i.rule}:{i.code}" for i in issues}),
-        "issues": [asdict(i) for i in issues],
-        "attempts": [_attempt_record(writer, a, i) for a, i in attempts],
-    })
+def write_rejected(
+    writer: DatasetWriter, log: JsonlLog, row: ManifestRow, issues: list[Issue], attempts: list[Attempt]
+) -> None:
+    log.append(
+        {
+            "id": sample_id(row),
+            **_row_info(row),
+            "reasons": sorted({f"{i.rule}:{i.code}" for i in issues}),
+            "issues": [asdict(i) for i in issues],
+            "attempts": [_attempt_record(writer, a, i) for a, i in attempts],
+        }
+    )
 
 
 def _drawn(sid: str, rate: float) -> bool:
@@ -138,8 +155,16 @@ def write_review_queue(folder: str | Path) -> list[dict]:
     for rec in read_jsonl(folder / TRAJECTORIES):
         a = rec.get("meta", {}).get("annotation", {})
         if a.get("review"):
-            queue.append({"id": rec["id"], "trajectory_id": rec["meta"]["trajectory"]["id"], "reasons": a["review"],
-                          "label": rec["label"], "attack_type": rec.get("attack_type"), "rel_path": a.get("rel_path")})
+            queue.append(
+                {
+                    "id": rec["id"],
+                    "trajectory_id": rec["meta"]["trajectory"]["id"],
+                    "reasons": a["review"],
+                    "label": rec["label"],
+                    "attack_type": rec.get("attack_type"),
+                    "rel_path": a.get("rel_path"),
+                }
+            )
     tmp = folder / (REVIEW_QUEUE + ".tmp")
     tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in queue), encoding="utf-8")
     os.replace(tmp, folder / REVIEW_QUEUE)
@@ -179,7 +204,11 @@ def dataset_stats(folder: str | Path) -> dict:
     tools_per_attack = {}
     for attack, c in sorted(per_attack.items()):
         n = c.pop("_samples")
-        tools_per_attack[attack] = {"samples": n, "mean_tool_calls": round(sum(c.values()) / n, 3), "tools": dict(c.most_common())}
+        tools_per_attack[attack] = {
+            "samples": n,
+            "mean_tool_calls": round(sum(c.values()) / n, 3),
+            "tools": dict(c.most_common()),
+        }
     return {
         "accepted": n_acc,
         "rejected": n_rej,
@@ -194,7 +223,10 @@ def dataset_stats(folder: str | Path) -> dict:
         "fast_answer_matches_label": round(fast_agree / n_acc, 4) if n_acc else None,
         "rejection_reasons": dict(reasons.most_common()),
         "first_attempt_failures": dict(first_failures.most_common()),
-        "review_queue": {"size": len(queue), "reasons": dict(Counter(r for q in queue for r in q["reasons"]).most_common())},
+        "review_queue": {
+            "size": len(queue),
+            "reasons": dict(Counter(r for q in queue for r in q["reasons"]).most_common()),
+        },
     }
 
 

@@ -28,7 +28,16 @@ from core.registry import ToolRegistry
 from ..annotators import Hint, stop_reason
 from ..verify import Issue, verify
 from .conversation import L_MAX, annotate_image
-from .outputs import REJECTED, Attempt, JsonlLog, sample_id, write_accepted, write_rejected, write_review_queue, write_stats
+from .outputs import (
+    REJECTED,
+    Attempt,
+    JsonlLog,
+    sample_id,
+    write_accepted,
+    write_rejected,
+    write_review_queue,
+    write_stats,
+)
 
 SOURCE = "annotation"
 
@@ -70,14 +79,17 @@ class SampleResult:
     error: str | None = None  # the annotator failed: retried by the next run
 
 
-def annotate_sample(row: ManifestRow, annotator: Policy, *, registry: ToolRegistry | None = None,
-                    config: AnnotateConfig | None = None) -> SampleResult:
+def annotate_sample(
+    row: ManifestRow, annotator: Policy, *, registry: ToolRegistry | None = None, config: AnnotateConfig | None = None
+) -> SampleResult:
     config = config or AnnotateConfig()
     try:
         data = row.path.read_bytes()
         face = faces.prepare_face(faces.load_image(data, name=row.rel_path), on_no_face=config.on_no_face)
     except OSError as exc:
-        return SampleResult(row, "rejected", input_issue=Issue("input", "unreadable", f"{row.rel_path}: {exc.strerror or exc}"))
+        return SampleResult(
+            row, "rejected", input_issue=Issue("input", "unreadable", f"{row.rel_path}: {exc.strerror or exc}")
+        )
     except InputImageError as exc:
         code = "no_face" if isinstance(exc, faces.NoFaceError) else "unreadable"
         return SampleResult(row, "rejected", input_issue=Issue("input", code, str(exc)))
@@ -85,8 +97,17 @@ def annotate_sample(row: ManifestRow, annotator: Policy, *, registry: ToolRegist
     registry = (registry or ToolRegistry()).only(config.tools)
     hint = Hint(row.label, row.attack_type or None)
     for attempt in (1, 2):  # §3.1.3: failures are re-annotated once, then discarded
-        ann = annotate_image(face, hint, annotator, registry=registry, max_turns=config.max_turns, max_tool_calls=config.tool_limit,
-                             attempt=attempt, source=str(row.path), image_sha256=sha)
+        ann = annotate_image(
+            face,
+            hint,
+            annotator,
+            registry=registry,
+            max_turns=config.max_turns,
+            max_tool_calls=config.tool_limit,
+            attempt=attempt,
+            source=str(row.path),
+            image_sha256=sha,
+        )
         if stop_reason(ann) == "annotator_error":
             result.status, result.error = "failed", ann.error
             return result
@@ -112,8 +133,14 @@ class RunSummary:
     stats: dict = field(default_factory=dict)
 
 
-def run_annotation(rows: list[ManifestRow], annotator: Policy, out: str | Path, *, registry: ToolRegistry | None = None,
-                   config: AnnotateConfig | None = None) -> RunSummary:
+def run_annotation(
+    rows: list[ManifestRow],
+    annotator: Policy,
+    out: str | Path,
+    *,
+    registry: ToolRegistry | None = None,
+    config: AnnotateConfig | None = None,
+) -> RunSummary:
     """Annotate every row not yet done in ``out`` and return what happened. Safe to kill and re-run.
 
     ``annotator``: a policy that answers the annotation conversation (:mod:`training.annotators`);
@@ -123,9 +150,17 @@ def run_annotation(rows: list[ManifestRow], annotator: Policy, out: str | Path, 
     config = config or AnnotateConfig()
     out = Path(out)
     t0 = time.perf_counter()
-    writer = DatasetWriter(out, source=SOURCE, created_by=f"tarfas annotate ({annotator.name})", resume=True,
-                           extra={"annotator": annotator.name, "annotator_version": annotator.version,
-                                  "config": {k: v for k, v in asdict(config).items() if k != "progress"}})
+    writer = DatasetWriter(
+        out,
+        source=SOURCE,
+        created_by=f"tarfas annotate ({annotator.name})",
+        resume=True,
+        extra={
+            "annotator": annotator.name,
+            "annotator_version": annotator.version,
+            "config": {k: v for k, v in asdict(config).items() if k != "progress"},
+        },
+    )
     rejected = JsonlLog(out / REJECTED)
     seen, todo = set(), []
     for r in rows:
@@ -137,7 +172,13 @@ def run_annotation(rows: list[ManifestRow], annotator: Policy, out: str | Path, 
             todo.append(r)
     summary = RunSummary(out, len(todo), len(seen) - len(todo))
     params = {"max_turns": config.max_turns, "max_tool_calls": config.tool_limit}
-    bar = tqdm(total=len(todo), desc=f"annotating ({annotator.name})", unit="img", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"annotating ({annotator.name})",
+        unit="img",
+        disable=not config.progress,
+        dynamic_ncols=True,
+    )
     try:
         for res in _in_parallel(todo, annotator, registry, config):
             if res.status == "accepted":
@@ -189,8 +230,15 @@ def _in_parallel(rows: list[ManifestRow], annotator, registry, config: AnnotateC
                 fut.cancel()
 
 
-def load_rows(manifest: str | Path, *, root=None, domains: list[str] | None = None, split: str | None = None,
-              limit: int | None = None, seed: int = 0) -> list[ManifestRow]:
+def load_rows(
+    manifest: str | Path,
+    *,
+    root=None,
+    domains: list[str] | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[ManifestRow]:
     """Manifest rows to annotate; ``limit`` takes a seeded random sample (stable across resumes)."""
     from core.evaluation.manifest import read_manifest, select
 

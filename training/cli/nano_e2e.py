@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     summary = pipeline(Path(args.out), Path(args.manifest), quick=args.quick, threads=args.threads)
     print("\n== summary ==")
-    print(json.dumps({"times": summary["times"], "eval": {k: v for k, v in summary["eval"].items()}}, indent=2, default=str)[:4000])
+    print(
+        json.dumps(
+            {"times": summary["times"], "eval": {k: v for k, v in summary["eval"].items()}}, indent=2, default=str
+        )[:4000]
+    )
     return 0
 
 
