@@ -1,6 +1,7 @@
 """One self-contained HTML report of an investigation, for records and for showing how a verdict was
 reached: the evidence (source image SHA-256, face box, crop), the policy, every turn with its tool
-images and expert P(spoof trace), the final verdict and score, the analyst's review and the audit trail.
+images and expert P(spoof trace), the final verdict and score with the decision threshold it was compared
+with (the calibration profile's, when the run had one), the analyst's review and the audit trail.
 
 The file needs nothing else: images are PNG data URIs, the CSS is inline, there is no script and no
 external URL. Every text is HTML-escaped (Jinja2 autoescape): model output is untrusted.
@@ -22,11 +23,21 @@ from sqlalchemy.orm import Session, selectinload
 
 from core.errors import InputImageError
 from core.faces import load_image
+from storage.calibration import ENTITY as CALIBRATION_ENTITY
 from storage.cases import record_export
 from storage.db import Storage
 from storage.errors import NotFoundError
 from storage.filestore import FileStore
-from storage.models import AuditEvent, DatasetExportItem, Export, Investigation, Review, Turn, TurnFlag
+from storage.models import (
+    AuditEvent,
+    CalibrationProfileRecord,
+    DatasetExportItem,
+    Export,
+    Investigation,
+    Review,
+    Turn,
+    TurnFlag,
+)
 
 PREVIEW_MAX_SIDE = 480  # the uploaded image is shown downscaled; its hash is of the original bytes
 
@@ -140,6 +151,9 @@ def _context(s: Session, files: FileStore, inv_id: str) -> dict:
     ]
     if review is not None:
         about.append(and_(AuditEvent.entity == "review", AuditEvent.entity_id == str(review.id)))
+    profile = s.get(CalibrationProfileRecord, inv.calibration_profile_id) if inv.calibration_profile_id else None
+    if profile is not None:  # who saved and activated the profile this verdict was decided with
+        about.append(and_(AuditEvent.entity == CALIBRATION_ENTITY, AuditEvent.entity_id == profile.id))
     events = s.scalars(select(AuditEvent).where(or_(*about)).order_by(AuditEvent.at, AuditEvent.id)).all()
 
     return {
@@ -168,6 +182,23 @@ def _context(s: Session, files: FileStore, inv_id: str) -> dict:
             "params": json.dumps(inv.params or {}, ensure_ascii=False, sort_keys=True),
             "tools": ", ".join(inv.tools or []),
             "timings": {k: round(v, 1) for k, v in (inv.timings_ms or {}).items()},
+        },
+        "calibration": {
+            "profile": None
+            if profile is None
+            else {
+                "id": profile.id,
+                "name": profile.name,
+                "threshold": profile.profile.get("threshold"),
+                "target": profile.profile.get("target"),
+                "n_reviews": profile.profile.get("n_reviews"),
+                "n_real": profile.profile.get("n_real"),
+                "n_spoof": profile.profile.get("n_spoof"),
+                "features": profile.profile.get("features"),
+                "created_by": profile.created_by,
+                "created_at": _time(profile.created_at),
+            },
+            "note": inv.calibration_note,
         },
         "face": inv.face,
         "crop": _data_uri(files.read(inv.crop_sha256)) if inv.crop_sha256 else None,
@@ -292,6 +323,7 @@ table.audit td.change { word-break: break-word; }
 <table class="kv">
 <tr><th>Model verdict</th><td><span class="verdict v-{{ inv.verdict or 'none' }}">{{ inv.verdict | verdict }}</span> P(spoof) = {{ inv.score_spoof | p }}{% if inv.final_source and inv.final_source != "answer" %} <span class="muted">(from {{ inv.final_source }})</span>{% endif %}</td></tr>
 <tr><th>Analyst verdict</th><td>{% if review %}<span class="verdict v-{{ review.verdict }}">{{ review.verdict | verdict }}</span> by {{ review.reviewer }}{% else %}<span class="muted">not reviewed</span>{% endif %}</td></tr>
+<tr><th>Decision threshold</th><td>{% if calibration.profile %}{{ calibration.profile.threshold | p }} of calibration profile <span class="mono">{{ calibration.profile.id }}</span>{% if calibration.profile.name %} &ldquo;{{ calibration.profile.name }}&rdquo;{% endif %} <span class="muted">(target {{ calibration.profile.target }}, fitted on {{ calibration.profile.n_reviews }} reviewed cases: {{ calibration.profile.n_real }} real, {{ calibration.profile.n_spoof }} spoof{% if calibration.profile.features %}; reads {{ calibration.profile.features }}{% endif %}; saved by {{ calibration.profile.created_by }} at {{ calibration.profile.created_at }})</span>; the P(spoof) above is calibrated by it{% else %}the policy's own (no calibration profile was applied){% endif %}{% if calibration.note %} <span class="error">{{ calibration.note }}</span>{% endif %}</td></tr>
 <tr><th>Status</th><td>{{ inv.status }}{% if inv.error %} <span class="error">{{ inv.error }}</span>{% endif %}</td></tr>
 </table>
 

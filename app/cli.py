@@ -5,6 +5,7 @@
       --policy hf --model DIR [--adapter DIR] | --policy vllm --base-url URL --model NAME [--api-key-env VAR]
   tarfas eval MANIFEST [--root DIR] [--policy expert] [--scores-out FILE.csv] [--threshold T | --dev-manifest M]
   tarfas eval MANIFEST|PROTOCOL.yaml --report DIR [--analyses fast,tools,tool-use,max-calls|all] [--bootstrap N]
+  tarfas calibrate MANIFEST --out PROFILE.json [--target eer|apcer=R|bpcer=R]; then --calibration PROFILE.json
   tarfas app [--data-dir DIR] [--db URL] [--host H] [--port P] [--auth USER:PASS ...] [--users-file F]
   tarfas annotate MANIFEST --out DIR [--annotator expert|openai --model M --base-url URL] [--queue-into DATA_DIR]
   tarfas train experts [--manifests fas-dev,fas-train] [--domains ...] [--epochs 3] [--out assets/experts] [--calibrate-only]
@@ -23,7 +24,7 @@ import sys
 from app.commands import EXIT_INPUT, VERBS
 
 # Verbs that run per-image networks: one torch thread is fastest for them (see _single_thread_inference).
-INFERENCE_VERBS = ("investigate", "eval", "app", "annotate")
+INFERENCE_VERBS = ("investigate", "eval", "calibrate", "app", "annotate")
 
 
 def _module(verb: str):

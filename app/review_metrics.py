@@ -73,14 +73,7 @@ def review_metrics(session: Session, threshold: float | None = None, *, policy: 
     agreed = int(np.trace(cm))
 
     scored = [(a, p) for a, _, p in labelled if p is not None]
-    y = np.array([a == "spoof" for a, _ in scored], dtype=int)
-    roc = None
-    if scored and 0 < y.sum() < len(y):
-        s = np.array([p for _, p in scored], dtype=float)
-        fpr, tpr, thr = roc_curve(y, s)
-        roc = RocCurve(
-            fpr.tolist(), tpr.tolist(), thr.tolist(), float(roc_auc_score(y, s)), int((y == 0).sum()), int(y.sum())
-        )
+    roc = roc_of([a == "spoof" for a, _ in scored], [p for _, p in scored])
     return ReviewMetrics(
         reviewed=len(rows),
         unsure=sum(1 for a, _, _ in rows if a == "unsure"),
@@ -94,6 +87,24 @@ def review_metrics(session: Session, threshold: float | None = None, *, policy: 
     )
 
 
+def roc_of(y, scores) -> RocCurve | None:
+    """The ROC of ``scores`` (P(spoof)) against ``y`` (1 or True = spoof); None unless both classes are there."""
+    y, s = np.asarray(y, dtype=int), np.asarray(scores, dtype=float)
+    if not len(y) or not 0 < y.sum() < len(y):
+        return None
+    fpr, tpr, thr = roc_curve(y, s)
+    return RocCurve(
+        fpr.tolist(), tpr.tolist(), thr.tolist(), float(roc_auc_score(y, s)), int((y == 0).sum()), int(y.sum())
+    )
+
+
+def operating_point(y, scores, threshold: float) -> tuple[float, float]:
+    """(false positive rate, true positive rate) of deciding spoof when ``scores >= threshold``."""
+    y, s = np.asarray(y, dtype=int), np.asarray(scores, dtype=float)
+    spoof = s >= threshold
+    return float(spoof[y == 0].mean()), float(spoof[y == 1].mean())
+
+
 def _figure(size=(4.2, 4.0)) -> Figure:
     fig = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(fig)  # attaches an Agg canvas: savefig / gr.Plot work without pyplot
@@ -102,12 +113,25 @@ def _figure(size=(4.2, 4.0)) -> Figure:
 
 def roc_figure(metrics: ReviewMetrics) -> Figure:
     """The ROC of the model's P(spoof) against the analysts' verdicts (a note when it cannot be drawn)."""
+    return roc_comparison_figure([("model", metrics.roc, None)])
+
+
+def roc_comparison_figure(curves: list[tuple[str, RocCurve | None, tuple[float, float] | None]]) -> Figure:
+    """ROC curves over the same reviews, each ``(label, curve, operating point or None)``: e.g. the
+    policy's own scores with its threshold beside the calibrated scores with the profile's."""
     fig = _figure()
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
-    roc = metrics.roc
-    if roc is not None:
-        ax.plot(roc.fpr, roc.tpr, drawstyle="steps-post", linewidth=2, label=f"model (AUC = {roc.auc:.3f})")
+    drawn = [(label, roc, point) for label, roc, point in curves if roc is not None]
+    for k, (label, roc, point) in enumerate(drawn):
+        color = f"C{k}"
+        ax.plot(
+            roc.fpr, roc.tpr, drawstyle="steps-post", linewidth=2, color=color, label=f"{label} (AUC = {roc.auc:.3f})"
+        )
+        if point is not None:
+            ax.plot(*point, marker="o", markersize=9, color=color, markeredgecolor="black", linestyle="none")
+    if drawn:
+        roc = drawn[0][1]
         ax.set_title(f"ROC over {roc.n_real} real + {roc.n_spoof} spoof reviews")
         ax.legend(loc="lower right")
     else:
@@ -129,11 +153,19 @@ def roc_figure(metrics: ReviewMetrics) -> Figure:
 
 def confusion_figure(metrics: ReviewMetrics) -> Figure:
     """The confusion matrix: analyst verdict (rows) against model verdict (columns), with counts."""
+    agreement = "n/a" if metrics.agreement is None else f"{metrics.agreement:.0%}"
+    return confusion_matrix_figure(
+        metrics.confusion, f"{metrics.compared} compared, agreement {agreement}", metrics.labels
+    )
+
+
+def confusion_matrix_figure(confusion, title: str, labels=LABELS) -> Figure:
+    """A 2x2 confusion matrix (rows: analyst real, spoof; columns: model real, spoof) with its counts."""
     fig = _figure()
     ax = fig.add_subplot()
-    cm = np.asarray(metrics.confusion)
+    cm = np.asarray(confusion)
     ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
-    names = [label.capitalize() for label in metrics.labels]
+    names = [label.capitalize() for label in labels]
     ax.set_xticks(range(2), labels=names)
     ax.set_yticks(range(2), labels=names)
     ax.set_xlabel("model verdict")
@@ -149,6 +181,5 @@ def confusion_figure(metrics: ReviewMetrics) -> Figure:
                 color="white" if cm[i, j] > cm.max() / 2 else "black",
                 fontsize=14,
             )
-    agreement = "n/a" if metrics.agreement is None else f"{metrics.agreement:.0%}"
-    ax.set_title(f"{metrics.compared} compared, agreement {agreement}")
+    ax.set_title(title)
     return fig

@@ -6,6 +6,10 @@ the upload, prepares the face, opens the case and runs :func:`core.agent.investi
 events are kept on the :class:`Job` and fanned out to any number of readers (a UI stream, a test, a
 benchmark), each of which sees every event from the start.
 
+Every new investigation (re-runs included) uses the workbench's active calibration profile
+(:mod:`storage.calibration`) when it was fitted for the job's policy and version; an active profile that
+does not fit is not applied, and the run says so in a note (kept with it, shown with its verdict).
+
 Bad input (not an image, too large, no face) ends the job with a clear message before anything is
 written. At startup, runs left ``running`` by a dead process are marked ``interrupted``; they and
 failed runs can be re-run on exactly the same crop with :meth:`Runner.rerun`.
@@ -23,12 +27,16 @@ from typing import Any
 
 from core import faces
 from core.agent import AgentConfig, investigate
+from core.calibration import ProfileError
 from core.errors import NoFaceError, TarfasError
 from core.events import Event, InvestigationFinished
 from core.policies import load_policy, readers_for
+from core.policies.calibrated import calibrate
 from core.registry import ToolRegistry
+from storage.calibration import active_profile
 from storage.cases import create_case
 from storage.db import Storage
+from storage.errors import CalibrationError, NotFoundError
 from storage.investigations import InvestigationRecorder, face_of, get_investigation, load_trajectory, mark_interrupted
 
 DEFAULT_CONCURRENCY = 2  # investigations at once; one per core on the reference machine
@@ -171,6 +179,34 @@ class Runner:
                 self._policies[key] = self._loader(settings.policy, **dict(settings.policy_kwargs))
             return self._policies[key]
 
+    def calibrated(self, settings: RunSettings) -> tuple[Any, str | None]:
+        """``(policy, note)`` for a new investigation: the settings' policy under the active calibration
+        profile when the profile was fitted for it (same name and version, features of this expert bank),
+        else the policy as it is, with a note in words of the active profile that was not applied."""
+        policy = self.policy(settings)
+        try:
+            with self.storage.sessions() as s:
+                profile = active_profile(s)
+        except (CalibrationError, NotFoundError) as exc:  # e.g. a profile changed in the database
+            return policy, f"The active calibration profile was not applied: {_sentence(exc)}{_own_threshold(policy)}"
+        if profile is None:
+            return policy, None
+        key = (settings.policy, settings.policy_kwargs, profile.id)
+        with self._policy_lock:
+            cached = self._policies.get(key)
+        if cached is not None:
+            return cached, None
+        try:
+            policy_c = calibrate(policy, profile, readers_for(policy))
+        except ProfileError as exc:
+            name = f" ({profile.name!r})" if profile.name else ""
+            return policy, (
+                f"The active calibration profile {profile.id}{name} was not applied to this investigation: "
+                f"{_sentence(exc)}{_own_threshold(policy)}"
+            )
+        with self._policy_lock:
+            return self._policies.setdefault(key, policy_c), None
+
     @staticmethod
     def registry(policy) -> ToolRegistry:
         """The tools a policy investigates with; their images are read by the policy's expert bank, else
@@ -217,12 +253,12 @@ class Runner:
                 data, name=job.filename or "the upload", max_bytes=self.max_bytes, max_pixels=self.max_pixels
             )
             face = faces.prepare_face(rgb, on_no_face=job.settings.on_no_face)
-            policy = self.policy(job.settings)
+            policy, note = self.calibrated(job.settings)
             config = job.settings.agent_config()
             with self.storage.sessions.begin() as s:
                 case = create_case(s, self.storage.files, data, filename=job.filename, user=job.user)
             job._set(case_id=case.id)
-            self._investigate(job, face, policy, config, case.image_sha256)
+            self._investigate(job, face, policy, config, case.image_sha256, note=note)
         except Exception as exc:  # noqa: BLE001 (every failure becomes a message on the job)
             self._fail(job, exc)
 
@@ -231,7 +267,7 @@ class Runner:
         try:
             with self.storage.sessions() as s:
                 old = load_trajectory(s, self.storage.files, investigation_id)
-            policy = self.policy(job.settings)
+            policy, note = self.calibrated(job.settings)  # a re-run is a new investigation: today's profile
             self._investigate(
                 job,
                 face_of(old),
@@ -240,18 +276,34 @@ class Runner:
                 old.image_sha256,
                 rerun_of=investigation_id,
                 source=old.source,
+                note=note,
             )
         except Exception as exc:  # noqa: BLE001
             self._fail(job, exc)
 
     def _investigate(
-        self, job: Job, face, policy, config, image_sha: str, *, rerun_of: str | None = None, source: str | None = None
+        self,
+        job: Job,
+        face,
+        policy,
+        config,
+        image_sha: str,
+        *,
+        rerun_of: str | None = None,
+        source: str | None = None,
+        note: str | None = None,
     ) -> None:
         recorder = InvestigationRecorder(
             self.storage.sessions, self.storage.files, job.case_id, user=job.user, rerun_of=rerun_of
         )
         events = investigate(
-            face, policy, config, registry=self.registry(policy), source=source or job.filename, image_sha256=image_sha
+            face,
+            policy,
+            config,
+            registry=self.registry(policy),
+            source=source or job.filename,
+            image_sha256=image_sha,
+            meta={"calibration_note": note} if note else None,
         )
         for event in recorder.record(events):
             if job.investigation_id is None:
@@ -268,6 +320,16 @@ class Runner:
         if isinstance(exc, NoFaceError):
             message += " Tick 'analyse the whole image when no face is found' to investigate it anyway."
         job._set(state="error", error=message, error_type=type(exc).__name__)
+
+
+def _sentence(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text if text.endswith(".") else text + "."
+
+
+def _own_threshold(policy) -> str:
+    t = getattr(policy, "threshold", None)
+    return f" This verdict uses the policy's own threshold{f' {t:.3f}' if t is not None else ''}."
 
 
 __all__ = ["DEFAULT_CONCURRENCY", "Job", "RunSettings", "Runner"]

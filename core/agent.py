@@ -93,6 +93,9 @@ def investigate(
         label=label,
         meta=dict(meta or {}),
     )
+    profile = getattr(policy, "calibration", None)
+    if profile is not None:  # the deployment's calibration profile that the verdict's score and threshold come from
+        traj.meta["calibration_profile"] = profile.summary()
     t_start = time.perf_counter()
     yield InvestigationStarted(traj)
     try:

@@ -306,3 +306,15 @@ class ExpertBank:
         if key not in self.nets:
             return None
         return sigmoid(self.logit(key, image))
+
+    # --- what a calibration profile reads (core.calibration) ---------------------------------------
+    @property
+    def features_source(self) -> str:
+        """Names the feature space of :meth:`features`: the RGB network of this version of the bank."""
+        return f"expert-rgb@{self.version}"
+
+    def features(self, image: np.ndarray) -> np.ndarray:
+        """The RGB network's features of one 224x224 face crop: the pooled frozen ImageNet features its
+        linear probe reads (float64, shape (D,))."""
+        with torch.inference_mode():
+            return self.nets[RGB].features(self.specs[RGB].tensor([image])).numpy()[0].astype(np.float64)

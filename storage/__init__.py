@@ -8,6 +8,8 @@
 - :mod:`storage.investigations` records the agent's events turn by turn, marks crashed runs, loads
   trajectories back for replay and re-runs.
 - :mod:`storage.reviews` saves analyst reviews with a version check.
+- :mod:`storage.calibration` keeps calibration profiles and which one new investigations use
+  (activations, rollback), append-only and audited.
 - :mod:`storage.audit` writes the append-only audit log.
 
 Storage persists events; it never calls the model.

@@ -14,7 +14,8 @@ from alembic.config import Config
 from sqlalchemy import URL, Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import audit  # noqa: F401  (registers the guard that keeps the audit log append-only)
+# Imported for the guards they register: the audit log, calibration profiles and activations are append-only.
+from . import audit, calibration  # noqa: F401
 from .filestore import FileStore
 
 DB_FILENAME = "tarfas.db"

@@ -35,3 +35,15 @@ class InvestigationStateError(StorageError):
 
 class InvalidCaseError(StorageError, ValueError):
     """A case field set to a value it cannot take (e.g. an unknown attack type)."""
+
+
+class CalibrationError(StorageError):
+    """A calibration profile that cannot be stored, found or used as asked."""
+
+
+class TamperedProfileError(CalibrationError):
+    """A stored profile's JSON no longer hashes to its id: it was changed in the database."""
+
+
+class CalibrationImmutableError(CalibrationError):
+    """An attempt to change or delete a stored profile or an activation. Both are append-only."""

@@ -5,6 +5,10 @@ After a crash, :func:`mark_interrupted` (run at startup) marks the runs whose pr
 :func:`load_trajectory` rebuilds any investigation as a :class:`core.trajectory.Trajectory`, images
 included, and :func:`face_of` turns it back into the input of a re-run.
 
+A run keeps the calibration profile its score and threshold came from (``meta["calibration_profile"]``
+of the trajectory, set by the agent loop) and the note of an active profile that was not applied
+(``meta["calibration_note"]``, set by the runner); :func:`load_trajectory` gives both back in ``meta``.
+
 Storage persists events; it never calls the model.
 """
 
@@ -29,7 +33,7 @@ from core.trajectory import Turn as TrajTurn
 from . import audit
 from .errors import InvestigationStateError, NotFoundError
 from .filestore import FileStore
-from .models import Case, Investigation, ToolResult, Turn, utcnow
+from .models import CalibrationProfileRecord, Case, Investigation, ToolResult, Turn, utcnow
 
 SYSTEM = "system"  # the actor of changes no person made (e.g. marking crashed runs)
 
@@ -88,6 +92,12 @@ class InvestigationRecorder:
                 raise InvestigationStateError(
                     f"the investigation is of image {traj.image_sha256}, but case {case.id} holds image {case.image_sha256}; record it under the right case"
                 )
+            profile_id = (traj.meta.get("calibration_profile") or {}).get("id")
+            if profile_id is not None and s.get(CalibrationProfileRecord, profile_id) is None:
+                raise InvestigationStateError(
+                    f"the investigation was calibrated with profile {profile_id}, which is not stored here; "
+                    "save the profile (storage.calibration.save_profile) before recording runs that use it"
+                )
             inv = Investigation(
                 id=traj.id,
                 case_id=case.id,
@@ -105,6 +115,8 @@ class InvestigationRecorder:
                 started_by=self.user,
                 runner=this_runner(),
                 started_at=_parse_time(traj.created_at),
+                calibration_profile_id=profile_id,
+                calibration_note=traj.meta.get("calibration_note"),
             )
             s.add(inv)
             audit.record(
@@ -120,6 +132,8 @@ class InvestigationRecorder:
                     "policy_version": inv.policy_version,
                     "params": inv.params,
                     "rerun_of": self.rerun_of,
+                    "calibration_profile": inv.calibration_profile_id,
+                    "calibration_note": inv.calibration_note,
                 },
             )
         self.investigation_id = traj.id
@@ -319,7 +333,27 @@ def load_trajectory(session: Session, files: FileStore, investigation_id: str) -
         error_traceback=inv.error_traceback,
         label=inv.label,
         timings_ms=dict(inv.timings_ms or {}),
+        meta=calibration_meta(session, inv),
     )
+
+
+def calibration_meta(session: Session, inv: Investigation) -> dict:
+    """What the trajectory's ``meta`` said of calibration when the run was recorded: the profile's summary
+    (:meth:`core.calibration.CalibrationProfile.summary`) and the note of a profile that was not applied."""
+    meta = {}
+    if inv.calibration_profile_id is not None:
+        row = session.get(CalibrationProfileRecord, inv.calibration_profile_id)
+        p = row.profile if row is not None else {}
+        meta["calibration_profile"] = {
+            "id": inv.calibration_profile_id,
+            "name": p.get("name", ""),
+            "threshold": p.get("threshold"),
+            "target": p.get("target"),
+            "n_reviews": p.get("n_reviews"),
+        }
+    if inv.calibration_note:
+        meta["calibration_note"] = inv.calibration_note
+    return meta
 
 
 def face_of(traj: Trajectory) -> FaceCrop:

@@ -123,6 +123,10 @@ class Investigation(Base):
     runner: Mapped[str | None] = mapped_column(String(255))  # "host:pid" that records it; used to spot dead runs
     started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The deployment's calibration profile the verdict's score and threshold came from (None: the policy's
+    # own), and why an active profile was not applied, in words (storage.calibration, app.runner).
+    calibration_profile_id: Mapped[str | None] = mapped_column(ForeignKey("calibration_profiles.id"), index=True)
+    calibration_note: Mapped[str | None] = mapped_column(Text)
 
     case: Mapped[Case] = relationship(back_populates="investigations")
     turns: Mapped[list[Turn]] = relationship(back_populates="investigation", order_by="Turn.index")
@@ -264,6 +268,36 @@ class DatasetExportItem(Base):
     label: Mapped[str] = mapped_column(String(16))
 
     export: Mapped[DatasetExport] = relationship(back_populates="items")
+
+
+class CalibrationProfileRecord(Base):
+    """A calibration profile (:class:`core.calibration.CalibrationProfile`) kept in the workbench. Its id
+    is the hash of its content, so a stored profile cannot change: rows are never updated or deleted
+    (:mod:`storage.calibration`; database triggers refuse it to raw SQL too)."""
+
+    __tablename__ = "calibration_profiles"
+
+    id: Mapped[str] = mapped_column(String(12), primary_key=True)  # CalibrationProfile.id
+    name: Mapped[str] = mapped_column(Text, default="")
+    policy: Mapped[str] = mapped_column(String(64))
+    policy_version: Mapped[str] = mapped_column(String(128))
+    profile: Mapped[dict[str, Any]] = mapped_column(JSON)  # CalibrationProfile.to_dict()
+    created_by: Mapped[str] = mapped_column(String(128))  # who saved it in the workbench
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class CalibrationActivation(Base):
+    """One activation of a profile for new investigations (``profile_id`` None: calibration switched
+    off). The active profile is the latest activation; the rows are its history and are never changed."""
+
+    __tablename__ = "calibration_activations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    profile_id: Mapped[str | None] = mapped_column(ForeignKey("calibration_profiles.id"), index=True)
+    activated_by: Mapped[str] = mapped_column(String(128))
+    activated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    profile: Mapped[CalibrationProfileRecord | None] = relationship()
 
 
 class AuditEvent(Base):

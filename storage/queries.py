@@ -5,17 +5,20 @@ A case's row shows its latest investigation (a re-run replaces the one shown); t
 the review of that investigation. "Disagreement" means the analyst said real or spoof and the model
 said the other; "uncertain" means the model's P(spoof) lies within ``band`` of the decision
 ``threshold`` (pass the policy's own threshold, e.g. ``ExpertPolicy.threshold``).
+
+:func:`list_runs` lists finished runs with their cases and reviews, filtered by upload date, uploader and
+source, with each run's score before any calibration: what a calibration profile is fitted on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time, timedelta, timezone
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from .models import ATTACK_TYPES, INVESTIGATION_STATUSES, Case, Investigation, Review
+from .models import ATTACK_TYPES, INVESTIGATION_STATUSES, Case, Investigation, Review, Turn
 
 DEFAULT_THRESHOLD = 0.5  # P(spoof) decision threshold when the caller does not give the policy's own
 DEFAULT_BAND = 0.1
@@ -71,6 +74,7 @@ class CaseRow:
     reviewer: str | None
     review_version: int | None
     disagreement: bool
+    calibration_profile_id: str | None = None  # the profile the latest run was calibrated with
 
 
 def list_cases(session: Session, *, filters: CaseFilter | None = None) -> list[CaseRow]:
@@ -127,6 +131,7 @@ def _queue_select() -> Select:
             Review.reviewer,
             Review.version.label("review_version"),
             func.coalesce(disagree, False).label("disagreement"),
+            latest.calibration_profile_id,
         )
         .select_from(Case)
         .outerjoin(latest, latest.id == latest_id)
@@ -187,4 +192,125 @@ def _row(r) -> CaseRow:
         reviewer=r.reviewer,
         review_version=r.review_version,
         disagreement=bool(r.disagreement),
+        calibration_profile_id=r.calibration_profile_id,
     )
+
+
+# --- runs for calibration ---------------------------------------------------------------------------
+@dataclass
+class RunFilter:
+    """Which finished investigations to take (e.g. to fit a calibration profile on). Every condition
+    given must hold (AND); dates are of the case's upload, in UTC, both days included."""
+
+    since: date | None = None
+    until: date | None = None
+    uploader: str | None = None  # the case's created_by, exactly
+    source: str | None = None  # case-insensitive part of the file name or the source path
+    reviewed_only: bool = True  # only runs an analyst reviewed
+    limit: int | None = None
+
+    def __post_init__(self):
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError(f"the date range is empty: from {self.since} is after until {self.until}")
+
+
+@dataclass
+class RunRow:
+    """A completed investigation with its case and review, as calibration reads it."""
+
+    investigation_id: str
+    case_id: str
+    filename: str | None
+    source: str | None
+    uploader: str
+    uploaded_at: datetime
+    image_sha256: str
+    crop_sha256: str | None
+    policy: str
+    policy_version: str
+    verdict: str | None  # the model's, as stored
+    score_spoof: float | None  # the stated P(spoof), as stored (calibrated when the run was)
+    calibration_profile_id: str | None
+    policy_score: float | None  # the policy's own P(spoof) before any calibration; None: not recorded
+    analyst_verdict: str | None
+    reviewer: str | None
+
+
+def list_runs(session: Session, *, filters: RunFilter | None = None) -> list[RunRow]:
+    """Completed investigations (with a verdict), oldest upload first. A calibrated run's own score is the
+    one its final turn noted as ``p_spoof_uncalibrated`` (the expert policy notes it), else None."""
+    f = filters or RunFilter()
+    stmt = (
+        select(Investigation, Case, Review.verdict, Review.reviewer)
+        .join(Case, Investigation.case_id == Case.id)
+        .where(Investigation.status == "completed", Investigation.verdict.is_not(None))
+        .order_by(Case.created_at, Investigation.started_at, Investigation.id)
+    )
+    stmt = (
+        stmt.join(Review, Review.investigation_id == Investigation.id)
+        if f.reviewed_only
+        else stmt.outerjoin(Review, Review.investigation_id == Investigation.id)
+    )
+    if f.since is not None:
+        stmt = stmt.where(Case.created_at >= datetime.combine(f.since, time(0), tzinfo=timezone.utc))
+    if f.until is not None:
+        stmt = stmt.where(Case.created_at < datetime.combine(f.until + timedelta(days=1), time(0), tzinfo=timezone.utc))
+    if (f.uploader or "").strip():
+        stmt = stmt.where(Case.created_by == f.uploader.strip())
+    text = (f.source or "").strip()
+    if text:
+        like = "%" + _escape_like(text.lower()) + "%"
+        stmt = stmt.where(
+            or_(
+                func.lower(Case.filename).like(like, escape="\\"),
+                func.lower(Investigation.source).like(like, escape="\\"),
+            )
+        )
+    if f.limit is not None:
+        stmt = stmt.limit(f.limit)
+    rows = session.execute(stmt).all()
+    own = _uncalibrated_scores(session, [inv.id for inv, *_ in rows if inv.calibration_profile_id is not None])
+    return [
+        RunRow(
+            investigation_id=inv.id,
+            case_id=case.id,
+            filename=case.filename,
+            source=inv.source,
+            uploader=case.created_by,
+            uploaded_at=case.created_at,
+            image_sha256=case.image_sha256,
+            crop_sha256=inv.crop_sha256,
+            policy=inv.policy,
+            policy_version=inv.policy_version,
+            verdict=inv.verdict,
+            score_spoof=inv.score_spoof,
+            calibration_profile_id=inv.calibration_profile_id,
+            policy_score=inv.score_spoof if inv.calibration_profile_id is None else own.get(inv.id),
+            analyst_verdict=analyst,
+            reviewer=reviewer,
+        )
+        for inv, case, analyst, reviewer in rows
+    ]
+
+
+def uploaders(session: Session) -> list[str]:
+    """Everyone who uploaded a case, sorted."""
+    return sorted(session.scalars(select(Case.created_by).distinct()))
+
+
+def _uncalibrated_scores(session: Session, ids: list[str]) -> dict[str, float]:
+    if not ids:
+        return {}
+    out: dict[str, float] = {}
+    stmt = (
+        select(Turn.investigation_id, Turn.notes)
+        .where(Turn.investigation_id.in_(ids), Turn.answer.is_not(None))
+        .order_by(Turn.investigation_id, Turn.index)
+    )
+    for inv_id, notes in session.execute(stmt):  # the last answer turn of each run is its final answer
+        p = (notes or {}).get("p_spoof_uncalibrated")
+        if isinstance(p, (int, float)):
+            out[inv_id] = float(p)
+        else:
+            out.pop(inv_id, None)
+    return out

@@ -33,8 +33,10 @@ TABLES = {
     "audit_events",
     "dataset_exports",
     "dataset_export_items",
+    "calibration_profiles",
+    "calibration_activations",
 }
-HEAD = "0002"  # the newest migration in storage/migrations/versions
+HEAD = "0003"  # the newest migration in storage/migrations/versions
 ROOT = Path(__file__).resolve().parents[1]
 
 

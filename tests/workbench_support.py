@@ -3,6 +3,7 @@ a real SQLite store, and reviews submitted through storage.reviews."""
 
 from __future__ import annotations
 
+import numpy as np
 from storage_support import astronaut_png
 
 from core import protocol
@@ -76,3 +77,54 @@ def review(storage, inv_id, verdict, *, reviewer="rita", **kwargs):
             expected_version=current.version if current else NO_REVIEW,
             **kwargs,
         )
+
+
+def face_images(n: int = 4) -> list[tuple[str, np.ndarray]]:
+    """``n`` live faces (the astronaut portrait, shifted and lit differently) and ``n`` simulated attacks
+    of them (prints and replays, alternately): [(label, RGB image)], real first."""
+    import numpy as np
+
+    from core.samples import live_portrait, simulate_print, simulate_replay
+
+    base = live_portrait()
+    live = []
+    for i in range(n):
+        shifted = np.roll(base, (6 * i - 9, 5 * i - 7), axis=(0, 1)).astype(np.float32)
+        live.append(np.clip(shifted * (0.8 + 0.12 * i) + 4 * i, 0, 255).astype(np.uint8))
+    attacks = [simulate_print(img) if i % 2 == 0 else simulate_replay(img) for i, img in enumerate(live)]
+    return [("real", img) for img in live] + [("spoof", img) for img in attacks]
+
+
+def expert_case(storage, policy, rgb, *, filename: str, user: str = "ana") -> tuple[str, str]:
+    """Open a case of ``rgb`` (uploaded as PNG) and record one investigation of it by ``policy`` (e.g.
+    the real expert policy, calibrated or not) with its expert bank reading the tool images."""
+    from core.dataset import png_bytes
+    from core.faces import prepare_face
+    from core.policies import readers_for
+
+    data = png_bytes(rgb)
+    with storage.sessions.begin() as s:
+        case = create_case(s, storage.files, data, filename=filename, user=user)
+        case_id, sha = case.id, case.image_sha256
+    rec = InvestigationRecorder(storage.sessions, storage.files, case_id, user=user)
+    events = investigate(
+        prepare_face(rgb),
+        policy,
+        image_sha256=sha,
+        source=filename,
+        registry=ToolRegistry(readers=readers_for(policy)),
+    )
+    for _ in rec.record(events):
+        pass
+    return case_id, rec.investigation_id
+
+
+def reviewed_expert_cases(storage, policy, *, n: int = 4, user: str = "ana", prefix: str = "cam1/", reviewer="rita"):
+    """:func:`face_images` investigated by ``policy`` and reviewed with their true labels; returns
+    [(investigation id, label)]."""
+    out = []
+    for k, (label, rgb) in enumerate(face_images(n)):
+        _, inv = expert_case(storage, policy, rgb, filename=f"{prefix}{label}-{k}.png", user=user)
+        review(storage, inv, label, reviewer=reviewer)
+        out.append((inv, label))
+    return out

@@ -7,6 +7,7 @@ EXIT_FAILED = 1  # the investigation (or an annotation) itself failed
 VERBS = {  # verb -> module under app.commands
     "investigate": "investigate",
     "eval": "eval",
+    "calibrate": "calibrate",
     "app": "serve",
     "annotate": "annotate",
     "train": "train",

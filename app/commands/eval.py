@@ -157,6 +157,7 @@ def run(args) -> int:
                 {
                     "policy": result.policy,
                     "policy_version": result.policy_version,
+                    "calibration_profile": result.calibration,
                     "results": [f.to_dict() for f in result.folds],
                 },
                 indent=2,
@@ -188,6 +189,7 @@ def _print_plain(result, opts: EvalOptions) -> None:
                     "policy_version": result.policy_version,
                     "threshold": fold.threshold,
                     "threshold_source": fold.threshold_source,
+                    "calibration_profile": result.calibration,
                     "metrics": metrics,
                     "median_ms_per_image": median,
                 },

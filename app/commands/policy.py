@@ -20,6 +20,12 @@ class AgentOptions:
     tools: list[str] | None = field(
         default=None, metadata={"help": "comma-separated subset of tools to offer (default: all six)"}
     )
+    calibration: str | None = field(
+        default=None,
+        metadata={
+            "help": "a calibration profile (JSON, from `tarfas calibrate`) to decide with: its calibrated scores and threshold"
+        },
+    )
     on_no_face: Literal["error", "whole"] | None = field(
         default=None, metadata={"help": "when no face is found: stop with an error, or analyse the whole image"}
     )
@@ -76,8 +82,8 @@ class VLLMOptions:
 BACKENDS = {"expert": ExpertOptions, "hf": HFOptions, "vllm": VLLMOptions}
 
 
-def add_policy_args(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, AgentOptions)
+def add_policy_args(parser: argparse.ArgumentParser, *, calibration: bool = True) -> None:
+    add_config_args(parser, AgentOptions, exclude=() if calibration else ("calibration",))
     for options in BACKENDS.values():
         add_config_args(parser, options)
 
@@ -94,4 +100,4 @@ def load_policy(args: argparse.Namespace):
     options = config_from_args(BACKENDS[args.policy], args) if args.policy in BACKENDS else None
     kwargs = dataclasses.asdict(options) if options else {}
     kwargs.pop("weights", None)
-    return resolve(args.policy, weights=args.weights, **kwargs)
+    return resolve(args.policy, weights=args.weights, calibration=getattr(args, "calibration", None), **kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import tab_export, tab_investigate, tab_metrics, tab_queue, tab_review
+from . import tab_calibration, tab_export, tab_investigate, tab_metrics, tab_queue, tab_review
 from .context import AppContext
 
 TITLE = "tarfas — face anti-spoofing workbench"
@@ -33,6 +33,8 @@ def build_app(ctx: AppContext) -> gr.Blocks:
                 tab_export.build(ctx)
             with gr.Tab("Metrics", id="metrics") as metrics_tab:
                 metrics = tab_metrics.build(ctx)
+            with gr.Tab("Calibration", id="calibration") as calibration_tab:
+                calibration, calibration_out = tab_calibration.build(ctx)
 
         def pick(evt: gr.SelectData):
             return tab_queue.picked_investigation(evt), gr.Tabs(selected="review")
@@ -51,4 +53,5 @@ def build_app(ctx: AppContext) -> gr.Blocks:
         review_tab.select(review_selected, [review_box, current], [review_box, *review_outputs], api_name=False)
         metrics_tab.select(metrics[0], metrics[1], metrics[2], api_name=False)
         queue_tab.select(load, load_in, load_out, api_name=False)  # the queue as it is now, without a Refresh click
+        calibration_tab.select(calibration, None, calibration_out, api_name=False)  # active profile, list, history
     return demo

@@ -32,11 +32,12 @@ class AppContext:
         return self.data_dir / "exports"
 
     def threshold(self) -> float | None:
-        """The default policy's decision threshold on P(spoof) (what "uncertain" is measured around)."""
+        """The default policy's decision threshold on P(spoof) (what "uncertain" is measured around): the
+        active calibration profile's when it applies to that policy."""
         from app.runner import RunSettings
 
         try:
-            return getattr(self.runner.policy(RunSettings()), "threshold", None)
+            return getattr(self.runner.calibrated(RunSettings())[0], "threshold", None)
         except Exception:  # noqa: BLE001 (no weights installed: the queue still works)
             return None
 

@@ -119,17 +119,39 @@ def turn_messages(turn: Turn, cache: PngCache) -> list[gr.ChatMessage]:
     return out
 
 
-def verdict_message(final: Final) -> gr.ChatMessage:
+def calibration_line(meta: dict | None) -> str:
+    """What a verdict was decided with, from the trajectory's ``meta``: the calibration profile (id, name,
+    threshold) when there was one, the note of an active profile that was not applied, else ""."""
+    meta = meta or {}
+    p = meta.get("calibration_profile")
+    if p:
+        name = f" '{p['name']}'" if p.get("name") else ""
+        threshold = f"threshold **{p['threshold']:.3f}**" if p.get("threshold") is not None else "its threshold"
+        how = ", ".join(x for x in (p.get("target"), f"{p['n_reviews']} reviews" if p.get("n_reviews") else None) if x)
+        return f"Calibration profile `{p['id']}`{name}: {threshold}" + (f" ({how})" if how else "")
+    if meta.get("calibration_note"):
+        return f"Not calibrated: {meta['calibration_note']}"
+    return ""
+
+
+def verdict_message(final: Final, meta: dict | None = None) -> gr.ChatMessage:
+    """The final verdict, naming the calibration profile it was decided with (``meta``: the trajectory's)."""
     how = "" if final.source == "answer" else " (the reasoning did not conclude: this is the fast answer)"
+    line = calibration_line(meta)
     return gr.ChatMessage(
         role="assistant",
-        content=f"## Final verdict: {verdict_label(final.verdict).upper()}\nP(spoof) = **{final.score_spoof:.3f}**{how}",
+        content=f"## Final verdict: {verdict_label(final.verdict).upper()}\nP(spoof) = **{final.score_spoof:.3f}**{how}"
+        + (f"\n\n{line}" if line else ""),
     )
 
 
 def opening_messages(traj: Trajectory, cache: PngCache) -> list[gr.ChatMessage]:
     name = traj.source or "upload"
-    lines = [f"Investigate **{name}** with policy `{traj.policy}`"]
+    profile = traj.meta.get("calibration_profile")
+    lines = [
+        f"Investigate **{name}** with policy `{traj.policy}`"
+        + (f" under calibration profile `{profile['id']}`" if profile else "")
+    ]
     if traj.image_sha256:
         lines.append(f"SHA-256 `{traj.image_sha256}`")
     if traj.face is not None:
@@ -139,6 +161,14 @@ def opening_messages(traj: Trajectory, cache: PngCache) -> list[gr.ChatMessage]:
         out.append(
             gr.ChatMessage(
                 role="user", content={"path": cache.path(traj.crop), "alt_text": "the 224x224 face crop investigated"}
+            )
+        )
+    if traj.meta.get("calibration_note"):  # an active profile that was not applied: said, never silent
+        out.append(
+            gr.ChatMessage(
+                role="assistant",
+                content=traj.meta["calibration_note"],
+                metadata={"title": "⚠️ not calibrated", "status": "done"},
             )
         )
     return out
@@ -163,7 +193,7 @@ def trajectory_messages(traj: Trajectory, cache: PngCache) -> list[gr.ChatMessag
     for turn in traj.turns:
         out += turn_messages(turn, cache)
     if traj.final is not None:
-        out.append(verdict_message(traj.final))
+        out.append(verdict_message(traj.final, traj.meta))
     return out + closing_messages(traj)
 
 
@@ -203,7 +233,7 @@ class Transcript:
         elif isinstance(event, TurnCompleted):
             self.turns[event.turn.index] = turn_messages(event.turn, self.cache)
         elif isinstance(event, VerdictReached):
-            self.closing = [verdict_message(event.final)]
+            self.closing = [verdict_message(event.final, self.trajectory.meta if self.trajectory else None)]
         elif isinstance(event, InvestigationFinished):
             self.trajectory = event.trajectory
             self.closing = self.closing + closing_messages(event.trajectory)

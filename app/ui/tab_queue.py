@@ -42,6 +42,7 @@ COLUMNS = [
     ("status", "status"),
     ("verdict", "model"),
     ("score_spoof", "P(spoof)"),
+    ("calibration_profile_id", "calibration"),
     ("analyst_verdict", "analyst"),
     ("reviewer", "reviewer"),
     ("disagreement", "disagree"),

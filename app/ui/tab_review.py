@@ -13,12 +13,12 @@ import gradio as gr
 
 from storage import cases, models
 from storage.errors import ConcurrentReviewError, InvalidReviewError, NotFoundError
-from storage.investigations import get_investigation, load_trajectory
+from storage.investigations import calibration_meta, get_investigation, load_trajectory
 from storage.models import TURN_FLAGS
 from storage.reviews import NO_REVIEW, load_review, submit_review
 
 from .context import AppContext
-from .render import Transcript, trajectory_messages, verdict_label
+from .render import Transcript, calibration_line, trajectory_messages, verdict_label
 from .reports import write_case_report
 
 VERDICTS = ["real", "spoof", "unsure"]
@@ -50,6 +50,9 @@ def summary(ctx: AppContext, inv_id: str) -> str:
             f"**Model verdict**: {verdict_label(inv.verdict)}"
             + (f" · P(spoof) = {inv.score_spoof:.3f}" if inv.score_spoof is not None else ""),
         ]
+        calibration = calibration_line(calibration_meta(s, inv))
+        if calibration:
+            lines.append(calibration)
         if review:
             agree = (
                 ""

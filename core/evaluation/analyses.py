@@ -105,7 +105,7 @@ def evaluate_folds(
     scores: dict[Path, ScoredImage],
     *,
     answer: str = "reasoning",
-    policy_threshold: float | None = None,
+    policy_threshold: tuple[float | None, str] = (None, ""),
     n_boot: int = 0,
     seed: int = 0,
 ) -> list[FoldResult]:
@@ -129,6 +129,19 @@ def evaluate_folds(
     return results
 
 
+def policy_threshold_of(policy) -> tuple[float | None, str]:
+    """The policy's own threshold and where it comes from: a deployment's calibration profile, or the
+    threshold shipped with its weights."""
+    profile = getattr(policy, "calibration", None)
+    if profile is not None:
+        return (
+            profile.threshold,
+            f"the policy's threshold under {profile.describe()} ({profile.target} of its cross-validated scores)",
+        )
+    origin = "the policy's threshold: its shipped threshold, fixed on held-out data when it was trained"
+    return getattr(policy, "threshold", None), origin
+
+
 def _fold_threshold(protocol, fold: Fold, picked, scores, answer, policy_threshold) -> tuple[float, str, int]:
     """The one place where an evaluation's decision threshold is fixed, before any target score is
     looked at: ``(threshold, where it came from, source images used)``."""
@@ -136,15 +149,12 @@ def _fold_threshold(protocol, fold: Fold, picked, scores, answer, policy_thresho
     if isinstance(mode, float):
         return mode, f"given a priori ({protocol.threshold_origin})", 0
     if mode == "policy":
-        if policy_threshold is None:
+        value, origin = policy_threshold
+        if value is None:
             raise ProtocolError(
                 "this policy ships no threshold; give one (--threshold, --dev-manifest or the protocol's threshold)"
             )
-        return (
-            float(policy_threshold),
-            "the policy's threshold: its shipped threshold, fixed on held-out data when it was trained",
-            0,
-        )
+        return float(value), origin, 0
     ok = [scores[r.path] for r in picked[fold.source] if _score(scores[r.path], answer) is not None]
     y = [s.row.y for s in ok]
     if len(set(y)) < 2:
@@ -253,6 +263,7 @@ class EvaluationResult:
     tool_use: dict | None = None
     seconds: float = 0.0
     variant_seconds: dict[str, float] = field(default_factory=dict)
+    calibration: dict | None = None  # the calibration profile the policy decided with (its summary)
 
     @property
     def images(self) -> int:
@@ -322,7 +333,7 @@ def run_evaluation(
     # Faces are kept in memory only when several variants investigate the same images.
     face_cache = FaceCache(on_no_face, keep=bool({"tools", "max-calls"} & set(analyses)))
     face_cache.prepare(rows, progress)
-    policy_threshold = getattr(policy, "threshold", None)
+    policy_threshold = policy_threshold_of(policy)
     cache: dict[tuple, tuple[dict[Path, ScoredImage], float]] = {}
 
     def scores_of(v: Variant) -> dict[Path, ScoredImage]:
@@ -366,5 +377,7 @@ def run_evaluation(
             v = Variant(f"max {n} tool call{'s' if n != 1 else ''}", tools, n)
             res.max_calls.append(VariantResult(v, folds_of(v), cache[v.key][1], _mean_calls(cache[v.key][0])))
     res.variant_seconds = {str(k): secs for k, (_, secs) in cache.items()}
+    profile = getattr(policy, "calibration", None)
+    res.calibration = profile.summary() if profile is not None else None
     res.seconds = time.perf_counter() - t0
     return res

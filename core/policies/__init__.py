@@ -30,12 +30,23 @@ def load_policy(name: str = "expert", **kwargs) -> Policy:
     raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICY_NAMES)}")
 
 
-def resolve(name: str = "expert", *, weights: str | Path | None = None, **options) -> tuple[Policy, ToolRegistry]:
+def resolve(
+    name: str = "expert", *, weights: str | Path | None = None, calibration=None, **options
+) -> tuple[Policy, ToolRegistry]:
     """``(policy, registry)`` for the CLI, the app and training: the policy built by :func:`load_policy`
     (``weights`` is the expert policy's weights folder) and the registry whose readers are
-    :func:`readers_for` it (``weights`` names the bank for the other policies too)."""
+    :func:`readers_for` it (``weights`` names the bank for the other policies too). ``calibration``: a
+    deployment's :class:`~core.calibration.CalibrationProfile` (or its JSON file) to decide with; one
+    fitted for another policy or version is refused (ProfileError)."""
     policy = load_policy(name, weights=weights, **options) if name == "expert" else load_policy(name, **options)
-    return policy, ToolRegistry(readers=readers_for(policy, weights))
+    registry = ToolRegistry(readers=readers_for(policy, weights))
+    if calibration is not None:
+        from ..calibration import CalibrationProfile
+        from .calibrated import calibrate
+
+        profile = calibration if isinstance(calibration, CalibrationProfile) else CalibrationProfile.load(calibration)
+        policy = calibrate(policy, profile, registry.readers)
+    return policy, registry
 
 
 def readers_for(policy, weights: str | Path | None = None, *, required: bool = False):

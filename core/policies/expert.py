@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import protocol
+from ..calibration import CalibrationProfile
 from ..errors import UnknownToolError
 from ..evidence import MIN_GAIN_BITS, EvidenceModel, choose
 from ..experts import RGB, ZOOM, ExpertBank, sigmoid
 from ..registry import tool_spec
 from ..trajectory import Trajectory
 from .base import Conversation, PolicyOutput
+from .calibrated import crop_features, features_reader
 
 STAT_LABELS = {
     "sharpness": ("sharpness", "{:.0f}"),
@@ -47,9 +49,16 @@ class ExpertPolicy:
         "chosen by expected information gain, and the reasoning text is written from the measured evidence."
     )
 
-    def __init__(self, bank: ExpertBank, threshold: float | None = None, min_tool_calls: int = 1):
+    def __init__(
+        self,
+        bank: ExpertBank,
+        threshold: float | None = None,
+        min_tool_calls: int = 1,
+        calibration: CalibrationProfile | None = None,
+    ):
         """``min_tool_calls``: tools looked at before the policy may stop early (default 1: the point
-        of the protocol is to check the first impression)."""
+        of the protocol is to check the first impression). ``calibration``: a deployment's profile; the
+        scores the policy states and its threshold are then the profile's."""
         self.bank = bank
         self.min_tool_calls = min_tool_calls
         self.version = bank.version
@@ -58,6 +67,21 @@ class ExpertPolicy:
         self.zoom_box = bank.view_args(ZOOM).get("bbox") or tool_spec(ZOOM).default_args["bbox"]
         self.evidence_model = EvidenceModel(bank.meta["evidence_model"])
         self._cache: dict[tuple[str, int], float] = {}
+        self.calibration = calibration
+        self._features, self._feature_cache = None, {}
+        if calibration is not None:
+            calibration.check(self.name, self.version)
+            self._features = features_reader(calibration, bank)
+            self.threshold = calibration.threshold
+
+    def with_calibration(self, profile: CalibrationProfile) -> ExpertPolicy:
+        return ExpertPolicy(self.bank, None, self.min_tool_calls, calibration=profile)
+
+    def _stated(self, p: float, conv: Conversation) -> float:
+        """The P(spoof) the policy states and decides on: the profile's calibration of ``p``, if any."""
+        if self.calibration is None:
+            return p
+        return self.calibration.p_spoof(p, crop_features(self._feature_cache, self._features, conv))
 
     @classmethod
     def load(
@@ -97,7 +121,7 @@ class ExpertPolicy:
         traj = conv.trajectory
         observed = self._observed(traj, conv.crop)
         if traj.fast_answer is None:
-            return self._fast_turn(self.p_spoof({RGB: observed[RGB]}))
+            return self._fast_turn(self._stated(self.p_spoof({RGB: observed[RGB]}), conv))
         used = [t.tool_result.name for t in traj.turns if t.tool_result is not None]
         candidates = [n for n in conv.registry.names if n not in used and self.bank.reads(n)]
         c = choose(self.evidence_model, observed, candidates, len(used), conv.tool_calls_left, self.min_tool_calls)
@@ -106,14 +130,18 @@ class ExpertPolicy:
             "evidence": {k: round(sigmoid(v), 4) for k, v in observed.items()},
             "expected_gain_bits": {k: round(v, 4) for k, v in c.gains.items()},
         }
+        p = self._stated(c.p_spoof, conv)
+        if self.calibration is not None:
+            notes["p_spoof_uncalibrated"] = c.p_spoof
         if c.tool is None:
-            return self._answer_turn(traj, observed, c.p_spoof, notes)
-        return self._tool_turn(traj, observed, c.p_spoof, conv.registry.spec(c.tool), c.gains[c.tool], notes)
+            return self._answer_turn(traj, observed, p, notes)
+        return self._tool_turn(traj, observed, p, conv.registry.spec(c.tool), c.gains[c.tool], notes)
 
     def _fast_turn(self, p: float) -> PolicyOutput:
         verdict = "spoof" if p >= self.threshold else "real"
         look = "shows signs of a recaptured face (print or screen)" if verdict == "spoof" else "looks like a live face"
-        reason = f"At a glance the face {look}; the RGB face network gives P(spoof) = {p:.2f}."
+        calibrated = " after this deployment's calibration" if self.calibration is not None else ""
+        reason = f"At a glance the face {look}; the RGB face network gives P(spoof) = {p:.2f}{calibrated}."
         return PolicyOutput(
             protocol.format_fast_answer(verdict, reason),
             score_spoof=p,
@@ -159,12 +187,17 @@ class ExpertPolicy:
         strength = "clearly" if abs(p - self.threshold) > 0.3 else "narrowly"
         parts.append(
             f"Taken together, allowing for how the experts agree, P(spoof) = {p:.2f}, {strength} "
-            f"{'above' if verdict == 'spoof' else 'below'} the decision threshold {self.threshold:.2f}: "
+            f"{'above' if verdict == 'spoof' else 'below'} the decision threshold {self.threshold:.2f}{self._threshold_origin()}: "
             + ("this is a presentation attack." if verdict == "spoof" else "this is a live face.")
         )
         return PolicyOutput(
             protocol.format_answer_turn(" ".join(s for s in parts if s), verdict), score_spoof=p, notes=notes
         )
+
+    def _threshold_origin(self) -> str:
+        if self.calibration is None:
+            return ""
+        return f" of calibration profile {self.calibration.id} ({self.calibration.n_reviews} reviewed cases)"
 
     def _last_result_sentence(self, traj: Trajectory, observed: dict[str, float]) -> str:
         last = traj.turns[-1] if traj.turns else None
