@@ -217,6 +217,11 @@ def fast_answer_feedback(message: str) -> str:
 
 TOOL_LIMIT_MESSAGE = "the maximum number of tool calls is reached; give your final <answer> now"
 
+# Where an assistant turn ends: the closing tag of a tool call, an answer or a fast answer's reason. Every
+# sampler stops there (core/policies/hf.py and openai_chat.py at inference, training/rollout.py in DT-GRPO
+# rollouts), so the turns the model is trained on end where the turns it is run on end.
+STOP_STRINGS = ("</tool_call>", "</answer>", "</reason>")
+
 
 # --- who says what around the policy's turns -------------------------------------------------------
 class Prompts:

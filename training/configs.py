@@ -59,6 +59,12 @@ class ExpertTrainConfig:
 
 
 # --- MLLM training (paper §3.2, §4.1): KT / FI supervised fine-tuning and DT-GRPO ------------------------
+PRECISION_HELP = (
+    '"auto" (bf16 on GPUs that support it, else fp32), "bf16", "fp16" or "fp32". Mixed precision: LoRA runs load the'
+    " frozen base in this dtype; full-parameter runs keep fp32 weights (DeepSpeed: its fp32 master copies)"
+)
+
+
 @dataclass
 class SFTConfig:
     """Configuration of ``tarfas train sft`` (stages KT and FI). Defaults are the paper's (§4.1): LoRA rank
@@ -125,8 +131,12 @@ class SFTConfig:
         default=4096, metadata={"help": "tokens per example (images included); longer examples are truncated"}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": '"auto" (bf16 on GPUs that support it, else fp32), "bf16", "fp16" or "fp32"'}
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={"help": PRECISION_HELP})
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = field(
+        default=None,
+        metadata={
+            "help": 'attention kernels of the model: "eager", "sdpa" or "flash_attention_2" (needs flash-attn; default: transformers\' choice, sdpa)'
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed of the data order and initialisation"})
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
@@ -240,6 +250,15 @@ class GRPOConfig:
     vllm_gpu_memory_utilization: float = field(
         default=0.3, metadata={"help": "share of GPU memory vLLM may take (colocate)"}
     )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "vLLM context window (colocate): prompt + whole rollout, tool images included (default: the model's)"
+        },
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs that hold one vLLM copy (colocate; a divisor of the processes)"}
+    )
     # Parameters that control the reward (training/rewards.py)
     reward: Literal["dt", "st"] = field(
         default="dt", metadata={"help": '"dt": DT-GRPO eqs. 10-14; "st": the ST-GRPO baseline, eq. S15 (ZoomIn only)'}
@@ -257,8 +276,12 @@ class GRPOConfig:
     )
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "paper: completions per step = 512"})
     max_steps: int = field(default=300, metadata={"help": "optimiser steps"})
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": '"auto" (bf16 on GPUs that support it, else fp32), "bf16", "fp16" or "fp32"'}
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={"help": PRECISION_HELP})
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = field(
+        default=None,
+        metadata={
+            "help": 'attention kernels of the model: "eager", "sdpa" or "flash_attention_2" (needs flash-attn; default: transformers\' choice, sdpa)'
+        },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
     seed: int = field(default=0, metadata={"help": "seed of the data order and rollouts"})

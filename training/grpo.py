@@ -31,7 +31,8 @@ import torch
 from trl import GRPOTrainer
 
 from core.agent import AgentConfig
-from core.mllm.processor import vision_token_ids
+from core.mllm.processor import load_processor, vision_token_ids
+from core.protocol import STOP_STRINGS
 from core.registry import ToolRegistry
 
 from .configs import GRPOConfig
@@ -39,7 +40,7 @@ from .datasets import grpo_queries, to_hf_dataset
 from .lineage import write_lineage
 from .rewards import fast_format, final_answer, make_reward_funcs, reasoning_format
 from .rollout import TokenPolicy, face_from_image, run_rollouts
-from .sft import load_data, load_policy_model, precision_flags
+from .sft import load_data, load_policy_model, precision_flags, training_dtype
 
 
 class DTGRPOTrainer(GRPOTrainer):
@@ -151,6 +152,8 @@ TRL_GRPO_FIELDS = (
     "use_vllm",
     "vllm_mode",
     "vllm_gpu_memory_utilization",
+    "vllm_max_model_length",
+    "vllm_tensor_parallel_size",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "learning_rate",
@@ -162,6 +165,31 @@ TRL_GRPO_FIELDS = (
     "seed",
     "gradient_checkpointing",
 )
+
+
+def sampling_kwargs(cfg: GRPOConfig, tokenizer) -> dict:
+    """``trl.GRPOConfig.generation_kwargs``: the per-turn sampling options, in the backend's own words. TRL
+    passes the dict to ``transformers.GenerationConfig`` without vLLM and to ``vllm.SamplingParams`` (colocate)
+    or the vLLM server's /v1/completions request (server) with it, updating its own defaults.
+
+    Both keep vision tokens out of samples (a sampled image token would not match the image features) and end
+    a turn at the protocol's stop strings (core.protocol.STOP_STRINGS, as at inference):
+
+    - transformers: ``max_new_tokens`` and ``suppress_tokens``. ``stop_strings`` would need the tokenizer passed
+      to ``generate``, which TRL does not do, so :class:`~training.rollout.TokenPolicy` cuts each sample after
+      its first stop string (the same tokens as stopping there);
+    - vLLM: ``max_tokens``, ``bad_words`` (the vision tokens' texts; vLLM encodes each to its single id and
+      bans it), ``stop`` with ``include_stop_str_in_output`` (the closing tag is part of the turn).
+    """
+    vision = vision_token_ids(tokenizer)
+    if not cfg.use_vllm:
+        return {"max_new_tokens": cfg.max_new_tokens, "suppress_tokens": vision}
+    return {
+        "max_tokens": cfg.max_new_tokens,  # TRL's own max_tokens is the whole completion's budget; ours is per turn
+        "bad_words": tokenizer.convert_ids_to_tokens(vision),
+        "stop": list(STOP_STRINGS),
+        "include_stop_str_in_output": True,
+    }
 
 
 def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
@@ -188,29 +216,30 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     print(f"[grpo {cfg.reward}] {len(rows)} queries; data: {data.stats}")
     train_ds = to_hf_dataset([{"prompt": r["prompt"], "image": r["image"], "label": r["label"]} for r in rows])
 
+    funcs, weights = make_reward_funcs(reward_cfg)
+    # The training config first: under `accelerate launch` with DeepSpeed it registers DeepSpeed, which ZeRO-3
+    # needs before the weights load (they are sharded as they load) and which decides their load dtype.
+    args = trl.GRPOConfig(**{
+        **{name: getattr(cfg, name) for name in TRL_GRPO_FIELDS},
+        "output_dir": str(out / "checkpoints"), "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1,
+        "reward_weights": weights, "optim": "adamw_torch", "lr_scheduler_type": "constant",
+        "generation_kwargs": sampling_kwargs(cfg, load_processor(cfg.model).tokenizer),
+        "save_strategy": "steps" if cfg.save_steps > 0 else "no", "save_only_model": True,
+        "remove_unused_columns": False, "log_completions": False, **precision_flags(cfg.precision),
+    })  # fmt: skip
     # The paper trains all parameters from the FI model: the FI adapter is merged into the base first.
     # With use_lora the adapter itself keeps training instead, so the output stays a small adapter.
     model, processor, _ = load_policy_model(
-        cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora
-    )
+        cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora,
+        dtype=training_dtype(args, cfg.precision, use_lora=cfg.use_lora), attn_implementation=cfg.attn_implementation,
+    )  # fmt: skip
     peft_config = None
     if cfg.use_lora and cfg.adapter is None:
         peft_config = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM"
         )
-    funcs, weights = make_reward_funcs(reward_cfg)
-    args = trl.GRPOConfig(**{
-        **{name: getattr(cfg, name) for name in TRL_GRPO_FIELDS},
-        "output_dir": str(out / "checkpoints"), "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1,
-        "reward_weights": weights, "optim": "adamw_torch", "lr_scheduler_type": "constant",
-        "generation_kwargs": {"max_new_tokens": cfg.max_new_tokens, "suppress_tokens": vision_token_ids(processor.tokenizer)},
-        "save_strategy": "steps" if cfg.save_steps > 0 else "no", "save_only_model": True,
-        "remove_unused_columns": False, "log_completions": False, **precision_flags(cfg.precision),
-    })  # fmt: skip
     trainer = DTGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds, processing_class=processor,
                             peft_config=peft_config, agent_config=agent_config, callbacks=callbacks)  # fmt: skip
-    if cfg.use_vllm:  # TRL's vLLM budget is per call; our calls are single turns
-        trainer.vllm_generation.max_completion_length = cfg.max_new_tokens
     result = trainer.train()
     history = [h for h in trainer.state.log_history if "reward" in h]
     summary = {"train_loss": result.training_loss, "steps": trainer.state.global_step, "log": history,

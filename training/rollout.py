@@ -27,6 +27,7 @@ from core.errors import TarfasError
 from core.faces import FaceCrop
 from core.mllm.messages import to_processor_inputs
 from core.policies.base import Conversation, PolicyOutput
+from core.protocol import STOP_STRINGS
 from core.trajectory import Trajectory
 
 
@@ -110,8 +111,9 @@ class TokenPolicy:
         self.generate_s += time.perf_counter() - t0
         room = self.max_completion_tokens - len(self.completion_ids)
         sampled = list(sampled)[:room]
+        sampled = sampled[: stop_length(sampled, self.processor.tokenizer, self._eos)]
         self._extend(sampled, 1, lps[: len(sampled)] if lps is not None else None)
-        if not sampled or sampled[-1] != self._eos:  # cut by max_new_tokens: close the turn as the template does
+        if not sampled or sampled[-1] != self._eos:  # cut by a stop string or max_new_tokens: close the turn
             self._extend([self._eos], 0, None)
         text = self.processor.tokenizer.decode(sampled, skip_special_tokens=True)
         self.texts.append(text)
@@ -153,6 +155,21 @@ class TokenPolicy:
         tool_s = trajectory.timings_ms.get("tools", 0.0) / 1e3
         return Rollout(trajectory, self.prompt_ids, self.completion_ids, self.mask, self.logprobs, self.images, self.texts,
                        self.generate_s, tool_s)  # fmt: skip
+
+
+def stop_length(ids: list[int], tokenizer, eos: int | None = None, stops=STOP_STRINGS) -> int:
+    """How many of the sampled ``ids`` make the turn: up to the token that completes the first stop string
+    (core.protocol.STOP_STRINGS, where inference ends a turn), plus the end-of-turn token ``eos`` if it was
+    sampled right after; all of them when no stop string occurs. vLLM already stops there; transformers
+    ``generate`` in TRL cannot (stop strings need the tokenizer passed to it), and cutting its sample at the
+    same token gives the same turns as stopping there."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if not any(s in text for s in stops):
+        return len(ids)
+    for n in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:n], skip_special_tokens=False) for s in stops):
+            return n + 1 if n < len(ids) and ids[n] == eos else n
+    return len(ids)
 
 
 class LockstepSampler:

@@ -89,25 +89,76 @@ class TurnWeightedSFTTrainer(SFTTrainer):
 
 
 # --- the command ----------------------------------------------------------------------------------------
-def precision_flags(precision: str) -> dict:
+def precision_plan(
+    device: str, precision: str, *, use_lora: bool, deepspeed: bool, bf16_supported: bool = True
+) -> dict:
+    """How a training run holds and computes its weights: ``{"dtype": load dtype, "bf16": ..., "fp16": ...}``
+    (the last two are the Trainer's mixed-precision flags: autocast compute, weights kept as loaded).
+
+    - precision "auto" is bf16 on a GPU that supports it, else fp32;
+    - LoRA: the base weights are frozen, so they load in the compute dtype (half the memory); PEFT keeps the
+      adapter weights in fp32 (``autocast_adapter_dtype``);
+    - full-parameter with DeepSpeed: the compute dtype too; DeepSpeed's bf16/fp16 optimizer keeps fp32
+      master copies of the weights (and ZeRO-3 shards them as they load);
+    - full-parameter otherwise (DDP, FSDP, one device): fp32 weights, bf16/fp16 autocast for the compute.
+      AdamW on bf16 weights loses every update below the weight's bf16 spacing (2^-8 relative): at lr 1e-6
+      almost no weight moves, and the run silently does not learn.
+    """
     if precision == "auto":
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return {"bf16": bf16, "fp16": False}
+        precision = "bf16" if device.startswith("cuda") and bf16_supported else "fp32"
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+    compute = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    dtype = compute if (use_lora or deepspeed) else "float32"
+    return {"dtype": dtype, "bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def load_policy_model(model_dir: str, adapter: str | None, *, trainable_adapter: bool, merge_adapter: bool):
-    """The base checkpoint (+ an existing adapter: trainable, or merged in) and its processor."""
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def precision_flags(precision: str) -> dict:
+    """The Trainer's ``bf16`` / ``fp16`` flags of ``precision`` on this machine (see :func:`precision_plan`)."""
+    plan = precision_plan(_device(), precision, use_lora=True, deepspeed=False, bf16_supported=_bf16_supported())
+    return {"bf16": plan["bf16"], "fp16": plan["fp16"]}
+
+
+def training_dtype(args, precision: str, *, use_lora: bool) -> str:
+    """The load dtype of the weights to train, given the built TRL/transformers config ``args`` (which knows
+    whether DeepSpeed runs: ``accelerate launch`` with a DeepSpeed config, or ``args.deepspeed``)."""
+    deepspeed = getattr(args, "deepspeed_plugin", None) is not None or bool(getattr(args, "deepspeed", None))
+    plan = precision_plan(
+        _device(), precision, use_lora=use_lora, deepspeed=deepspeed, bf16_supported=_bf16_supported()
+    )
+    return plan["dtype"]
+
+
+def load_policy_model(
+    model_dir: str,
+    adapter: str | None,
+    *,
+    trainable_adapter: bool,
+    merge_adapter: bool,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """The base checkpoint (+ an existing adapter: trainable, or merged in) and its processor. ``dtype``: the
+    load dtype (training: :func:`training_dtype`; None: bf16 when a bf16 GPU is present, else fp32).
+
+    Call it after building the training config: under ``accelerate launch`` with DeepSpeed ZeRO-3 the config
+    registers DeepSpeed, and only then does ``from_pretrained`` shard the weights as it loads them."""
     from core.mllm.processor import load_model_and_processor
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    # Weights load on the CPU (the Trainer places them); in bf16 when a GPU will train them, so that 8 ranks
-    # of a 7-8B model fit in host memory.
-    dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    loaded = load_model_and_processor(model_dir, device="cpu", dtype=dtype)
+    # Weights load on the CPU (the Trainer places them).
+    if dtype is None:
+        dtype = "bfloat16" if _bf16_supported() else "float32"
+    loaded = load_model_and_processor(model_dir, device="cpu", dtype=dtype, attn_implementation=attn_implementation)
     model = loaded.model
     if adapter is not None:
         from peft import PeftModel
@@ -169,16 +220,8 @@ def train_sft(cfg: SFTConfig, callbacks: list | None = None) -> Path:
     print(f"[sft {cfg.stage}] {len(rows)} examples; data: {data.stats}")
     train_ds = to_hf_dataset([{"messages": r["messages"], "images": r["images"]} for r in rows])
 
-    # Continuing from an adapter (KT -> FI) keeps training that same adapter, so the result always applies to
-    # the original base model: the app loads it as --model BASE --adapter OUT/adapter.
-    # Without LoRA, a given adapter is merged into the base and every weight trains.
-    model, processor, _ = load_policy_model(
-        cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora
-    )
-    peft_config = None
-    if cfg.use_lora and cfg.adapter is None:
-        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
+    # The training config first: under `accelerate launch` with DeepSpeed it registers DeepSpeed, which ZeRO-3
+    # needs before the weights load (they are sharded as they load) and which decides their load dtype.
     args = trl.SFTConfig(**{
         **{name: getattr(cfg, name) for name in TRL_SFT_FIELDS},
         "output_dir": str(out / "checkpoints"), "assistant_only_loss": True, "optim": "adamw_torch",
@@ -186,6 +229,17 @@ def train_sft(cfg: SFTConfig, callbacks: list | None = None) -> Path:
         "save_strategy": "steps" if cfg.save_steps > 0 else "no", "save_only_model": True,
         "remove_unused_columns": False, "dataloader_num_workers": 0, **precision_flags(cfg.precision),
     })  # fmt: skip
+    # Continuing from an adapter (KT -> FI) keeps training that same adapter, so the result always applies to
+    # the original base model: the app loads it as --model BASE --adapter OUT/adapter.
+    # Without LoRA, a given adapter is merged into the base and every weight trains.
+    model, processor, _ = load_policy_model(
+        cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora,
+        dtype=training_dtype(args, cfg.precision, use_lora=cfg.use_lora), attn_implementation=cfg.attn_implementation,
+    )  # fmt: skip
+    peft_config = None
+    if cfg.use_lora and cfg.adapter is None:
+        peft_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=cfg.lora_targets, task_type="CAUSAL_LM")  # fmt: skip
     collator = None
     if cfg.stage == "fi":
         collator = TurnWeightedCollator(

@@ -57,6 +57,10 @@ class HFOptions:
     model: str | None = field(default=None, metadata={"help": "hf: checkpoint folder (Qwen2.5-VL / InternVL3-hf)"})
     adapter: str | None = field(default=None, metadata={"help": "hf: PEFT LoRA adapter folder"})
     max_new_tokens: int = field(default=512, metadata={"help": "hf/vllm: token budget of one assistant turn"})
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = field(
+        default=None,
+        metadata={"help": "hf: attention kernels (flash_attention_2 needs flash-attn; default: transformers' choice)"},
+    )
 
     def __post_init__(self):
         if not self.model:

@@ -104,10 +104,16 @@ def pick_device_dtype(device: str | None = None, dtype: str | None = None) -> tu
 
 
 def load_model_and_processor(
-    model_dir: str | Path, *, adapter: str | Path | None = None, device: str | None = None, dtype: str | None = None
+    model_dir: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a Qwen2.5-VL / InternVL3 (transformers format) folder offline, optionally with a PEFT LoRA
-    adapter folder, on ``device`` (default: CUDA if available, else CPU)."""
+    adapter folder, on ``device`` (default: CUDA if available, else CPU). ``attn_implementation``:
+    "eager", "sdpa" or "flash_attention_2" (None: transformers' default, sdpa where supported)."""
     import torch
 
     model_dir = Path(model_dir)
@@ -118,7 +124,8 @@ def load_model_and_processor(
     else:
         from transformers import InternVLForConditionalGeneration as cls
     try:
-        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = cls.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True, **extra)
     except OSError as exc:
         raise WeightsError(f"cannot load model weights from {model_dir}: {exc}") from exc
     if adapter is not None:

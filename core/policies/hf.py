@@ -17,10 +17,9 @@ from ..mllm.errors import ContextOverflowError
 from ..mllm.messages import encode, to_processor_inputs
 from ..mllm.processor import LoadedModel, load_model_and_processor, vision_token_ids
 from ..mllm.scoring import class_token_score
-from ..protocol import class_tag_offset
+from ..protocol import STOP_STRINGS, class_tag_offset
 from .base import Conversation, PolicyOutput
 
-STOP_STRINGS = ("</tool_call>", "</answer>", "</reason>")
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
@@ -77,11 +76,13 @@ class HFPolicy:
         adapter: str | Path | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        attn_implementation: str | None = None,
         **kwargs,
     ) -> HFPolicy:
-        return cls(
-            load_model_and_processor(model, adapter=adapter, device=device, dtype=dtype), model_dir=model, **kwargs
+        loaded = load_model_and_processor(
+            model, adapter=adapter, device=device, dtype=dtype, attn_implementation=attn_implementation
         )
+        return cls(loaded, model_dir=model, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     def next_turn(self, conversation: Conversation) -> PolicyOutput:

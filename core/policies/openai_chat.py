@@ -17,9 +17,9 @@ import time
 from ..mllm.errors import ModelServerError
 from ..mllm.messages import to_openai_messages
 from ..mllm.scoring import score_from_top_logprobs
+from ..protocol import STOP_STRINGS
 from .base import Conversation, PolicyOutput
 
-STOP_STRINGS = ["</tool_call>", "</answer>", "</reason>"]
 _OPEN_TAGS = ("tool_call", "answer", "reason")
 
 
@@ -85,7 +85,7 @@ class OpenAIChatPolicy:
             messages=messages,
             max_tokens=self.max_new_tokens,
             temperature=self.temperature,
-            stop=STOP_STRINGS,
+            stop=list(STOP_STRINGS),
         )
         notes: dict = {}
         t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def _text_of(message) -> str:
 
 def _with_closing_tag(text: str, finish_reason: str | None, stop_reason) -> str:
     """OpenAI servers drop the matched stop string (vLLM by default): put it back so the turn parses."""
-    if finish_reason != "stop" or text.rstrip().endswith(tuple(STOP_STRINGS)):
+    if finish_reason != "stop" or text.rstrip().endswith(STOP_STRINGS):
         return text
     if isinstance(stop_reason, str) and stop_reason in STOP_STRINGS:
         return text + stop_reason

@@ -24,6 +24,13 @@ from ..annotators import Hint, final_answer
 L_MAX = 6  # paper §3.1.2: reasoning turns per annotation
 
 
+def default_tool_limit(max_turns: int = L_MAX) -> int:
+    """Tool calls an annotation may make by default: as many as the inference loop allows
+    (core.agent.AgentConfig.max_tool_calls, 3), and at most ``max_turns - 1`` (the last turn must answer).
+    Annotations that need more tool calls than the policy will ever get teach it nothing it can use."""
+    return min(agent.AgentConfig().max_tool_calls, max_turns - 1)
+
+
 def annotate_image(
     image: np.ndarray | FaceCrop,
     hint: Hint,
@@ -44,11 +51,11 @@ def annotate_image(
     ``max_turns`` reasoning turns, or when the annotator fails (status "failed", see
     :func:`training.annotators.stop_reason`). ``registry``: the tools and the readers of their images
     (default: all tools, no expert guidance), restricted to ``tools``; ``max_tool_calls`` defaults to
-    ``max_turns - 1`` (the last turn must answer).
+    :func:`default_tool_limit` (the inference loop's limit, at most ``max_turns - 1``).
     """
     face = image if isinstance(image, FaceCrop) else crop_face(image)
     config = agent.AgentConfig(
-        max_tool_calls=max_turns - 1 if max_tool_calls is None else max_tool_calls,
+        max_tool_calls=default_tool_limit(max_turns) if max_tool_calls is None else max_tool_calls,
         max_format_errors=0,
         allowed_tools=tools,
     )

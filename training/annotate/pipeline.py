@@ -27,7 +27,7 @@ from core.registry import ToolRegistry
 
 from ..annotators import Hint, stop_reason
 from ..verify import Issue, verify
-from .conversation import L_MAX, annotate_image
+from .conversation import L_MAX, annotate_image, default_tool_limit
 from .outputs import (
     REJECTED,
     Attempt,
@@ -47,7 +47,7 @@ class AnnotateConfig:
     """Parameters of one annotation run (recorded in the dataset manifest)."""
 
     max_turns: int = L_MAX  # L_max: reasoning turns (think + tool call / answer) per annotation
-    max_tool_calls: int | None = None  # default: max_turns - 1 (the last turn must answer)
+    max_tool_calls: int | None = None  # default: the inference loop's limit (3), at most max_turns - 1
     tools: list[str] | None = None  # tools offered (default: all six)
     concurrency: int = 1  # annotations in flight (the endpoint's concurrency limit)
     review_rate: float = 0.05  # share of accepted samples drawn for manual verification
@@ -66,7 +66,7 @@ class AnnotateConfig:
     @property
     def tool_limit(self) -> int:
         """The agent loop's tool-call limit for an annotation."""
-        return self.max_tool_calls if self.max_tool_calls is not None else self.max_turns - 1
+        return self.max_tool_calls if self.max_tool_calls is not None else default_tool_limit(self.max_turns)
 
 
 # --- one sample: annotate, verify, re-annotate once -----------------------------------------------
