@@ -12,6 +12,7 @@
   tarfas train sft --stage kt|fi --model DIR --data EXPORT_DIR[,MANIFEST.csv] [--adapter DIR] --out OUT
   tarfas train grpo --model DIR [--adapter DIR] --data EXPORT_DIR --out OUT [--reward dt|st]
   tarfas model init-nano OUT [--arch qwen2_5_vl|internvl] [--seed 0]
+  tarfas audit verify [--data-dir DIR] [--db URL]
 """
 
 from __future__ import annotations

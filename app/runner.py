@@ -17,6 +17,7 @@ failed runs can be re-run on exactly the same crop with :meth:`Runner.rerun`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -38,6 +39,8 @@ from storage.cases import create_case
 from storage.db import Storage
 from storage.errors import CalibrationError, NotFoundError
 from storage.investigations import InvestigationRecorder, face_of, get_investigation, load_trajectory, mark_interrupted
+
+log = logging.getLogger("tarfas.runner")
 
 DEFAULT_CONCURRENCY = 2  # investigations at once; one per core on the reference machine
 
@@ -313,10 +316,13 @@ class Runner:
 
     @staticmethod
     def _fail(job: Job, exc: Exception) -> None:
+        # Expected errors (bad input, a missing case) are one log line; anything else logs its traceback.
         if isinstance(exc, (TarfasError, ValueError)):
             message = str(exc)
+            log.warning("job %s (%s) refused: %s: %s", job.id, job.filename or "no file name", type(exc).__name__, exc)
         else:
             message = f"{type(exc).__name__}: {exc}"
+            log.error("job %s (%s) failed", job.id, job.filename or "no file name", exc_info=exc)
         if isinstance(exc, NoFaceError):
             message += " Tick 'analyse the whole image when no face is found' to investigate it anyway."
         job._set(state="error", error=message, error_type=type(exc).__name__)

@@ -5,6 +5,7 @@ Serving beyond localhost without logins is refused (:func:`app.ui.auth.check_exp
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -82,6 +83,7 @@ def serve(
 
     users = users or Users([])
     check_exposure(host, users)
+    _log_to_stderr()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     ctx, demo = build(
         data_dir, db_url=db_url, concurrency=concurrency, max_file_mb=max_file_mb, policy_loader=policy_loader
@@ -105,3 +107,15 @@ def serve(
     if block:
         wb.close()
     return wb
+
+
+def _log_to_stderr() -> None:
+    """One line per record for tarfas's loggers (refusals as warnings, failures with their traceback),
+    unless the embedding program configured logging itself."""
+    logger = logging.getLogger("tarfas")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

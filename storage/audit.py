@@ -2,20 +2,44 @@
 
 Every change adds its :class:`AuditEvent` to the session that makes the change, so both are committed
 (or rolled back) together. Audit rows are refused any update or delete: by the ORM here, and by
-database triggers in the migrations (against raw SQL).
+database triggers in the migrations (against raw SQL). An INSERT that would replace a row (SQLite's
+``INSERT OR REPLACE``, an upsert's ``ON CONFLICT``) is refused by a BEFORE INSERT trigger (migration 0004).
+
+Tamper evidence: each row's ``chain_hash`` is the SHA-256 of the previous row's ``chain_hash`` (``GENESIS``
+for the first row) and the row's own fields in a canonical form (:func:`chain_hash`). Editing or removing
+a row (possible only with the guards dropped, i.e. with the database owner's rights or the SQLite file) no
+longer matches; :func:`verify_chain` (``tarfas audit verify``) finds the first row that does not.
+
+Concurrent writers: the chain follows the ids. :func:`record` takes a lock that is held until the
+transaction ends before it reads the previous row (PostgreSQL: a transaction-level advisory lock; SQLite:
+the database write lock, taken by a no-op write), so the previous row it links to is the row with the
+highest id when its own row is inserted, and no other writer can insert between them. Ids are assigned by
+the INSERT made under that lock, so they increase in chain order; gaps left by rolled-back transactions do
+not matter. Audit writers wait for each other from their event to their commit, so an event belongs at
+the end of a short transaction (as every caller has it); on PostgreSQL a transaction that took the lock and
+then waits for a row another audit writer holds is ended by the deadlock detector.
+
+What the chain cannot show alone: removing the newest rows, or rewriting a row together with every hash
+after it. Keep the head hash that ``audit verify`` prints somewhere else to detect those.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import event, insert
+from sqlalchemy import event, insert, select, text
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from .errors import AuditLogImmutableError
-from .models import AuditEvent
+from .models import AuditEvent, utcnow
+
+GENESIS = "0" * 64  # the "previous hash" of the first row
+CHAIN_LOCK = 0x7461_7261  # PostgreSQL advisory lock key ("tara") held by a writer of the audit log until commit
 
 
 def record(
@@ -31,18 +55,87 @@ def record(
 
     A Core INSERT, not ``session.add``: an event is never edited, and the ORM unit of work per event cost
     more than the database write (several events per investigation, profiled in benchmarks/bench_app.py).
-    Pending changes are flushed first, so the event follows the change it describes."""
-    session.execute(
-        insert(AuditEvent),
-        {
-            "actor": actor,
-            "action": action,
-            "entity": entity,
-            "entity_id": str(entity_id),
-            "before": plain(before),
-            "after": plain(after),
-        },
-    )
+    Pending changes are flushed first, so the event follows the change it describes. The event is linked
+    to the previous one (``chain_hash``) under a lock held until the transaction ends (module docstring)."""
+    session.flush()
+    _lock_chain(session)
+    prev = session.execute(select(AuditEvent.chain_hash).order_by(AuditEvent.id.desc()).limit(1)).scalar()
+    row = {
+        "at": utcnow(),
+        "actor": actor,
+        "action": action,
+        "entity": entity,
+        "entity_id": str(entity_id),
+        "before": plain(before),
+        "after": plain(after),
+    }
+    session.execute(insert(AuditEvent), row | {"chain_hash": chain_hash(prev or GENESIS, **row)})
+
+
+def _lock_chain(session: Session) -> None:
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CHAIN_LOCK})  # released at commit/rollback
+    elif conn.dialect.name == "sqlite":
+        # A write that changes nothing (and fires no trigger) still takes SQLite's write lock (waiting
+        # busy_timeout for another writer), and a transaction holds it until it ends.
+        conn.exec_driver_sql("UPDATE audit_events SET id = id WHERE 0")
+
+
+def chain_hash(
+    prev: str,
+    at: datetime,
+    actor: str,
+    action: str,
+    entity: str,
+    entity_id: str,
+    before: Any,
+    after: Any,
+) -> str:
+    """The SHA-256 (hex) that links a row to the previous row's hash ``prev``: over compact JSON of
+    ``[prev, at (UTC, ISO 8601, microseconds), actor, action, entity, entity_id, before, after]`` with
+    sorted keys, ASCII only. The values are those the row reads back with (``before``/``after`` as plain JSON)."""
+    at = at.replace(tzinfo=timezone.utc) if at.tzinfo is None else at.astimezone(timezone.utc)
+    fields = [prev, at.isoformat(timespec="microseconds"), actor, action, entity, entity_id, before, after]
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def row_hash(prev: str, row: Any) -> str:
+    """:func:`chain_hash` of a stored row (an :class:`AuditEvent` or a row of its table)."""
+    return chain_hash(prev, row.at, row.actor, row.action, row.entity, row.entity_id, row.before, row.after)
+
+
+@dataclass
+class ChainCheck:
+    """What :func:`verify_chain` found: ``rows`` checked in id order, the last good hash (``head``), and
+    the first row that breaks the chain (None: the chain is whole)."""
+
+    rows: int
+    head: str
+    broken_id: int | None = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.broken_id is None
+
+
+def verify_chain(session: Session, *, batch: int = 1000) -> ChainCheck:
+    """Recompute the chain over every audit row in id order; stop at the first row that does not match."""
+    table = AuditEvent.__table__
+    prev, prev_id, n = GENESIS, None, 0
+    result = session.execute(select(table).order_by(table.c.id), execution_options={"yield_per": batch})
+    for row in result:
+        if not row.chain_hash:
+            return ChainCheck(n, prev, row.id, "it has no chain hash (inserted outside the workbench)")
+        if row_hash(prev, row) != row.chain_hash:
+            gap = f"; no row between ids {prev_id} and {row.id}" if prev_id is not None and row.id > prev_id + 1 else ""
+            return ChainCheck(
+                n, prev, row.id, f"its chain hash does not match: the row was changed, or a row before it removed{gap}"
+            )
+        prev, prev_id, n = row.chain_hash, row.id, n + 1
+    return ChainCheck(n, prev)
 
 
 def plain(obj: Any) -> Any:

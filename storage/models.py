@@ -314,3 +314,5 @@ class AuditEvent(Base):
     entity_id: Mapped[str] = mapped_column(String(64))
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # SHA-256 of the previous row's chain_hash and this row's fields (storage.audit.chain_hash): tamper evidence.
+    chain_hash: Mapped[str] = mapped_column(String(64))

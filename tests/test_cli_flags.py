@@ -84,7 +84,7 @@ def test_a_flag_two_configs_share_keeps_one_flag_with_both_helps():
 
 def test_every_verb_is_wired_and_bad_flags_are_an_exit_status(capsys):
     verbs = build_parser()._subparsers._group_actions[0].choices
-    assert set(verbs) == {"investigate", "eval", "calibrate", "app", "annotate", "train", "model"}
+    assert set(verbs) == {"investigate", "eval", "calibrate", "app", "annotate", "train", "model", "audit"}
     assert main(["train", "sft", "--stage", "xx"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     assert main(["eval", "m.csv", "--max-tool-calls", "-1"]) == 2

@@ -36,7 +36,7 @@ TABLES = {
     "calibration_profiles",
     "calibration_activations",
 }
-HEAD = "0003"  # the newest migration in storage/migrations/versions
+HEAD = "0004"  # the newest migration in storage/migrations/versions
 ROOT = Path(__file__).resolve().parents[1]
 
 

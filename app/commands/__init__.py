@@ -12,4 +12,5 @@ VERBS = {  # verb -> module under app.commands
     "annotate": "annotate",
     "train": "train",
     "model": "model",
+    "audit": "audit",
 }

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import EXIT_INPUT
 from .flags import add_config_args, config_from_args
 from .policy import add_policy_args, agent_options, load_policy
 
@@ -104,6 +105,7 @@ def run(args) -> int:
         )
     if opts.limit_per_domain is not None:
         protocol.limit_per_domain = opts.limit_per_domain
+    _check_images_exist(protocol, opts)  # before the policy loads: a wrong root is the usual cause
     policy, registry = load_policy(args)
     result = analyses.run_evaluation(
         protocol,
@@ -121,6 +123,18 @@ def run(args) -> int:
     for s in result.scores.values():
         if s.score_spoof is None:
             print(f"{'unreadable' if s.unreadable else 'no verdict'}: {s.row.rel_path}: {s.error}", file=sys.stderr)
+    if not any(s.score_spoof is not None for s in result.scores.values()):
+        unreadable = sum(1 for s in result.scores.values() if s.unreadable)
+        if unreadable == len(result.scores):  # nothing could even be read: no metrics at all
+            print(f"error: none of the {unreadable} images could be read; nothing was scored", file=sys.stderr)
+            return EXIT_INPUT
+        # Read, but the policy reached no verdict on any (e.g. a barely trained model): that is a result,
+        # counted in the metrics' no_verdict column, and written like any other.
+        print(
+            f"warning: the policy reached no verdict on any of the {len(result.scores)} images "
+            f"({unreadable} unreadable); every metric below is empty",
+            file=sys.stderr,
+        )
     if opts.plain:
         _print_plain(result, opts)
         return 0
@@ -164,6 +178,26 @@ def run(args) -> int:
             )
         )
     return 0
+
+
+def _check_images_exist(protocol, opts: EvalOptions) -> None:
+    """Refuse a manifest none of whose images exist, with a hint at the folder its paths are relative to."""
+    rows: dict[int, list] = {}
+    for i, row in protocol.read_pool():
+        rows.setdefault(i, []).append(row)
+    for i, (manifest, root) in enumerate(protocol.manifests):
+        found = rows.get(i, [])
+        if found and not any(r.path.exists() for r in found):
+            base = root or manifest.parent
+            hint = (
+                "set its root in the protocol file"
+                if opts.is_protocol
+                else "give --root DIR, the folder they are relative to"
+            )
+            raise ValueError(
+                f"none of the {len(found)} images of {manifest} exist (e.g. {found[0].path}; paths are read "
+                f"relative to {base}): {hint}"
+            )
 
 
 def _print_plain(result, opts: EvalOptions) -> None:

@@ -24,6 +24,7 @@ from storage import calibration as profiles
 from storage.queries import RunFilter, uploaders
 
 from .context import AppContext
+from .errors import UserError
 from .tab_investigate import parse_policy_kwargs
 
 TARGETS = ["eer", "apcer=0.05", "bpcer=0.05", "apcer=0.01", "bpcer=0.01"]
@@ -70,7 +71,7 @@ def _day(text: str | None, what: str) -> date | None:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise gr.Error(f"{what} must be a date YYYY-MM-DD (or empty), got {text!r}") from None
+        raise UserError(f"{what} must be a date YYYY-MM-DD (or empty), got {text!r}") from None
 
 
 def run_filter(since, until, uploader, source, *, reviewed_only: bool = True) -> RunFilter:
@@ -83,7 +84,7 @@ def run_filter(since, until, uploader, source, *, reviewed_only: bool = True) ->
             reviewed_only=reviewed_only,
         )
     except ValueError as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def _policy(ctx: AppContext, name: str, args: str):
@@ -91,7 +92,7 @@ def _policy(ctx: AppContext, name: str, args: str):
     try:
         return ctx.runner.policy(RunSettings.make(name or "expert", parse_policy_kwargs(args)))
     except (TarfasError, ValueError, TypeError) as exc:
-        raise gr.Error(f"policy {name!r} could not be loaded: {exc}") from None
+        raise UserError(f"policy {name!r} could not be loaded: {exc}") from None
 
 
 # --- what the tab shows ----------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def fit(ctx: AppContext, since, until, uploader, source, policy_name, policy_arg
     try:
         Target.parse(target or "eer")
     except ValueError as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     policy = _policy(ctx, policy_name, policy_args)
     try:
         result = fit_from_reviews(
@@ -248,7 +249,7 @@ def fit(ctx: AppContext, since, until, uploader, source, policy_name, policy_arg
             bank=readers_for(policy),
         )
     except (CalibrationInputError, ProfileError, ValueError) as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     with ctx.storage.sessions.begin() as s:
         profiles.save_profile(s, result.profile, user=user)
     gr.Info(f"profile {result.profile.id} fitted on {result.profile.n_reviews} reviewed cases and saved")
@@ -260,7 +261,7 @@ def set_active(ctx: AppContext, profile_id: str | None, user: str):
         with ctx.storage.sessions.begin() as s:
             entry = profiles.activate(s, profile_id, user=user)
     except (TarfasError, LookupError) as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     if entry.profile_id is None:
         message = "Calibration switched off: new investigations use the policy's own threshold."
     else:
@@ -283,7 +284,7 @@ def rescore_table(
 ) -> tuple[str, pd.DataFrame]:
     profile_id = (profile_id or "").strip()
     if not profile_id:
-        raise gr.Error("give a profile id (fit one, or copy one from the list of profiles)")
+        raise UserError("give a profile id (fit one, or copy one from the list of profiles)")
     try:
         with ctx.storage.sessions() as s:
             profile = profiles.load_profile(s, profile_id)
@@ -294,7 +295,7 @@ def rescore_table(
             bank=_bank(ctx, profile.policy),
         )
     except (TarfasError, LookupError, ValueError) as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     table = pd.DataFrame(
         [
             [
@@ -389,7 +390,7 @@ def build(ctx: AppContext):
     def do_activate(pid, request: gr.Request):
         pid = (pid or "").strip()
         if not pid:
-            raise gr.Error("give the id of the profile to activate (fit one, or pick one in the list)")
+            raise UserError("give the id of the profile to activate (fit one, or pick one in the list)")
         return set_active(ctx, pid, ctx.user(request))
 
     def do_deactivate(request: gr.Request):
@@ -398,7 +399,7 @@ def build(ctx: AppContext):
     def pick(evt: gr.SelectData):
         row = evt.row_value or []
         if not row or not row[0]:
-            raise gr.Error("this row has no profile")
+            raise UserError("this row has no profile")
         return str(row[0])
 
     fit_btn.click(

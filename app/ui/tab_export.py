@@ -15,6 +15,7 @@ from app.export import export_dataset
 from core.errors import TarfasError
 
 from .context import AppContext
+from .errors import UserError
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 
@@ -26,7 +27,7 @@ def export(ctx: AppContext, ids_text: str, user: str):
     try:
         result = export_dataset(ctx.storage, out_dir, user=user, investigation_ids=ids)
     except (TarfasError, LookupError) as exc:  # nothing reviewed, a bad correction, unknown ids: nothing written
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     folder = Path(result.folder)
     archive = shutil.make_archive(str(folder), "zip", root_dir=folder)
     skipped = ", ".join(f"{len(v)} {k}" for k, v in result.skipped.items()) or "none"

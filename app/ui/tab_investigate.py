@@ -17,6 +17,7 @@ from storage.cases import cases_with_image
 from storage.investigations import get_investigation
 
 from .context import AppContext, samples
+from .errors import UserError
 from .render import Transcript
 
 BATCH_COLUMNS = ["file", "status", "verdict", "P(spoof)", "investigation", "message"]
@@ -34,7 +35,7 @@ def parse_policy_kwargs(text: str) -> dict:
             continue
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            raise gr.Error(f"policy arguments: expected key=value, got {part!r}")
+            raise UserError(f"policy arguments: expected key=value, got {part!r}")
         out[key.strip()] = _scalar(value.strip())
     return out
 
@@ -51,7 +52,7 @@ def _scalar(text: str):
 def settings_from(policy, policy_args, max_tool_calls, tools, whole) -> RunSettings:
     tools = list(tools or [])
     if not tools:
-        raise gr.Error("choose at least one tool")
+        raise UserError("choose at least one tool")
     return RunSettings.make(
         policy or "expert",
         parse_policy_kwargs(policy_args),
@@ -182,9 +183,13 @@ def stream_jobs(ctx: AppContext, jobs: list[tuple[str, Job]]):
         else:
             msgs = transcript.messages() + _seen_before(ctx, job)
             last_inv = job.investigation_id or last_inv
-        done = sum(1 for _, j in jobs if j.finished)
-        status = f"{done} of {len(jobs)} investigated" + (
-            f" · last: {rows[job.id][1]} {rows[job.id][2]}" if not job.error else f" · **{name}**: {job.error}"
+        # A refused job (job.error: bad input, nothing recorded) finished without being investigated.
+        done = sum(1 for _, j in jobs if j.finished and not j.error)
+        refused = sum(1 for _, j in jobs if j.finished and j.error)
+        status = (
+            f"{done} of {len(jobs)} investigated"
+            + (f", {refused} refused" if refused else "")
+            + (f" · last: {rows[job.id][1]} {rows[job.id][2]}" if not job.error else f" · **{name}**: {job.error}")
         )
         yield send(msgs, status, last_inv, crop, tool_image, gallery, list(rows.values()), final=k == len(jobs) - 1)
 
@@ -259,7 +264,7 @@ def build(ctx: AppContext, current: gr.Textbox):
 
     def investigate_files(paths, policy, policy_args, max_calls, tools, whole, request: gr.Request):
         if not paths:
-            raise gr.Error("upload at least one image first")
+            raise UserError("upload at least one image first")
         settings = settings_from(policy, policy_args, max_calls, tools, whole)
         user = ctx.user(request)
         jobs = []
@@ -274,12 +279,12 @@ def build(ctx: AppContext, current: gr.Textbox):
                 continue
             jobs.append((name, ctx.runner.submit(p.read_bytes(), filename=name, user=user, settings=settings)))
         if not jobs:
-            raise gr.Error("no image within the upload limit")
+            raise UserError("no image within the upload limit")
         yield from stream_jobs(ctx, jobs)
 
     def investigate_sample(name, policy, policy_args, max_calls, tools, whole, request: gr.Request):
         if name not in demo:
-            raise gr.Error(f"unknown demo sample {name!r}")
+            raise UserError(f"unknown demo sample {name!r}")
         settings = settings_from(policy, policy_args, max_calls, tools, whole)
         path = demo[name]
         yield from stream_jobs(
@@ -297,13 +302,13 @@ def build(ctx: AppContext, current: gr.Textbox):
 
     def manual(inv_id, tool, box, request: gr.Request):
         if not inv_id:
-            raise gr.Error("investigate or open a case first")
+            raise UserError("investigate or open a case first")
         args = {}
         if tool in {t.name for t in BOX_TOOLS}:
             try:
                 args = {"bbox": [float(v) for v in box.replace(";", ",").split(",")]}
             except ValueError:
-                raise gr.Error(f"box must be four numbers x1, y1, x2, y2, got {box!r}") from None
+                raise UserError(f"box must be four numbers x1, y1, x2, y2, got {box!r}") from None
         return run_manual_tool(ctx, inv_id, tool, args, ctx.user(request))
 
     go.click(investigate_files, [files, *settings_in], outputs, api_name="investigate", concurrency_limit=None)
@@ -323,16 +328,16 @@ def run_manual_tool(ctx: AppContext, inv_id: str, tool: str, arguments: dict, us
         try:
             inv = get_investigation(s, inv_id.strip())
         except LookupError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
         crop_sha = inv.crop_sha256
     if not crop_sha:
-        raise gr.Error(f"investigation {inv_id} has no stored face crop")
+        raise UserError(f"investigation {inv_id} has no stored face crop")
     crop = ctx.storage.files.read_png(crop_sha)
     t0 = time.perf_counter()
     try:  # the default policy's registry: its expert bank reads the output too
         ex = ctx.runner.registry(ctx.runner.policy(RunSettings())).execute(tool, arguments, crop)
     except ToolCallError as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     image_sha = ctx.storage.files.put_png(ex.output.image)
     with ctx.storage.sessions.begin() as s:
         audit.record(

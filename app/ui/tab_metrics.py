@@ -8,6 +8,7 @@ import gradio as gr
 from app.review_metrics import confusion_figure, review_metrics, roc_figure
 
 from .context import AppContext
+from .errors import UserError
 
 
 def parse_threshold(text: str | float | None) -> float | None:
@@ -17,7 +18,7 @@ def parse_threshold(text: str | float | None) -> float | None:
     try:
         return float(str(text).strip())
     except ValueError:
-        raise gr.Error(f"threshold must be a number between 0 and 1, or empty; got {text!r}") from None
+        raise UserError(f"threshold must be a number between 0 and 1, or empty; got {text!r}") from None
 
 
 def compute(ctx: AppContext, threshold: str | float | None):
@@ -25,7 +26,7 @@ def compute(ctx: AppContext, threshold: str | float | None):
         with ctx.storage.sessions() as s:
             m = review_metrics(s, threshold=parse_threshold(threshold))
     except ValueError as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     lines = [
         f"**{m.reviewed}** reviewed investigations: {m.labelled} labelled real/spoof, {m.unsure} unsure.",
         "**Agreement** model vs analyst: "

@@ -10,6 +10,7 @@ from storage import queries
 from storage.models import ATTACK_TYPES, INVESTIGATION_STATUSES
 
 from .context import AppContext
+from .errors import UserError
 
 FILTERS = ["unreviewed", "disagreement", "uncertain score"]
 ANY = "any"
@@ -97,5 +98,5 @@ def picked_investigation(evt: gr.SelectData) -> str:
     """The investigation id of the clicked row (its first column)."""
     row = evt.row_value or []
     if not row or not row[0]:
-        raise gr.Error("this row has no investigation to open")
+        raise UserError("this row has no investigation to open")
     return str(row[0])

@@ -18,6 +18,7 @@ from storage.models import TURN_FLAGS
 from storage.reviews import NO_REVIEW, load_review, submit_review
 
 from .context import AppContext
+from .errors import UserError
 from .render import Transcript, calibration_line, trajectory_messages, verdict_label
 from .reports import write_case_report
 
@@ -73,14 +74,14 @@ def open_case(ctx: AppContext, inv_id: str):
     """(chat, summary, verdict, notes, corrected answer, flag choices, version, attack type) of an investigation."""
     inv_id = (inv_id or "").strip()
     if not inv_id:
-        raise gr.Error("give an investigation id (or pick a case in the Queue tab)")
+        raise UserError("give an investigation id (or pick a case in the Queue tab)")
     try:
         with ctx.storage.sessions() as s:
             traj = load_trajectory(s, ctx.storage.files, inv_id)
             review = load_review(s, inv_id)
             attack = getattr(get_investigation(s, inv_id).case, "attack_type", None) or ""
     except NotFoundError as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     choices = [flag_choice(t.index, f) for t in traj.turns for f in TURN_FLAGS]
     if review:
         selected = [flag_choice(i, f) for i, fs in sorted(review.flags.items()) for f in fs]
@@ -112,9 +113,9 @@ def save(
 ):
     inv_id = (inv_id or "").strip()
     if not inv_id:
-        raise gr.Error("open a case first")
+        raise UserError("open a case first")
     if verdict not in VERDICTS:
-        raise gr.Error("choose a verdict: real, spoof or unsure")
+        raise UserError("choose a verdict: real, spoof or unsure")
     try:
         with ctx.storage.sessions.begin() as s:
             state = submit_review(
@@ -131,7 +132,7 @@ def save(
                 # Same transaction: the verdict and the attack type are saved together or not at all.
                 cases.set_attack_type(s, get_investigation(s, inv_id).case_id, attack or None, user=user)
     except (ConcurrentReviewError, InvalidReviewError, NotFoundError, ValueError) as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
     when = datetime.now(timezone.utc).strftime("%H:%M:%S UTC")
     gr.Info(f"review saved: {verdict_label(state.verdict)} (version {state.version})")
     return (
@@ -193,7 +194,7 @@ def build(ctx: AppContext, current: gr.Textbox):
         try:
             job = ctx.runner.rerun(inv_id, user=ctx.user(request))
         except NotFoundError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
         transcript = Transcript(ctx.png, [gr.ChatMessage(role="user", content=f"Re-run of `{inv_id}`")])
         for batch in job.stream_batches(timeout=600):
             for event in batch:
@@ -201,7 +202,7 @@ def build(ctx: AppContext, current: gr.Textbox):
             yield transcript.messages(), job.investigation_id or inv_id
         job.wait(60)
         if job.error:
-            raise gr.Error(f"re-run failed: {job.error}")
+            raise UserError(f"re-run failed: {job.error}")
 
     def do_report(inv_id, request: gr.Request):
         return write_case_report(ctx, (inv_id or "").strip(), ctx.user(request))
