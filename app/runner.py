@@ -11,8 +11,13 @@ Every new investigation (re-runs included) uses the workbench's active calibrati
 does not fit is not applied, and the run says so in a note (kept with it, shown with its verdict).
 
 Bad input (not an image, too large, no face) ends the job with a clear message before anything is
-written. At startup, runs left ``running`` by a dead process are marked ``interrupted``; they and
-failed runs can be re-run on exactly the same crop with :meth:`Runner.rerun`.
+written. An accepted upload is recorded before :meth:`Runner.submit` returns (its case, its bytes in the
+file store and a queued run with its settings: :func:`storage.investigations.queue_run`), so a crash
+loses no acknowledged upload. At startup, runs left ``running`` by a dead process are marked
+``interrupted``; they and failed runs can be re-run on exactly the same crop with :meth:`Runner.rerun`.
+Runs left queued by a dead process are run again (:attr:`Runner.requeued`), or, when they cannot be (their
+image is gone or no longer reads), recorded ``interrupted`` with the reason. ``.tmp-*`` files that a
+kill during a write left in the file store are swept.
 """
 
 from __future__ import annotations
@@ -35,10 +40,19 @@ from core.policies import load_policy, readers_for
 from core.policies.calibrated import calibrate
 from core.registry import ToolRegistry
 from storage.calibration import active_profile
-from storage.cases import create_case
+from storage.cases import create_case, get_case
 from storage.db import Storage
 from storage.errors import CalibrationError, NotFoundError
-from storage.investigations import InvestigationRecorder, face_of, get_investigation, load_trajectory, mark_interrupted
+from storage.investigations import (
+    InvestigationRecorder,
+    claim_queued,
+    end_queued,
+    face_of,
+    get_investigation,
+    load_trajectory,
+    mark_interrupted,
+    queue_run,
+)
 
 log = logging.getLogger("tarfas.runner")
 
@@ -62,6 +76,25 @@ class RunSettings:
         if kw.get("tools") is not None:
             kw["tools"] = tuple(kw["tools"])
         return cls(policy, kwargs, **kw)
+
+    def to_stored(self) -> dict:
+        """What a queued run keeps of these settings (with the policy's name, :meth:`from_stored` gives them back)."""
+        return {
+            "policy_kwargs": dict(self.policy_kwargs),
+            "max_tool_calls": self.max_tool_calls,
+            "allowed_tools": list(self.tools) if self.tools is not None else None,
+            "on_no_face": self.on_no_face,
+        }
+
+    @classmethod
+    def from_stored(cls, policy: str, stored: dict) -> RunSettings:
+        return cls.make(
+            policy,
+            stored.get("policy_kwargs"),
+            max_tool_calls=int(stored.get("max_tool_calls", 3)),
+            tools=stored.get("allowed_tools"),
+            on_no_face=stored.get("on_no_face", "error"),
+        )
 
     def agent_config(self) -> AgentConfig:
         return AgentConfig(
@@ -170,9 +203,18 @@ class Runner:
         # Jobs are not kept here: each belongs to whoever submitted it (a UI stream), so the events and
         # images of finished investigations are freed with it in a long-running server.
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="tarfas-investigation")
-        # Runs left 'running' by a process that is gone (crash, kill) are marked now, before new work.
+        # Runs left 'running' by a process that is gone (crash, kill) are marked now, before new work;
+        # runs it left queued are this runner's now, and queued again first.
         with storage.sessions.begin() as s:
             self.recovered = mark_interrupted(s)
+            claimed = [
+                (r.id, r.case_id, r.rerun_of, r.policy, dict(r.settings or {}), r.source, r.queued_by)
+                for r in claim_queued(s)
+            ]
+        self.swept = storage.files.sweep_temp()  # debris of writes a kill cut short
+        self.requeued: list[str] = []  # ids of the runs queued again at startup (they run like any other)
+        for run in claimed:
+            self._requeue(*run)
 
     # --- policies -----------------------------------------------------------------------------
     def policy(self, settings: RunSettings):
@@ -218,9 +260,30 @@ class Runner:
 
     # --- jobs ---------------------------------------------------------------------------------
     def submit(self, data: bytes, *, filename: str | None, user: str, settings: RunSettings | None = None) -> Job:
-        """Queue an investigation of uploaded image bytes; returns at once."""
+        """Queue an investigation of uploaded image bytes. Returns once the upload is recorded (its case
+        and a queued run, committed: a crash from then on loses nothing) or refused (bad input: nothing
+        written, the job ends with the message); the investigation runs in the background."""
         job = Job(filename=filename, user=user, settings=settings or RunSettings())
-        self._pool.submit(self._run_upload, job, bytes(data))
+        data = bytes(data)
+        try:
+            # Everything that can refuse the input runs before anything is written.
+            face = self._prepare(data, job)
+            with self.storage.sessions.begin() as s:
+                case = create_case(s, self.storage.files, data, filename=job.filename, user=job.user)
+                run = queue_run(
+                    s,
+                    case.id,
+                    policy=job.settings.policy,
+                    settings=job.settings.to_stored(),
+                    user=user,
+                    source=filename,
+                )
+                image_sha = case.image_sha256
+            job._set(case_id=case.id, investigation_id=run.id)
+        except Exception as exc:  # noqa: BLE001 (every failure becomes a message on the job)
+            self._fail(job, exc)
+            return job
+        self._pool.submit(self._run_queued, job, face, image_sha)
         return job
 
     def rerun(self, investigation_id: str, *, user: str, settings: RunSettings | None = None) -> Job:
@@ -240,7 +303,17 @@ class Runner:
                     on_no_face=params.get("on_no_face", "error"),
                 )
         job = Job(filename=source, user=user, settings=settings)
-        job.case_id = case_id
+        with self.storage.sessions.begin() as s:
+            run = queue_run(
+                s,
+                case_id,
+                policy=settings.policy,
+                settings=settings.to_stored(),
+                user=user,
+                source=source,
+                rerun_of=investigation_id,
+            )
+        job.case_id, job.investigation_id = case_id, run.id
         self._pool.submit(self._run_rerun, job, investigation_id)
         return job
 
@@ -248,41 +321,75 @@ class Runner:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
     # --- workers ------------------------------------------------------------------------------
-    def _run_upload(self, job: Job, data: bytes) -> None:
-        job._set(state="running")
-        try:
-            # Everything that can refuse the input runs before anything is written.
-            rgb = faces.load_image(
-                data, name=job.filename or "the upload", max_bytes=self.max_bytes, max_pixels=self.max_pixels
-            )
-            face = faces.prepare_face(rgb, on_no_face=job.settings.on_no_face)
-            policy, note = self.calibrated(job.settings)
-            config = job.settings.agent_config()
-            with self.storage.sessions.begin() as s:
-                case = create_case(s, self.storage.files, data, filename=job.filename, user=job.user)
-            job._set(case_id=case.id)
-            self._investigate(job, face, policy, config, case.image_sha256, note=note)
-        except Exception as exc:  # noqa: BLE001 (every failure becomes a message on the job)
-            self._fail(job, exc)
+    def _prepare(self, data: bytes, job: Job):
+        rgb = faces.load_image(
+            data, name=job.filename or "the upload", max_bytes=self.max_bytes, max_pixels=self.max_pixels
+        )
+        return faces.prepare_face(rgb, on_no_face=job.settings.on_no_face)
 
-    def _run_rerun(self, job: Job, investigation_id: str) -> None:
+    def _run_queued(
+        self, job: Job, face, image_sha: str, *, rerun_of: str | None = None, source: str | None = None
+    ) -> None:
         job._set(state="running")
         try:
-            with self.storage.sessions() as s:
-                old = load_trajectory(s, self.storage.files, investigation_id)
             policy, note = self.calibrated(job.settings)  # a re-run is a new investigation: today's profile
             self._investigate(
                 job,
-                face_of(old),
+                face,
                 policy,
                 job.settings.agent_config(),
-                old.image_sha256,
-                rerun_of=investigation_id,
-                source=old.source,
+                image_sha,
+                rerun_of=rerun_of,
+                source=source,
                 note=note,
             )
+        except Exception as exc:  # noqa: BLE001 (every failure becomes a message on the job)
+            self._abort(job, exc)
+
+    def _run_rerun(self, job: Job, investigation_id: str) -> None:
+        try:
+            with self.storage.sessions() as s:
+                old = load_trajectory(s, self.storage.files, investigation_id)
+            face = face_of(old)
         except Exception as exc:  # noqa: BLE001
-            self._fail(job, exc)
+            self._abort(job, exc)
+            return
+        self._run_queued(job, face, old.image_sha256, rerun_of=investigation_id, source=old.source)
+
+    def _requeue(
+        self,
+        run_id: str,
+        case_id: str,
+        rerun_of: str | None,
+        policy: str,
+        stored: dict,
+        source: str | None,
+        user: str,
+    ) -> None:
+        """Queue again a run that a dead process left queued; when it cannot run any more, record it
+        interrupted with the reason."""
+        try:
+            settings = RunSettings.from_stored(policy, stored)
+        except Exception as exc:  # noqa: BLE001 (stored settings this version cannot read)
+            self._end_run(run_id, "interrupted", _lost(exc))
+            return
+        job = Job(filename=source, user=user, settings=settings)
+        job.case_id, job.investigation_id = case_id, run_id
+        self.requeued.append(run_id)
+        if rerun_of is not None:
+            self._pool.submit(self._run_rerun, job, rerun_of)
+        else:
+            self._pool.submit(self._run_recovered_upload, job)
+
+    def _run_recovered_upload(self, job: Job) -> None:
+        try:
+            with self.storage.sessions() as s:
+                image_sha = get_case(s, job.case_id).image_sha256
+            face = self._prepare(self.storage.files.read(image_sha), job)
+        except Exception as exc:  # noqa: BLE001 (the image is gone, altered, or no longer accepted)
+            self._abort(job, exc, status="interrupted", message=_lost(exc))
+            return
+        self._run_queued(job, face, image_sha)
 
     def _investigate(
         self,
@@ -297,7 +404,12 @@ class Runner:
         note: str | None = None,
     ) -> None:
         recorder = InvestigationRecorder(
-            self.storage.sessions, self.storage.files, job.case_id, user=job.user, rerun_of=rerun_of
+            self.storage.sessions,
+            self.storage.files,
+            job.case_id,
+            user=job.user,
+            rerun_of=rerun_of,
+            queued_id=job.investigation_id,
         )
         events = investigate(
             face,
@@ -307,6 +419,7 @@ class Runner:
             source=source or job.filename,
             image_sha256=image_sha,
             meta={"calibration_note": note} if note else None,
+            trajectory_id=job.investigation_id,  # the queued run's id
         )
         for event in recorder.record(events):
             if job.investigation_id is None:
@@ -314,8 +427,25 @@ class Runner:
             job._push(event)
         job._set(state="done")
 
+    def _end_run(self, run_id: str, status: str, message: str) -> None:
+        """Record a queued run that will not start (refused, or lost to a restart) as ended, with why."""
+        try:
+            with self.storage.sessions.begin() as s:
+                end_queued(s, run_id, status=status, error=message)
+        except Exception:  # noqa: BLE001 (storage is down: the run stays queued and is re-run at the next start)
+            log.exception("could not record the end of queued run %s", run_id)
+
+    def _abort(self, job: Job, exc: Exception, *, status: str = "failed", message: str | None = None) -> None:
+        """Fail the job, and record its queued run as ended (``status``) with the same message."""
+        run_id = job.investigation_id
+        record = (lambda text: self._end_run(run_id, status, text)) if run_id is not None else None
+        self._fail(job, exc, message=message, record=record)
+
     @staticmethod
-    def _fail(job: Job, exc: Exception) -> None:
+    def _fail(
+        job: Job, exc: Exception, *, message: str | None = None, record: Callable[[str], None] | None = None
+    ) -> None:
+        override = message
         # Expected errors (bad input, a missing case) are one log line; anything else logs its traceback.
         if isinstance(exc, (TarfasError, ValueError)):
             message = str(exc)
@@ -325,7 +455,14 @@ class Runner:
             log.error("job %s (%s) failed", job.id, job.filename or "no file name", exc_info=exc)
         if isinstance(exc, NoFaceError):
             message += " Tick 'analyse the whole image when no face is found' to investigate it anyway."
+        message = override or message
+        if record is not None:  # a recorded run that failed before it started is not left queued
+            record(message)
         job._set(state="error", error=message, error_type=type(exc).__name__)
+
+
+def _lost(exc: Exception) -> str:
+    return f"the workbench restarted before this queued run started, and it cannot run again: {_sentence(exc)}"
 
 
 def _sentence(exc: Exception) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,32 @@ from core.policies import POLICY_NAMES, load_policy
 from storage.db import Storage, open_storage
 
 DEFAULT_DATA_DIR = Path("tarfas-data")
+UI_CACHE = "ui-cache"  # under the data dir: the UI's rendered copies of images, one folder per process
+
+
+def ui_cache_dir(data_dir: str | Path) -> Path:
+    """A new folder for this process's rendered images under ``data_dir/ui-cache``, after deleting the
+    folders of processes of this host that are gone (a crash or kill leaves its folder behind)."""
+    root = Path(data_dir) / UI_CACHE
+    root.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for d in root.iterdir():
+        owner_host, _, pid = d.name[:-8].rstrip("+").rpartition("+")  # "<host>+<pid>+<8 random characters>"
+        if d.is_dir() and owner_host == host and not _alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root, prefix=f"{host}+{os.getpid()}+"))
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return True  # not a folder this function made: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 @dataclass
@@ -57,7 +84,7 @@ def build(
         runner.policy(RunSettings())  # load the default policy now, not in the first analyst's wait
     except Exception as exc:  # noqa: BLE001 (e.g. no weights installed: investigations will say so)
         print(f"warning: the default policy could not be loaded: {exc}")
-    png = PngCache(Path(tempfile.mkdtemp(prefix="tarfas-ui-")))
+    png = PngCache(ui_cache_dir(data_dir))
     ctx = AppContext(
         storage, runner, data_dir, png, max_file_bytes=max_file_mb * 2**20, policy_names=list(POLICY_NAMES)
     )

@@ -63,6 +63,7 @@ def investigate(
     image_sha256: str | None = None,
     label: str | None = None,
     meta: dict | None = None,
+    trajectory_id: str | None = None,
 ) -> Iterator[Event]:
     """Run one investigation, yielding events. The last event is always InvestigationFinished.
 
@@ -70,6 +71,7 @@ def investigate(
     registry with readers (an expert bank) gives every tool result its expert's P(spoof trace) (shown
     to the analyst, used by the expert policy and the annotator). ``prompts``: the loop's side of the
     conversation (default: inference). ``meta`` starts the trajectory's ``meta`` (annotation: the hint).
+    ``trajectory_id``: the id of the trajectory (default: a new one), e.g. a run already queued in storage.
     """
     config = config or AgentConfig()
     prompts = prompts or protocol.Prompts()
@@ -92,6 +94,7 @@ def investigate(
         tools=registry.names,
         label=label,
         meta=dict(meta or {}),
+        **({"id": trajectory_id} if trajectory_id else {}),
     )
     profile = getattr(policy, "calibration", None)
     if profile is not None:  # the deployment's calibration profile that the verdict's score and threshold come from

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,21 @@ class FileStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return sha
+
+    def sweep_temp(self, *, older_than_s: float = 60.0) -> list[Path]:
+        """Delete the ``.tmp-*`` files that a process killed while writing left behind (run at startup);
+        returns them. Files younger than ``older_than_s`` are left: another process sharing the store
+        may be writing them now (they go at the next start)."""
+        cutoff = time.time() - older_than_s
+        swept = []
+        for path in self.root.glob("*/*/.tmp-*"):
+            try:
+                if path.is_file() and path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    swept.append(path)
+            except FileNotFoundError:  # renamed into place or swept by another process meanwhile
+                continue
+        return swept
 
     def put_png(self, image: np.ndarray) -> str:
         """Store a uint8 gray or RGB array as PNG (lossless: it reads back equal) and return its SHA-256."""

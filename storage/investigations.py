@@ -1,7 +1,11 @@
 """Investigations as they happen: the recorder commits every event of :func:`core.agent.investigate`
 as soon as it arrives, so a killed process loses at most the turn in progress.
 
-After a crash, :func:`mark_interrupted` (run at startup) marks the runs whose process is gone;
+A run can be recorded before it starts (:func:`queue_run`: an upload is acknowledged only once its
+case and queued run are committed); its investigation takes the queued run's id. After a crash,
+:func:`claim_queued` hands the runs still queued to the new process (to run them, or to
+:func:`end_queued` them with a reason: an investigation 'interrupted' or 'failed' with no turns), and
+:func:`mark_interrupted` (run at startup) marks the runs whose process is gone;
 :func:`load_trajectory` rebuilds any investigation as a :class:`core.trajectory.Trajectory`, images
 included, and :func:`face_of` turns it back into the input of a re-run.
 
@@ -33,7 +37,7 @@ from core.trajectory import Turn as TrajTurn
 from . import audit
 from .errors import InvestigationStateError, NotFoundError
 from .filestore import FileStore
-from .models import CalibrationProfileRecord, Case, Investigation, ToolResult, Turn, utcnow
+from .models import CalibrationProfileRecord, Case, Investigation, QueuedRun, ToolResult, Turn, utcnow
 
 SYSTEM = "system"  # the actor of changes no person made (e.g. marking crashed runs)
 
@@ -53,13 +57,22 @@ class InvestigationRecorder:
     """
 
     def __init__(
-        self, sessions: sessionmaker[Session], files: FileStore, case_id: str, *, user: str, rerun_of: str | None = None
+        self,
+        sessions: sessionmaker[Session],
+        files: FileStore,
+        case_id: str,
+        *,
+        user: str,
+        rerun_of: str | None = None,
+        queued_id: str | None = None,
     ):
         self.sessions = sessions
         self.files = files
         self.case_id = case_id
         self.user = user
         self.rerun_of = rerun_of
+        # A run recorded by queue_run: the trajectory must carry its id (checked at the start).
+        self.queued_id = queued_id
         self.investigation_id: str | None = None
 
     def record(self, events: Iterable[Event]) -> Iterator[Event]:
@@ -98,6 +111,8 @@ class InvestigationRecorder:
                     f"the investigation was calibrated with profile {profile_id}, which is not stored here; "
                     "save the profile (storage.calibration.save_profile) before recording runs that use it"
                 )
+            if self.queued_id is not None:
+                _check_queued(s, self.queued_id, traj.id, case.id)
             inv = Investigation(
                 id=traj.id,
                 case_id=case.id,
@@ -243,6 +258,116 @@ def mark_interrupted(session: Session, *, all_running: bool = False) -> list[str
         marked.append(inv.id)
     session.flush()
     return marked
+
+
+def queue_run(
+    session: Session,
+    case_id: str,
+    *,
+    policy: str,
+    settings: dict,
+    user: str,
+    source: str | None = None,
+    rerun_of: str | None = None,
+) -> QueuedRun:
+    """Record a run of ``case_id`` that waits for a worker, with what it needs to run after a restart
+    (``settings``; the case holds the image). Its id is the investigation's when it starts
+    (``InvestigationRecorder(queued_id=...)``). The caller commits."""
+    if session.get(Case, case_id) is None:
+        raise NotFoundError(f"no case {case_id!r}: create the case before queueing a run of it")
+    run = QueuedRun(
+        case_id=case_id,
+        rerun_of=rerun_of,
+        policy=policy,
+        settings=audit.plain(settings) or {},
+        source=source,
+        queued_by=user,
+        runner=this_runner(),
+        queued_at=utcnow(),
+    )
+    session.add(run)
+    session.flush()
+    audit.record(
+        session,
+        user,
+        "investigation.queue",
+        "queued_run",
+        run.id,
+        None,
+        {"case_id": case_id, "policy": policy, "settings": run.settings, "rerun_of": rerun_of},
+    )
+    return run
+
+
+def pending_runs(session: Session) -> list[QueuedRun]:
+    """Queued runs that have neither started nor ended (no investigation has their id), oldest first."""
+    started = select(Investigation.id).where(Investigation.id == QueuedRun.id).exists()
+    return list(session.scalars(select(QueuedRun).where(~started).order_by(QueuedRun.queued_at)))
+
+
+def claim_queued(session: Session, *, all_queued: bool = False) -> list[QueuedRun]:
+    """The queued runs left behind by a process that no longer exists (see :func:`mark_interrupted` for
+    ``all_queued``), oldest first, now this process's (``runner``): run each, or end it with
+    :func:`end_queued`. The caller commits."""
+    claimed = []
+    for run in pending_runs(session):
+        if not all_queued and _runner_alive(run.runner):
+            continue
+        before = {"runner": run.runner}
+        run.runner = this_runner()
+        audit.record(session, SYSTEM, "investigation.requeue", "queued_run", run.id, before, {"runner": run.runner})
+        claimed.append(run)
+    session.flush()
+    return claimed
+
+
+def end_queued(session: Session, run_id: str, *, status: str, error: str) -> Investigation | None:
+    """End a queued run that never started: its investigation is recorded ``status`` 'failed' (it was
+    refused) or 'interrupted' (it cannot run any more), with ``error`` saying why, and no turns. None
+    (nothing changed) when the run already started or ended. The caller commits."""
+    if status not in ("failed", "interrupted"):
+        raise ValueError(f"a queued run ends 'failed' or 'interrupted', not {status!r}")
+    run = session.get(QueuedRun, run_id)
+    if run is None:
+        raise NotFoundError(f"no queued run {run_id!r} in this database")
+    if session.get(Investigation, run_id) is not None:
+        return None
+    s = dict(run.settings or {})
+    now = utcnow()
+    inv = Investigation(
+        id=run.id,
+        case_id=run.case_id,
+        rerun_of=run.rerun_of,
+        policy=run.policy,
+        policy_version="",
+        params={k: s[k] for k in ("max_tool_calls", "allowed_tools", "on_no_face") if k in s},
+        tools=[],
+        source=run.source,
+        status=status,
+        error=error,
+        timings_ms={},
+        started_by=run.queued_by,
+        runner=this_runner(),
+        started_at=now,
+        finished_at=now,
+    )
+    session.add(inv)
+    session.flush()
+    action = "investigation.interrupt" if status == "interrupted" else "investigation.finish"
+    audit.record(session, SYSTEM, action, "investigation", inv.id, {"status": "queued"}, _outcome(inv))
+    return inv
+
+
+def _check_queued(session: Session, run_id: str, traj_id: str, case_id: str) -> None:
+    if traj_id != run_id:
+        raise InvestigationStateError(
+            f"the investigation {traj_id} is not the queued run {run_id}; start it with its id"
+        )
+    run = session.get(QueuedRun, run_id)
+    if run is None or run.case_id != case_id:
+        raise InvestigationStateError(f"no run {run_id} is queued for case {case_id}")
+    if session.get(Investigation, run_id) is not None:
+        raise InvestigationStateError(f"the queued run {run_id} already started or ended")
 
 
 def _runner_alive(runner: str | None) -> bool:

@@ -133,6 +133,26 @@ class Investigation(Base):
     review: Mapped[Review | None] = relationship(back_populates="investigation")
 
 
+class QueuedRun(Base):
+    """A run recorded before its upload is acknowledged, waiting for a worker: what it needs to run after
+    a restart (the case holds the image, ``settings`` the analyst's choices). Its id becomes the
+    investigation's when the run starts; until an investigation has that id, the run is still queued
+    (storage.investigations.queue_run, claim_queued, end_queued). Rows are kept: they say when each run
+    was asked for."""
+
+    __tablename__ = "queued_runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    case_id: Mapped[str] = mapped_column(ForeignKey("cases.id"), index=True)
+    rerun_of: Mapped[str | None] = mapped_column(ForeignKey("investigations.id"))
+    policy: Mapped[str] = mapped_column(String(64))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # app.runner.RunSettings, as a dict
+    source: Mapped[str | None] = mapped_column(Text)
+    queued_by: Mapped[str] = mapped_column(String(128))
+    runner: Mapped[str | None] = mapped_column(String(255))  # "host:pid" that will run it; used to spot dead ones
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
 class Turn(Base):
     """One assistant turn, committed as soon as the agent loop completes it."""
 

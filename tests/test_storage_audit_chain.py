@@ -278,7 +278,7 @@ def test_the_migration_from_0003_keeps_every_row_chains_them_and_goes_back(tmp_p
     with engine.begin() as conn:
         conn.execute(insert(old_table), [{"before": None, "after": None} | r for r in rows])
     code, out = _verify(tmp_path, database_url, capsys)  # verify reads, never migrates
-    assert code == 2 and "schema revision 0003, not 0004" in out
+    assert code == 2 and "schema revision 0003, not 0005" in out
     init_db(engine)  # what open_storage does on the next start
     with session_factory(engine)() as s:
         events = s.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()

@@ -312,7 +312,7 @@ def test_the_migration_from_0002_keeps_every_row_adds_the_calibration_tables_and
         assert [e.action for e in s.scalars(select(AuditEvent))] == ["case.create"]
         assert cal.active_profile(s) is None and cal.list_profiles(s) == []
     with engine.connect() as conn:  # init_db goes on to the head
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
     with engine.begin() as conn:  # and back down, runs and all
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0002")

@@ -35,8 +35,9 @@ TABLES = {
     "dataset_export_items",
     "calibration_profiles",
     "calibration_activations",
+    "queued_runs",
 }
-HEAD = "0004"  # the newest migration in storage/migrations/versions
+HEAD = "0005"  # the newest migration in storage/migrations/versions
 ROOT = Path(__file__).resolve().parents[1]
 
 
