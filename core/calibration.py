@@ -184,18 +184,29 @@ def choose_prior_strength(scores, y, features=None, k: int = 5, seed: int = 0, g
     """The prior strength of :data:`PRIOR_GRID` with the lowest cross-validated log loss (real and spoof
     weighing the same): strong where the reviews agree with the policy as shipped (a camera like those it
     was trained on), weak where they show it something new."""
+    return _choose(scores, y, features, k, seed, grid)[0]
+
+
+def _choose(scores, y, features, k: int, seed: int, grid=PRIOR_GRID) -> tuple[float, np.ndarray]:
+    """The chosen prior strength and its out-of-fold scores (which the threshold is chosen on)."""
     y = np.asarray(y)
     w = np.where(y == 1, 0.5 / max(1, (y == 1).sum()), 0.5 / max(1, (y == 0).sum()))
+    best = None
+    for lam in grid:  # the first of equal losses wins, as min() would
+        oof = cross_validated(scores, y, features, lam, k, seed)
+        p = np.clip(oof, _EPS, 1 - _EPS)
+        loss = float(-np.sum(w * (y * np.log(p) + (1 - y) * np.log1p(-p))))
+        if best is None or loss < best[0]:
+            best = (loss, float(lam), oof)
+    return best[1], best[2]
 
-    def loss(lam):
-        p = np.clip(cross_validated(scores, y, features, lam, k, seed), _EPS, 1 - _EPS)
-        return float(-np.sum(w * (y * np.log(p) + (1 - y) * np.log1p(-p))))
 
-    return float(min(grid, key=loss))
-
-
-def _strength(prior_strength, scores, y, features, k, seed) -> float:
-    return choose_prior_strength(scores, y, features, k, seed) if prior_strength == "auto" else float(prior_strength)
+def _strength(prior_strength, scores, y, features, k, seed) -> tuple[float, np.ndarray]:
+    """``(prior strength, out-of-fold calibrated scores at it)``: chosen by cross-validation for "auto"."""
+    if prior_strength == "auto":
+        return _choose(scores, y, features, k, seed)
+    lam = float(prior_strength)
+    return lam, cross_validated(scores, y, features, lam, k, seed)
 
 
 # --- the profile -------------------------------------------------------------------------------------
@@ -314,8 +325,7 @@ def fit_profile(
     feats = None if features is None else np.asarray(features, dtype=np.float64)
     if feats is not None and feats.shape[0] != len(y):
         raise ValueError(f"{feats.shape[0]} feature rows for {len(y)} reviews")
-    chosen = _strength(prior_strength, scores, y, feats, k, seed)
-    oof = cross_validated(scores, y, feats, chosen, k, seed)
+    chosen, oof = _strength(prior_strength, scores, y, feats, k, seed)
     profile = CalibrationProfile(
         policy=policy,
         policy_version=policy_version,
@@ -346,8 +356,7 @@ def nested_cv_rates(
     p, spoof = np.empty(len(y)), np.empty(len(y), dtype=bool)
     for tr, te in _folds(y, k, seed):
         f = None if features is None else features[tr]
-        lam = _strength(prior_strength, scores[tr], y[tr], f, k, seed)
-        inner = cross_validated(scores[tr], y[tr], f, lam, k, seed)
+        lam, inner = _strength(prior_strength, scores[tr], y[tr], f, k, seed)
         t = choose_threshold(y[tr], inner, target)
         m = fit_score_model(scores[tr], y[tr], f, lam)
         p[te] = m.p_spoof(scores[te], None if features is None else features[te])

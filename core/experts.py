@@ -318,3 +318,10 @@ class ExpertBank:
         linear probe reads (float64, shape (D,))."""
         with torch.inference_mode():
             return self.nets[RGB].features(self.specs[RGB].tensor([image])).numpy()[0].astype(np.float64)
+
+    @torch.inference_mode()
+    def logit_of_features(self, features: np.ndarray) -> float:
+        """The calibrated RGB logit of a crop from its :meth:`features` (the same as ``logit(RGB, crop)``:
+        the network's head on those features), so a caller that needs both runs the network once."""
+        x = torch.from_numpy(np.asarray(features, dtype=np.float32))[None]
+        return float(self.calibration[RGB].apply(float(self.nets[RGB].head(x)[0, 0])))

@@ -131,6 +131,8 @@ def test_the_expert_policy_decides_and_speaks_with_the_profile(tiny_weights, fac
     prof = fit_profile(s, y, features=np.random.default_rng(0).normal(size=(40, registry.readers.features(face.crop).size)),
                        features_source=registry.readers.features_source, policy="expert", policy_version=plain.version, evaluate=False)  # fmt: skip
     policy, registry = resolve("expert", weights=tiny_weights, calibration=prof)
+    bank = registry.readers  # under a profile the RGB logit comes from the features the profile reads
+    assert bank.logit_of_features(bank.features(face.crop)) == pytest.approx(bank.logit("RGB", face.crop), abs=1e-9)
     assert policy.threshold == prof.threshold != plain.threshold
     before = agent.run(face, plain, registry=registry)
     after = agent.run(face, policy, registry=registry)

@@ -90,9 +90,10 @@ class ExpertPolicy:
         return cls(ExpertBank.load(weights), threshold, min_tool_calls)
 
     # --- evidence ---------------------------------------------------------------------------------
-    def _observed(self, traj: Trajectory, crop: np.ndarray) -> dict[str, float]:
+    def _observed(self, conv: Conversation) -> dict[str, float]:
         """Calibrated logits of everything looked at so far: the RGB view, then each tool result."""
-        observed = {RGB: self._cached(traj, -1, lambda: self.bank.logit(RGB, crop))}
+        traj = conv.trajectory
+        observed = {RGB: self._cached(traj, -1, lambda: self._rgb_logit(conv))}
         for t in traj.turns:
             r = t.tool_result
             if r is None or r.image is None:
@@ -103,6 +104,11 @@ class ExpertPolicy:
             elif self.bank.reads(r.name):  # an expert, or a view of the face (ZoomIn) for the RGB network
                 observed[r.name] = self._cached(traj, t.index, lambda img=r.image, k=r.name: self.bank.logit(k, img))
         return observed
+
+    def _rgb_logit(self, conv: Conversation) -> float:
+        if self._features is not None:  # a profile reads the RGB features: the network runs once for both
+            return self.bank.logit_of_features(crop_features(self._feature_cache, self._features, conv))
+        return self.bank.logit(RGB, conv.crop)
 
     def _cached(self, traj: Trajectory, index: int, compute) -> float:
         ck = (traj.id, index)
@@ -119,7 +125,7 @@ class ExpertPolicy:
     # --- turns ------------------------------------------------------------------------------------
     def next_turn(self, conv: Conversation) -> PolicyOutput:
         traj = conv.trajectory
-        observed = self._observed(traj, conv.crop)
+        observed = self._observed(conv)
         if traj.fast_answer is None:
             return self._fast_turn(self._stated(self.p_spoof({RGB: observed[RGB]}), conv))
         used = [t.tool_result.name for t in traj.turns if t.tool_result is not None]
