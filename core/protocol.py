@@ -462,3 +462,39 @@ def _blocks(text: str) -> list[tuple[str, str]]:
 def _preview(text: str, n: int = 80) -> str:
     text = _one_line(text)
     return repr(text if len(text) <= n else text[:n] + "...")
+
+
+# --- a whole investigation ------------------------------------------------------------------------
+def investigation_error(
+    turns: list[str], *, max_tool_calls: int = 3, tool_names: list[str] | tuple[str, ...] | None = None
+) -> str | None:
+    """Why the assistant turns of one investigation do not follow the protocol from the fast answer to
+    ``<answer>``, or None when they do: a fast answer, then at most ``max_tool_calls`` think + tool-call
+    turns (naming one of ``tool_names`` when given), then one think + answer turn, and nothing after it.
+    Judged by the same parsers as inference (a turn the loop had to send back as an error makes the whole
+    investigation invalid). Used to measure the sampled format rate of trained policies."""
+    if not turns:
+        return "no turns"
+    try:
+        parse_fast_answer(turns[0])
+    except ProtocolParseError as exc:
+        return f"turn 1 (fast answer): {exc}"
+    calls = 0
+    for i, text in enumerate(turns[1:], start=2):
+        try:
+            turn = parse_reasoning_turn(text)
+        except ProtocolParseError as exc:
+            return f"turn {i}: {exc}"
+        if turn.answer is not None:
+            return None if i == len(turns) else f"turn {i} answered but {len(turns) - i} more turns follow"
+        calls += 1
+        if calls > max_tool_calls:
+            return f"turn {i}: tool call {calls} is over the limit of {max_tool_calls}"
+        if tool_names is not None and turn.tool_call.name not in tool_names:
+            return f"turn {i}: unknown tool {turn.tool_call.name!r}"
+    return "no <answer> turn"
+
+
+def is_valid_investigation(turns: list[str], **kwargs) -> bool:
+    """True when :func:`investigation_error` finds nothing wrong with the turns."""
+    return investigation_error(turns, **kwargs) is None

@@ -69,6 +69,7 @@ def test_full_investigation_with_a_scripted_prefix(arch, nano_dirs, face):
     assert traj.final.source == "answer" and traj.final.verdict == "spoof"
     assert 0.0 < traj.final.score_spoof < 1.0  # a class-token probability, not the 1.0 of the verdict text
     assert traj.turns[-1].notes["score_source"] == "class_token_logits"
+    assert traj.turns[-1].notes["score_pass"] == "forward"  # the class token was forced, not generated
     assert 0.0 < traj.fast_score < 1.0
     assert traj.policy == "hf" and traj.policy_version == policy.version
     assert "Nano" in policy.description and arch in policy.description

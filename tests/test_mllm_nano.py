@@ -3,7 +3,9 @@ without torchvision, with a tokenizer that knows the protocol."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 
 import pytest
 import torch
@@ -87,6 +89,23 @@ def test_tokenizer_has_the_family_special_tokens_and_compact_protocol_strings(ar
     # <tool_call> survives skip_special_tokens, as in the real Qwen2.5 tokenizer
     ids = tok.encode('<tool_call>\n{"name": "FFTTool"}\n</tool_call><|im_end|>', add_special_tokens=False)
     assert tok.decode(ids, skip_special_tokens=True) == '<tool_call>\n{"name": "FFTTool"}\n</tool_call>'
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_micro_size_is_the_same_architecture_with_head_dim_64_and_about_5m_parameters(arch, tmp_path):
+    from core.mllm.nano import SIZES, spec_for
+
+    assert spec_for("micro", seed=3) == dataclasses.replace(SIZES["micro"], seed=3)
+    with pytest.raises(ValueError, match="unknown size"):
+        spec_for("huge")
+    assert cli_main(["model", "init-nano", str(tmp_path / "m"), "--size", "micro", "--arch", arch]) == 0
+    lm = load_model_and_processor(tmp_path / "m")
+    n = sum(p.numel() for p in lm.model.parameters())
+    text = lm.model.config.get_text_config()
+    assert 4_000_000 < n < 6_000_000, n
+    assert (text.hidden_size, text.num_hidden_layers, text.hidden_size // text.num_attention_heads) == (256, 4, 64)
+    assert lm.arch == arch and detect_arch(tmp_path / "m") == arch
+    assert json.loads((tmp_path / "m" / "tarfas_nano.json").read_text())["spec"]["hidden"] == 256
 
 
 def test_cli_model_init_nano(tmp_path, capsys):

@@ -340,3 +340,111 @@ def test_annotate_image_uses_the_loops_limit_by_default(crop, monkeypatch):
     with pytest.raises(_Stop):
         conversation.annotate_image(crop, Hint("spoof"), object())
     assert seen["max_tool_calls"] == 3
+
+
+# --- 8. batched evaluation: the generate call of a batch, and concurrent investigations -------------------
+def test_batched_generate_gets_padded_rows_with_their_attention_mask_and_the_shared_prefix_cache(
+    nano, crop, monkeypatch
+):
+    import threading
+
+    from core.policies.hf import HFPolicy
+
+    policy = HFPolicy.load(nano, max_new_tokens=3)
+    seen, real_generate = [], policy.model.generate
+
+    def recording_generate(**kwargs):  # records what the real generate() gets, then runs it
+        seen.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+        seen[-1]["cache_length"] = kwargs["cache"].get_seq_length() if "cache" in kwargs else None
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", recording_generate)
+    face = face_from_image(crop)
+    tool_sets = [None, ["FFTTool"], ["FFTTool", "LBPTool"]]  # different system prompts: different lengths
+    lengths = {}
+
+    def one(tools):
+        with policy.stream():
+            t = run(face, policy, AgentConfig(max_tool_calls=0, max_format_errors=0, allowed_tools=tools))
+            lengths[str(tools)] = t.turns[0].notes["prompt_tokens"]
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in tool_sets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = seen[0]
+    n = sorted(lengths.values())
+    width = n[-1]
+    assert len(set(n)) == 3 and first["input_ids"].shape == (3, width)
+    # the rows share the start of the system prompt: its KV is computed once and handed to generate as a
+    # cache; each row's padding sits right after it, so the shared part has the same columns in every row
+    shared = first["cache_length"]
+    assert 16 <= shared < n[0]
+    assert (first["input_ids"][:, :shared] == first["input_ids"][0, :shared]).all()
+    for row in range(3):
+        mask = first["attention_mask"][row]
+        pads = int((mask == 0).sum())
+        assert width - pads in n
+        assert (mask[:shared] == 1).all() and (mask[shared : shared + pads] == 0).all()
+        assert (mask[shared + pads :] == 1).all()
+        assert (first["input_ids"][row, shared : shared + pads] == policy.tokenizer.pad_token_id).all()
+        assert (first["mm_token_type_ids"][row, shared : shared + pads] == 0).all()
+    assert sorted(width - int((first["attention_mask"][r] == 0).sum()) for r in range(3)) == n
+    image_id = policy.processor.image_token_id
+    assert int((first["input_ids"] == image_id).sum()) == 3 * 64  # one face per row, 64 tokens each
+    assert first["pixel_values"].shape[0] == 3 * 256 and first["image_grid_thw"].tolist() == [[1, 16, 16]] * 3
+    options = {k: v for k, v in first.items() if not torch.is_tensor(v) and k not in ("cache", "cache_length")}
+    assert options == {
+        "max_new_tokens": 3, "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+        "stop_strings": list(protocol.STOP_STRINGS), "tokenizer": policy.tokenizer,
+        "suppress_tokens": vision_token_ids(policy.tokenizer), "pad_token_id": policy.tokenizer.pad_token_id,
+    }  # fmt: skip
+    assert policy.batch_sizes[0] == 3
+
+
+def test_internvl_batches_are_left_padded_without_a_prefix_cache(tmp_path_factory, crop, monkeypatch):
+    import threading
+
+    from core.policies.hf import HFPolicy
+
+    policy = HFPolicy.load(nano_model(tmp_path_factory, "internvl"), max_new_tokens=3)
+    seen, real_generate = [], policy.model.generate
+    monkeypatch.setattr(policy.model, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
+    face = face_from_image(crop)
+
+    def one(tools):
+        with policy.stream():
+            run(face, policy, AgentConfig(max_tool_calls=0, max_format_errors=0, allowed_tools=tools))
+
+    threads = [threading.Thread(target=one, args=(t,)) for t in (None, ["FFTTool"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = seen[0]
+    assert "cache" not in first and first["input_ids"].shape[0] == 2
+    short = int(first["attention_mask"].sum(1).argmin())
+    pads = int((first["attention_mask"][short] == 0).sum())
+    assert pads > 0 and (first["attention_mask"][short, :pads] == 0).all()  # left padding
+    assert (first["input_ids"][short, :pads] == policy.tokenizer.pad_token_id).all()
+
+
+def test_a_lone_investigation_is_generated_unpadded(nano, crop, monkeypatch):
+    from core.policies.hf import HFPolicy
+
+    policy = HFPolicy.load(nano, max_new_tokens=3)
+    seen, real_generate = [], policy.model.generate
+
+    def recording_generate(**kwargs):  # the cache's length before generate appends to it
+        seen.append(dict(kwargs, cache_length=kwargs["cache"].get_seq_length()))
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(policy.model, "generate", recording_generate)
+    traj = run(face_from_image(crop), policy, AgentConfig(max_tool_calls=0, max_format_errors=0))
+    assert seen[0]["input_ids"].shape == (1, traj.turns[0].notes["prompt_tokens"])
+    assert bool(seen[0]["attention_mask"].all()) and policy.batch_sizes[:1] == [1]
+    # the text before the face image (system prompt, tool schemas) comes from the prefix cache
+    vision_start = policy.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    first_image = int((seen[0]["input_ids"][0] == vision_start).nonzero()[0])
+    assert seen[0]["cache_length"] == first_image

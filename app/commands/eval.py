@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import EXIT_INPUT
+from . import EXIT_FAILED, EXIT_INPUT
 from .flags import add_config_args, config_from_args
 from .policy import add_policy_args, agent_options, load_policy
 
@@ -53,6 +53,13 @@ class EvalOptions:
     limit_per_domain: int | None = field(
         default=None, metadata={"help": "at most N images per domain/split selection (a seeded sample)"}
     )
+    concurrency: int = field(
+        default=1,
+        metadata={
+            "help": "investigations in flight at once: hf generates their turns in batches, vllm sends that many "
+            "requests at a time (1 = one image after another)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the samples and of the bootstrap"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals; 0 = none"})
 
@@ -60,6 +67,8 @@ class EvalOptions:
         from core.evaluation.analyses import ANALYSES
 
         self.analyses = list(ANALYSES) if self.analyses == ["all"] else (self.analyses or [])
+        if self.concurrency < 1:
+            raise ValueError("--concurrency must be >= 1")
         if self.limit and not self.plain:
             raise ValueError("--limit is for plain runs; with a protocol or --report use --limit-per-domain")
         if self.is_protocol and (self.domains or self.split or self.dev_manifest or self.root):
@@ -119,25 +128,27 @@ def run(args) -> int:
         n_boot=0 if opts.plain else opts.bootstrap,
         on_no_face=agent.on_no_face or "whole",
         progress=opts.plain or sys.stderr.isatty() or bool(opts.report),
+        concurrency=opts.concurrency,
     )
     for s in result.scores.values():
         if s.score_spoof is None:
             print(f"{'unreadable' if s.unreadable else 'no verdict'}: {s.row.rel_path}: {s.error}", file=sys.stderr)
-    if not any(s.score_spoof is not None for s in result.scores.values()):
+    scored_none = not any(s.score_spoof is not None for s in result.scores.values())
+    if scored_none:
         unreadable = sum(1 for s in result.scores.values() if s.unreadable)
         if unreadable == len(result.scores):  # nothing could even be read: no metrics at all
             print(f"error: none of the {unreadable} images could be read; nothing was scored", file=sys.stderr)
             return EXIT_INPUT
-        # Read, but the policy reached no verdict on any (e.g. a barely trained model): that is a result,
-        # counted in the metrics' no_verdict column, and written like any other.
+        # Read, but the policy reached no verdict on any (e.g. a barely trained model): the table and files
+        # are still written (its no_verdict column counts them), and the exit status says nothing was scored.
         print(
-            f"warning: the policy reached no verdict on any of the {len(result.scores)} images "
-            f"({unreadable} unreadable); every metric below is empty",
+            f"error: the policy reached no verdict on any of the {len(result.scores)} images "
+            f"({unreadable} unreadable); nothing was scored and every metric below is empty",
             file=sys.stderr,
         )
     if opts.plain:
         _print_plain(result, opts)
-        return 0
+        return EXIT_FAILED if scored_none else 0
     print(
         f"protocol {protocol.name} ({protocol.kind}); policy: {result.policy} [{result.policy_version}]; {result.images} images in {result.seconds:.1f} s"
     )
@@ -177,7 +188,7 @@ def run(args) -> int:
                 indent=2,
             )
         )
-    return 0
+    return EXIT_FAILED if scored_none else 0
 
 
 def _check_images_exist(protocol, opts: EvalOptions) -> None:

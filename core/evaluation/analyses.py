@@ -323,7 +323,10 @@ def run_evaluation(
     limit_per_domain: int | None = None,
     on_no_face: str = "whole",
     progress: bool = True,
+    concurrency: int = 1,
 ) -> EvaluationResult:
+    """Score the protocol's images once per variant and compute its folds and ``analyses``.
+    ``concurrency``: investigations in flight at once (core.evaluation.scoring.score_variant)."""
     unknown = set(analyses) - set(ANALYSES)
     if unknown:
         raise ValueError(f"unknown analyses {sorted(unknown)}; known: {', '.join(ANALYSES)}")
@@ -340,7 +343,9 @@ def run_evaluation(
         if v.key not in cache:
             t = time.perf_counter()
             cache[v.key] = (
-                score_variant(rows, face_cache, policy, v, registry=registry, progress=progress),
+                score_variant(
+                    rows, face_cache, policy, v, registry=registry, progress=progress, concurrency=concurrency
+                ),
                 time.perf_counter() - t,
             )
         return cache[v.key][0]

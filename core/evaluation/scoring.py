@@ -1,15 +1,20 @@
 """Scoring: investigate every image of a manifest with one agent variant, and write the scores.
 
 Unreadable images and investigations without a verdict are recorded with their reason; they never
-abort a run. This is the only place where evaluation runs the agent.
+abort a run. This is the only place where evaluation runs the agent. With ``concurrency`` N, N threads
+each run the agent loop on one image after another; a policy with a ``stream()`` (the hf policy) then
+generates their turns in batches, one that calls a server (vllm) sends N requests at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,15 +152,48 @@ def score_variant(
     *,
     registry: ToolRegistry | None = None,
     progress: bool = True,
+    concurrency: int = 1,
 ) -> dict[Path, ScoredImage]:
     """Investigate every row with one variant (its tools taken from ``registry``); unreadable images are
-    recorded, never abort the run."""
+    recorded, never abort the run. ``concurrency``: investigations in flight at once (threads); the
+    result is the same dict, in row order."""
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    rows = list(rows)
     config = variant.config(face_cache.on_no_face)
-    out = {}
-    for row in tqdm(rows, desc=variant.name, unit="img", disable=not progress, dynamic_ncols=True):
+    bar = tqdm(total=len(rows), desc=variant.name, unit="img", disable=not progress, dynamic_ncols=True)
+
+    def one(row: ManifestRow) -> ScoredImage:
         t0 = time.perf_counter()
-        out[row.path] = score_face(row, face_cache.get(row), policy, config, registry=registry, t0=t0)
-    return out
+        return score_face(row, face_cache.get(row), policy, config, registry=registry, t0=t0)
+
+    out: dict[Path, ScoredImage] = {}
+    with bar:
+        if concurrency == 1:
+            for row in rows:
+                out[row.path] = one(row)
+                bar.update()
+            return out
+        todo, lock = iter(rows), threading.Lock()
+        stream = getattr(policy, "stream", None)
+
+        def worker() -> None:
+            with stream() if callable(stream) else contextlib.nullcontext():
+                while True:
+                    with lock:
+                        row = next(todo, None)
+                    if row is None:
+                        return
+                    scored = one(row)
+                    with lock:
+                        out[row.path] = scored
+                        bar.update()
+
+        threads = min(concurrency, len(rows))
+        with ThreadPoolExecutor(threads, thread_name_prefix="tarfas-eval") as pool:
+            for f in [pool.submit(worker) for _ in range(threads)]:
+                f.result()  # a bug in a worker is raised here, not lost
+    return {row.path: out[row.path] for row in rows}
 
 
 def metrics_by_domain(scored: Iterable[ScoredImage], threshold: float) -> dict[str, dict]:

@@ -86,6 +86,40 @@ def encode(processor, inputs: ProcessorInputs, extra_text: str = ""):
     return processor(text=[inputs.text + extra_text], images=inputs.images or None, return_tensors="pt")
 
 
+def collate_left(features: list, pad_token_id: int, at: int = 0):
+    """One batch of several :func:`encode` results (one row each), padded as batched ``generate`` needs:
+    token-level tensors (``input_ids``, ``attention_mask``, ``mm_token_type_ids``: shape (1, n)) get their
+    padding inserted at column ``at`` (0: left padding; the length of a prefix all rows share: after it, so
+    that the prefix sits in the same columns of every row and its KV cache can be shared); ``input_ids`` are
+    padded with ``pad_token_id``, the others with 0, so padding is masked out. Image tensors
+    (``pixel_values``, ``image_grid_thw``, ...) are concatenated in row order, which is the order in which
+    the model fills the rows' image tokens. A single row is returned as it is."""
+    import torch
+    from transformers import BatchFeature
+
+    if len(features) == 1:
+        return features[0]
+    lengths = [f["input_ids"].shape[1] for f in features]
+    width = max(lengths)
+    out = {}
+    for key in features[0].keys():
+        values = [f[key] for f in features]
+        if all(torch.is_tensor(v) and v.dim() == 2 and v.shape == (1, n) for v, n in zip(values, lengths)):
+            fill = pad_token_id if key == "input_ids" else 0
+            out[key] = torch.cat(
+                [
+                    torch.cat([v[:, :at], torch.full((1, width - v.shape[1]), fill, dtype=v.dtype), v[:, at:]], 1)
+                    for v in values
+                ],
+                dim=0,
+            )
+        elif all(torch.is_tensor(v) for v in values):
+            out[key] = torch.cat(values, dim=0)
+        else:
+            raise ValueError(f"cannot batch the processor output {key!r}")
+    return BatchFeature(out)
+
+
 def png_data_uri(image: Image.Image) -> str:
     """Lossless PNG as a data URI (forensic images must not be re-encoded lossily)."""
     buf = io.BytesIO()

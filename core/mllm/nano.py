@@ -59,6 +59,27 @@ class NanoSpec:
     seed: int = 0
 
 
+# The sizes `tarfas model init-nano --size` builds. "nano" (~1M parameters) is for fast unit tests: it runs
+# every code path but does not learn the protocol. "micro" (~4.7M, head dim 64 as in the real 7-8B models)
+# is the CPU recipe's size: what the 15-minute, 2-core budget of training/cli/nano_e2e.py affords
+# (docs/training.md; a 13M size, hidden 384 x 6 layers, costs 2.5x as much per step).
+SIZES = {
+    "nano": NanoSpec(),
+    "micro": NanoSpec(
+        hidden=256, layers=4, heads=4, kv_heads=2, intermediate=768, vision_hidden=128, vision_layers=2, vision_heads=2
+    ),
+}
+
+
+def spec_for(size: str, seed: int = 0) -> NanoSpec:
+    """The :class:`NanoSpec` of a named size ("nano" or "micro") with the given seed."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+    from dataclasses import replace
+
+    return replace(SIZES[size], seed=seed)
+
+
 def build_nano(out: str | Path, arch: str = "qwen2_5_vl", spec: NanoSpec | None = None) -> Path:
     """Build a nano model of ``arch`` ("qwen2_5_vl" or "internvl") into folder ``out`` and return it.
 

@@ -3,8 +3,11 @@ torchvision, and the tarfas chat template attached."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +139,60 @@ def load_model_and_processor(
         model = PeftModel.from_pretrained(model, str(adapter))
     model.to(device).eval()
     return LoadedModel(model, load_processor(model_dir, arch), arch, device, dtype, str(adapter) if adapter else None)
+
+
+class CachedImageProcessor:
+    """An image processor that processes each distinct image once: an investigation sends the face (and
+    every tool image so far) again with every turn, and concurrent investigations share the policy's
+    processor. Outputs are per image and concatenated in order, as the wrapped processor's own are
+    (``pixel_values`` / ``image_grid_thw`` / ``num_patches`` rows follow the images). A bounded LRU keyed by
+    the pixels and the call's options; thread-safe."""
+
+    def __init__(self, inner, max_images: int = 256):
+        self.inner, self.max_images = inner, max_images
+        self._cache: OrderedDict[tuple, dict] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __getattr__(self, name):  # merge_size, patch_size, ...: the wrapped processor's
+        return getattr(self.inner, name)
+
+    def __call__(self, images=None, **kwargs):
+        from transformers import BatchFeature
+
+        images = images if isinstance(images, (list, tuple)) else [images]
+        options = repr(sorted((k, repr(v)) for k, v in kwargs.items()))
+        parts = [self._one(img, options, kwargs) for img in images]
+        merged = {}
+        for key in parts[0]:
+            merged[key] = _concat([p[key] for p in parts])
+        return BatchFeature(merged)
+
+    def _one(self, image, options: str, kwargs: dict) -> dict:
+        key = (hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest(), image.size, image.mode, options)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return self._cache[key]
+        out = dict(self.inner([image], **kwargs))
+        with self._lock:
+            self.misses += 1
+            self._cache[key] = out
+            while len(self._cache) > self.max_images:
+                self._cache.popitem(last=False)
+        return out
+
+
+def _concat(values: list):
+    import numpy as np
+    import torch
+
+    if torch.is_tensor(values[0]):
+        return torch.cat(values, dim=0)
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values, axis=0)
+    return [x for v in values for x in v]
 
 
 def install_remote_code(model_dir: str | Path, arch: str) -> None:

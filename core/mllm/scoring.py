@@ -7,6 +7,7 @@ both class strings are several tokens). Computed from a forward pass, never from
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..protocol import class_tag_offset
@@ -65,6 +66,56 @@ def class_token_score(model, processor, prompt_text: str, images, assistant_pref
     pair = torch.stack([logits[ids_s[k]], logits[ids_r[k]]])
     p = torch.softmax(pair, dim=0)[0].item()
     return ClassTokenScore(p, k, ids_s[k], ids_r[k], (pair[0].item(), pair[1].item()))
+
+
+# Texts that come right before a class tag in protocol turns: a fast answer starts with it, an answer
+# turn has it after <answer>. The tokens where <Spoof> and <Real> split after them are the candidates
+# whose logits generation records (core.policies.hf), so that the score needs no second forward pass.
+_CLASS_CONTEXTS = (
+    "",
+    "<answer>",
+    "\n<answer>",
+    "</think>\n<answer>",
+    "</think><answer>",
+    "<answer> ",
+    "<answer>\n",
+    " ",
+)
+
+
+def class_candidate_ids(tokenizer) -> list[int]:
+    """Token ids that start the class at the split point after the usual contexts (both classes)."""
+    ids: set[int] = set()
+    for ctx in _CLASS_CONTEXTS:
+        s = tokenizer.encode(ctx + CLASS_STRINGS["spoof"], add_special_tokens=False)
+        r = tokenizer.encode(ctx + CLASS_STRINGS["real"], add_special_tokens=False)
+        k = split_point(s, r)
+        ids.update((s[k], r[k]))
+    return sorted(ids)
+
+
+def generated_class_score(
+    tokenizer, prefix: str, new_ids: list[int], logit_at: Callable[[int, int], float | None]
+) -> ClassTokenScore | None:
+    """P(spoof) from the logits that generation computed anyway: ``prefix`` is the generated text before
+    the class tag, ``new_ids`` the generated tokens, ``logit_at(step, token_id)`` the raw logit of a token
+    at the decoding step that produced token ``step`` (None when it was not recorded).
+
+    Equal to :func:`class_token_score` when the model generated the same tokens that the forward pass
+    would read (the tokenization of ``prefix`` + class string up to the split point); None otherwise, and
+    the caller does the forward pass. ``position`` is the index in the generated tokens."""
+    if prefix[:1].isspace():  # may merge with the prompt's last token in a joint tokenization
+        return None
+    ids_s = tokenizer.encode(prefix + CLASS_STRINGS["spoof"], add_special_tokens=False)
+    ids_r = tokenizer.encode(prefix + CLASS_STRINGS["real"], add_special_tokens=False)
+    k = split_point(ids_s, ids_r)
+    if k >= len(new_ids) or list(new_ids[:k]) != ids_s[:k]:
+        return None
+    ls, lr = logit_at(k, ids_s[k]), logit_at(k, ids_r[k])
+    if ls is None or lr is None:
+        return None
+    p_spoof = 1.0 / (1.0 + math.exp(lr - ls))  # softmax over the pair
+    return ClassTokenScore(p_spoof, k, ids_s[k], ids_r[k], (ls, lr))
 
 
 def score_from_top_logprobs(text: str, tokens: list[dict]) -> tuple[float | None, str]:

@@ -1,33 +1,74 @@
-"""The whole tool-aware training pipeline on a CPU in minutes: nano model -> KT -> FI -> DT-GRPO -> eval.
+"""The whole tool-aware training pipeline on a CPU: micro model -> annotation -> KT -> FI -> DT-GRPO -> eval.
 
-    .venv/bin/python -m training.cli.nano_e2e --out runs/nano-e2e            # fas-dev NUAA subset, a few minutes
-    .venv/bin/python -m training.cli.nano_e2e --out /tmp/e2e --quick         # the shortened run CI does
+    .venv/bin/python -m training.cli.nano_e2e --out runs/micro-e2e        # the full run (docs/training.md)
+    .venv/bin/python -m training.cli.nano_e2e --out /tmp/e2e --quick      # the shortened run CI does (nano model)
 
-Every step is the real ``tarfas`` command (run in-process, printed as it runs), so this file is also a
-worked example of the commands. The nano model (~1M parameters) is trained with all its parameters: LoRA
-on a model this small barely moves (measured: LoRA at lr 1e-4..2e-2 leaves the FI loss near 2 after 60
-steps, full training reaches 0.06), while real 7-8B models use the paper's LoRA (the defaults).
-A nano model learns the output format from a few dozen examples, not face anti-spoofing: its metrics are
-reported as they come, and an untrained or briefly trained nano model is expected near chance.
+Every step up to the models is a real ``tarfas`` command run in-process and printed as it runs (so this
+file is also a worked example of the commands):
+
+1. ``tarfas model init-nano --size micro``: Qwen2.5-VL at ~4.7M parameters (``--quick``: the ~1M nano);
+2. ``tarfas annotate`` (the offline expert annotator, tool-call limit 3 as the agent loop) over the NUAA
+   train split of fas-dev and a sample of ../shared/data/fas-train;
+3. ``tarfas train sft --stage kt`` then ``--stage fi`` (a = 0.9) on both annotation folders, all parameters;
+4. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from the FI model;
+5. the FI and the DT-GRPO models investigate held-out NUAA **test** images of fas-dev through the agent
+   loop (training/policy_eval.py: batched, the inference parsers, the class-token score): greedy for
+   accuracy and AUC, and sampled at T = 1 for the format rate.
+
+The last line printed is one JSON object: ``sampled_format_ok`` (FI model, T = 1), ``sampled_format_ok_grpo``,
+``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, the paired-bootstrap 95% intervals of the GRPO - FI
+differences over the dev images, ``grpo_reward_first`` / ``grpo_reward_last`` (means over the first and last
+10% of steps), ``grpo_steps`` and ``seconds``. Stages that already have an output are skipped on a re-run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shlex
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-FAS_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "fas-dev" / "manifest.csv"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+FAS_DEV = SHARED / "fas-dev" / "manifest.csv"
+FAS_TRAIN = SHARED / "fas-train" / "manifest.csv"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run (measured choices: docs/training.md, "CPU end to end")."""
+
+    size: str = "micro"
+    n_nuaa: int = 320  # NUAA train images of fas-dev to annotate
+    n_train: int = 160  # images of fas-train to annotate (0: none)
+    kt_steps: int = 60
+    kt_batch: int = 4
+    kt_lr: float = 1e-3
+    fi_steps: int = 400
+    fi_batch: int = 2
+    fi_lr: float = 2e-3  # cosine decay: the annealed end is what makes sampled (T = 1) turns well-formed
+    grpo_steps: int = 8
+    grpo_g: int = 4
+    grpo_queries: int = 2  # queries per step (x G completions)
+    grpo_lr: float = 1e-5  # 5e-5 for 8 steps broke the FI model's format (greedy 98% -> 50%)
+    max_new_tokens: int = 192  # per assistant turn (the annotations' longest is 177 tokens)
+    n_eval: int = 64  # held-out NUAA test images
+    eval_batch: int = 16
+
+
+FULL = Plan()
+QUICK = Plan(size="nano", n_nuaa=12, n_train=0, kt_steps=6, kt_batch=4, fi_steps=6, fi_batch=2, fi_lr=3e-3,
+             grpo_steps=1, grpo_g=2, grpo_queries=1, max_new_tokens=24, n_eval=4, eval_batch=4)  # fmt: skip
 
 
 def _run(argv: list[str], done: Path | None = None) -> None:
-    """Run one tarfas command, unless ``done`` (its output, with lineage) exists from an earlier run."""
+    """Run one tarfas command, unless ``done`` (its output) exists from an earlier run."""
     from app.cli import main
 
-    if done is not None and (done / "tarfas_lineage.json").is_file():
+    if done is not None and done.exists():
         print(f"\n(skipping tarfas {argv[0]} {argv[1]}: {done} exists)", flush=True)
         return
     print("\n$ tarfas " + shlex.join(argv), flush=True)
@@ -36,58 +77,148 @@ def _run(argv: list[str], done: Path | None = None) -> None:
         raise SystemExit(f"tarfas {argv[0]} {argv[1] if len(argv) > 1 else ''} failed with exit code {rc}")
 
 
-def pipeline(out: Path, manifest: Path, *, quick: bool = False, threads: int = 1) -> dict:
-    """Run the pipeline into ``out``; returns the measured summary (also written to ``out/summary.json``)."""
-    n_train, kt_steps, fi_steps, grpo_steps, n_eval, g = (12, 8, 8, 1, 4, 2) if quick else (64, 60, 120, 6, 32, 4)
-    tokens = "32" if quick else "160"  # per assistant turn
-    log_every = "2" if quick else "10"
+def held_out(manifest: Path, n: int, seed: int = 0) -> tuple[list, list[str], list[str]]:
+    """``n`` NUAA test faces of fas-dev (seeded sample, balanced by label): crops, labels, paths."""
+    from core.evaluation.manifest import read_manifest, select
+    from core.evaluation.scoring import load_face
+
+    rows = select(read_manifest(manifest), ["nuaa"], "test")
+    rng = random.Random(seed)
+    picked = []
+    for label in ("real", "spoof"):
+        pool = [r for r in rows if r.label == label]
+        picked += rng.sample(pool, min(len(pool), n // 2 + (n % 2 if label == "real" else 0)))
+    crops, labels, paths = [], [], []
+    for r in picked:
+        face = load_face(r, "whole")
+        if not isinstance(face, str):
+            crops.append(face.crop)
+            labels.append(r.label)
+            paths.append(r.rel_path)
+    return crops, labels, paths
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def pipeline(
+    out: Path,
+    manifest: Path = FAS_DEV,
+    *,
+    quick: bool = False,
+    threads: int = 1,
+    train_manifest: Path | None = FAS_TRAIN,
+    seed: int = 0,
+) -> dict:
+    """Run the pipeline into ``out``; returns the summary (also written to ``out/summary.json``)."""
+    import torch
+
+    from core.mllm.processor import load_model_and_processor
+    from training.lineage import read_lineage
+    from training.policy_eval import evaluate_policy, metrics, paired_bootstrap
+
+    plan = QUICK if quick else FULL
+    t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    data = ["--data", str(manifest), "--domains", "nuaa", "--split", "train", "--max-examples", str(n_train),
-            "--build-dir", str(out / "data"), "--threads", str(threads), "--save-steps", "0"]  # fmt: skip
-    times = {}
-    t = time.perf_counter()
-    if not (out / "nano" / "config.json").is_file():
-        _run(["model", "init-nano", str(out / "nano")])
-    times["init_nano_s"] = time.perf_counter() - t
+    times: dict[str, float] = {}
 
-    t = time.perf_counter()
-    _run(["train", "sft", "--stage", "kt", "--model", str(out / "nano"), "--out", str(out / "kt"), *data, "--no-use-lora",
-          "--learning-rate", "3e-3", "--lr-scheduler-type", "constant", "--max-steps", str(kt_steps),
-          "--per-device-train-batch-size", "4", "--logging-steps", log_every], out / "kt" / "model")  # fmt: skip
-    times["kt_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    _run(["train", "sft", "--stage", "fi", "--model", str(out / "kt" / "model"), "--out", str(out / "fi"), *data, "--no-use-lora",
-          "--learning-rate", "3e-3", "--lr-scheduler-type", "constant", "--max-steps", str(fi_steps),
-          "--per-device-train-batch-size", "2", "--logging-steps", log_every], out / "fi" / "model")  # fmt: skip
-    times["fi_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    _run(["train", "grpo", "--model", str(out / "fi" / "model"), "--out", str(out / "grpo"), *data,
-          "--num-generations", str(g), "--per-device-train-batch-size", str(2 * g), "--max-steps", str(grpo_steps),
-          "--learning-rate", "1e-5", "--max-new-tokens", tokens, "--max-completion-length", "1536"], out / "grpo" / "model")  # fmt: skip
-    times["grpo_s"] = time.perf_counter() - t
-
-    results = {}
-    stages = (("untrained", out / "nano"), ("kt+fi", out / "fi" / "model"), ("kt+fi+dt-grpo", out / "grpo" / "model"))
-    for name, model in stages[-1:] if quick else stages:
+    def stage(name: str, fn) -> None:
         t = time.perf_counter()
-        _run(["eval", str(manifest), "--domains", "nuaa", "--split", "test", "--limit", str(n_eval), "--policy", "hf",
-              "--model", str(model), "--max-new-tokens", tokens, "--threshold", "0.5", "--json-out", str(out / f"eval-{name}.json")])  # fmt: skip
-        times[f"eval_{name}_s"] = time.perf_counter() - t
-        results[name] = json.loads((out / f"eval-{name}.json").read_text())
-    lineage = json.loads((out / "grpo" / "model" / "tarfas_lineage.json").read_text())
-    summary = {"times": times, "eval": results, "grpo_log": lineage["result"]["log"], "quick": quick}
+        fn()
+        times[name] = round(time.perf_counter() - t, 1)
+
+    base = out / plan.size
+    stage("init_s", lambda: _run(["model", "init-nano", str(base), "--size", plan.size, "--seed", str(seed)],
+                                 base / "config.json"))  # fmt: skip
+
+    data = [out / "ann-nuaa"]
+    annotate = [lambda: _run(["annotate", str(manifest), "--out", str(out / "ann-nuaa"), "--domains", "nuaa", "--split",
+                              "train", "--limit", str(plan.n_nuaa), "--seed", str(seed), "--no-progress"],
+                             out / "ann-nuaa" / "stats.json")]  # fmt: skip
+    if plan.n_train and train_manifest is not None and Path(train_manifest).is_file():
+        data.append(out / "ann-train")
+        annotate.append(lambda: _run(["annotate", str(train_manifest), "--out", str(out / "ann-train"), "--limit",
+                                      str(plan.n_train), "--seed", str(seed), "--no-progress"],
+                                     out / "ann-train" / "stats.json"))  # fmt: skip
+    stage("annotate_s", lambda: [f() for f in annotate])
+
+    common = ["--data", ",".join(map(str, data)), "--no-use-lora", "--threads", str(threads), "--save-steps", "0",
+              "--seed", str(seed)]  # fmt: skip
+    sft = common + ["--max-length", "2048", "--warmup-ratio", "0.05", "--logging-steps", "5"]
+    kt, fi, rl = out / "kt" / "model", out / "fi" / "model", out / "grpo" / "model"
+    stage("kt_s", lambda: _run(["train", "sft", "--stage", "kt", "--model", str(base), "--out", str(out / "kt"), *sft,
+                                "--lr-scheduler-type", "constant_with_warmup", "--learning-rate", str(plan.kt_lr),
+                                "--max-steps", str(plan.kt_steps),
+                                "--per-device-train-batch-size", str(plan.kt_batch)], kt / "tarfas_lineage.json"))  # fmt: skip
+    stage("fi_s", lambda: _run(["train", "sft", "--stage", "fi", "--model", str(kt), "--out", str(out / "fi"), *sft,
+                                "--first-turn-weight", "0.9", "--lr-scheduler-type", "cosine", "--learning-rate", str(plan.fi_lr),
+                                "--max-steps", str(plan.fi_steps), "--per-device-train-batch-size", str(plan.fi_batch)],
+                               fi / "tarfas_lineage.json"))  # fmt: skip
+    stage("grpo_s", lambda: _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common,
+                                  "--num-generations", str(plan.grpo_g),
+                                  "--per-device-train-batch-size", str(plan.grpo_g * plan.grpo_queries),
+                                  "--max-steps", str(plan.grpo_steps), "--learning-rate", str(plan.grpo_lr),
+                                  "--temperature", "1.0", "--max-new-tokens", str(plan.max_new_tokens),
+                                  "--max-completion-length", "2048", "--logging-steps", "1"],
+                                 rl / "tarfas_lineage.json"))  # fmt: skip
+
+    # Held-out evaluation: the same dev images for both models (paired).
+    t = time.perf_counter()
+    crops, labels, paths = held_out(manifest, plan.n_eval, seed)
+    torch.set_num_threads(threads)
+    evals, results = {}, {}
+    for name, folder in (("fi", fi), ("grpo", rl)):
+        lm = load_model_and_processor(folder)
+        for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+            res = evaluate_policy(lm.model, lm.processor, crops, labels, temperature=temperature,
+                                  max_new_tokens=plan.max_new_tokens, batch_size=plan.eval_batch, seed=seed)  # fmt: skip
+            results[(name, mode)] = res
+            evals[f"{name}/{mode}"] = metrics(res)
+            print(f"[eval {name} {mode}] {json.dumps(evals[f'{name}/{mode}'])}", flush=True)
+    times["eval_s"] = round(time.perf_counter() - t, 1)
+    ci = paired_bootstrap(results[("fi", "greedy")], results[("grpo", "greedy")], seed=seed)
+
+    log = read_lineage(rl)["result"]["log"]
+    rewards = [h["reward"] for h in log if "reward" in h]
+    k = max(1, round(0.1 * len(rewards)))
+    fi_log = read_lineage(fi)["result"]["log"]
+    line = {
+        "sampled_format_ok": evals["fi/sampled"]["format_ok"],
+        "sampled_format_ok_grpo": evals["grpo/sampled"]["format_ok"],
+        "greedy_format_ok_fi": evals["fi/greedy"]["format_ok"],
+        "auc_fi": _round(evals["fi/greedy"]["auc"]),
+        "auc_grpo": _round(evals["grpo/greedy"]["auc"]),
+        "acc_fi": _round(evals["fi/greedy"]["accuracy"]),
+        "acc_grpo": _round(evals["grpo/greedy"]["accuracy"]),
+        "delta_acc_ci95": ci["delta_acc_ci95"],
+        "delta_auc_ci95": ci["delta_auc_ci95"],
+        "grpo_reward_first": _mean(rewards[:k]),
+        "grpo_reward_last": _mean(rewards[-k:]),
+        "grpo_steps": len(rewards),
+        "fi_nll_later_turns_last": fi_log[-1].get("nll/later_turns") if fi_log else None,
+        "n_eval": len(labels),
+        "model": plan.size,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    summary = {"line": line, "times": times, "plan": asdict(plan), "eval": evals, "grpo_log": log,
+               "eval_images": paths, "quick": quick}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
+def _round(x):
+    return None if x is None else round(x, 4)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.cli.nano_e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/nano-e2e")
-    p.add_argument("--manifest", default=str(FAS_DEV))
-    p.add_argument("--quick", action="store_true", help="the shortened CI run (seconds per stage)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="runs/micro-e2e")
+    p.add_argument("--manifest", default=str(FAS_DEV), help="fas-dev manifest (NUAA train: training; test: eval)")
+    p.add_argument("--train-manifest", default=str(FAS_TRAIN), help="extra annotated training images (fas-train)")
+    p.add_argument("--quick", action="store_true", help="the shortened CI run (nano model, seconds per stage)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     import os
 
@@ -96,13 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    summary = pipeline(Path(args.out), Path(args.manifest), quick=args.quick, threads=args.threads)
+    summary = pipeline(Path(args.out), Path(args.manifest), quick=args.quick, threads=args.threads,
+                       train_manifest=Path(args.train_manifest), seed=args.seed)  # fmt: skip
     print("\n== summary ==")
-    print(
-        json.dumps(
-            {"times": summary["times"], "eval": {k: v for k, v in summary["eval"].items()}}, indent=2, default=str
-        )[:4000]
-    )
+    print(json.dumps({"times": summary["times"], "eval": summary["eval"]}, indent=2, default=str))
+    print(json.dumps(summary["line"]))
     return 0
 
 

@@ -1,0 +1,206 @@
+"""Batched evaluation of a trained checkpoint on labelled face crops, through the real agent loop.
+
+Each image is one investigation run by :func:`core.agent.run` (inference prompts, the real tools, errors fed
+back as at inference), and the turns of all investigations of a batch are sampled in lockstep with one
+batched ``generate`` call per turn (training/rollout.py's sampler, the same one DT-GRPO uses). What is
+measured per image:
+
+- ``format_ok``: the investigation follows the protocol from the fast answer to ``<answer>``
+  (:func:`core.protocol.investigation_error`, the inference parsers; an executed-but-refused tool call
+  counts as invalid too);
+- the verdict (the final answer, or the fast-answer fallback as at inference) and its score, the
+  class-token probability P(spoof) from :func:`core.mllm.scoring.class_token_score` (the hf policy's score);
+- the number of valid tool calls.
+
+Sampling is greedy with ``temperature=0`` (as ``tarfas investigate/eval --policy hf``) or at the given
+temperature (the format rate of sampled turns). This exists beside ``tarfas eval`` because the hf policy
+runs one investigation at a time, which is too slow for the CPU pipeline's budget (training/cli/nano_e2e.py).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core import protocol
+from core.agent import AgentConfig
+from core.mllm.messages import to_processor_inputs
+from core.mllm.processor import vision_token_ids
+from core.protocol import STOP_STRINGS
+from core.registry import ToolRegistry
+
+from .rollout import TokenPolicy, face_from_image, run_rollouts
+
+
+@dataclass
+class ImageResult:
+    label: str
+    verdict: str | None
+    score: float | None  # P(spoof) of the deciding turn's class token
+    format_ok: bool
+    format_error: str | None
+    source: str | None  # "answer", "fast_answer_fallback" or None (no verdict)
+    tool_calls: int
+    turns: list[str] = field(default_factory=list)
+
+
+class _RecordingPolicy(TokenPolicy):
+    """TokenPolicy that also keeps each turn's conversation (for the class-token score afterwards)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.conversations: list[list[dict]] = []
+
+    def next_turn(self, conversation):
+        self.conversations.append(conversation.messages)
+        return super().next_turn(conversation)
+
+
+def batched_generate(model, processor, *, temperature: float, max_new_tokens: int):
+    """A ``generate_batch(ids, images, fields)`` for :class:`training.rollout.LockstepSampler`: left-padded
+    ids, the rollouts' image tensors concatenated in order, vision tokens suppressed, stopping at the
+    protocol's stop strings (as the hf policy does)."""
+    import torch
+
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id
+    ends = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    image_pad = getattr(processor, "image_token_id", None)
+    suppress = vision_token_ids(tok) or None
+
+    def generate_batch(ids_list, images_list, fields_list):
+        n = max(len(x) for x in ids_list)
+        input_ids = torch.full((len(ids_list), n), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(ids_list), n), dtype=torch.long)
+        for i, ids in enumerate(ids_list):
+            input_ids[i, n - len(ids) :] = torch.tensor(ids)
+            attention[i, n - len(ids) :] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": attention}
+        for key in ("pixel_values", "image_grid_thw"):
+            parts = [f[key] for f in fields_list if key in f]
+            if parts:
+                inputs[key] = torch.cat(parts, dim=0)
+        if "image_grid_thw" in inputs and image_pad is not None:
+            inputs["mm_token_type_ids"] = (input_ids == image_pad).long()
+        sample = temperature > 0
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample else None,
+                top_p=None, top_k=None, stop_strings=list(STOP_STRINGS), tokenizer=tok, suppress_tokens=suppress,
+                pad_token_id=pad_id,
+            )  # fmt: skip
+        results = []
+        for row in out[:, n:].tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in ends), len(row))
+            results.append((row[:cut], None))
+        return results
+
+    return generate_batch
+
+
+def evaluate_policy(
+    model,
+    processor,
+    crops: list,
+    labels: list[str],
+    *,
+    temperature: float = 0.0,
+    max_new_tokens: int = 160,
+    batch_size: int = 16,
+    max_tool_calls: int = 3,
+    seed: int = 0,
+) -> list[ImageResult]:
+    """Investigate every crop (RGB arrays or PIL images, 224x224 faces) with ``model``; one result per crop."""
+    import torch
+
+    from core.mllm.scoring import class_token_score
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    was_training = model.training
+    model.eval()
+    config = AgentConfig(max_tool_calls=max_tool_calls)
+    names = ToolRegistry(None).names
+    generate = batched_generate(model, processor, temperature=temperature, max_new_tokens=max_new_tokens)
+    budget = (max_tool_calls + config.max_format_errors + 2) * (max_new_tokens + 400)  # never binding
+    results: list[ImageResult] = []
+    for start in range(0, len(crops), batch_size):
+        faces = [face_from_image(c) for c in crops[start : start + batch_size]]
+        policies: list[_RecordingPolicy] = []
+
+        def make(gen, policies=policies):
+            policies.append(_RecordingPolicy(gen, processor, budget))
+            return policies[-1]
+
+        rollouts, _ = run_rollouts(faces, make, generate, config)  # policies[i] ran faces[i]
+        for r, policy, label in zip(rollouts, policies, labels[start : start + batch_size], strict=True):
+            traj = r.trajectory
+            texts = [t.text for t in traj.turns]
+            error = protocol.investigation_error(texts, max_tool_calls=max_tool_calls, tool_names=names)
+            refused = next((t.tool_error for t in traj.turns if t.tool_error), None)
+            if error is None and refused:
+                error = f"refused tool call: {refused}"
+            verdict = traj.final.verdict if traj.final else None
+            source = traj.final.source if traj.final else None
+            score = None
+            if verdict is not None:
+                k = len(traj.turns) - 1 if source == "answer" else 0
+                if source != "answer":  # the fast-answer fallback: the last well-formed fast answer decides
+                    k = max(i for i, t in enumerate(traj.turns) if t.fast is not None)
+                text = traj.turns[k].text
+                pos = protocol.class_tag_offset(text)
+                if pos is not None:
+                    inp = to_processor_inputs(policy.conversations[k], processor)
+                    score = class_token_score(model, processor, inp.text, inp.images, text[:pos]).p_spoof
+            results.append(ImageResult(label, verdict, score, error is None, error, source,
+                                       len(traj.tool_turns), texts))  # fmt: skip
+    if was_training:
+        model.train()
+    return results
+
+
+# --- metrics --------------------------------------------------------------------------------------------
+def metrics(results: list[ImageResult]) -> dict:
+    """Accuracy (no verdict = wrong), AUC of the scores (images without a score count as 0.5), format rate."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.array([r.label == "spoof" for r in results], dtype=int)
+    correct = np.array([r.verdict == r.label for r in results], dtype=float)
+    scores = np.array([0.5 if r.score is None else r.score for r in results])
+    auc = float(roc_auc_score(y, scores)) if 0 < y.sum() < len(y) else None
+    return {
+        "n": len(results),
+        "accuracy": float(correct.mean()) if len(results) else None,
+        "auc": auc,
+        "format_ok": float(np.mean([r.format_ok for r in results])) if results else None,
+        "no_verdict": sum(r.verdict is None for r in results),
+        "answered": sum(r.source == "answer" for r in results),
+        "tool_calls_per_image": float(np.mean([r.tool_calls for r in results])) if results else None,
+    }
+
+
+def paired_bootstrap(a: list[ImageResult], b: list[ImageResult], *, n: int = 2000, seed: int = 0) -> dict:
+    """95% percentile intervals of (b - a) in accuracy and AUC, resampling the same images for both."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(a) != len(b) or any(x.label != y.label for x, y in zip(a, b, strict=True)):
+        raise ValueError("paired bootstrap needs results on the same images in the same order")
+    y = np.array([r.label == "spoof" for r in a], dtype=int)
+    ca = np.array([r.verdict == r.label for r in a], dtype=float)
+    cb = np.array([r.verdict == r.label for r in b], dtype=float)
+    sa = np.array([0.5 if r.score is None else r.score for r in a])
+    sb = np.array([0.5 if r.score is None else r.score for r in b])
+    rng = np.random.default_rng(seed)
+    d_acc, d_auc = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        d_acc.append(cb[i].mean() - ca[i].mean())
+        if 0 < y[i].sum() < len(i):
+            d_auc.append(roc_auc_score(y[i], sb[i]) - roc_auc_score(y[i], sa[i]))
+
+    def ci(v):
+        return [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)] if v else None
+
+    return {"delta_acc_ci95": ci(d_acc), "delta_auc_ci95": ci(d_auc), "bootstrap": n}
