@@ -1,6 +1,6 @@
 """One self-contained HTML report of an investigation, for records and for showing how a verdict was
 reached: the evidence (source image SHA-256, face box, crop), the policy, every turn with its tool
-images and expert P(spoof trace), the final verdict and score with the decision threshold it was compared
+images and expert P(spoof trace), the tools an analyst ran by hand (apart from the agent's turns), the final verdict and score with the decision threshold it was compared
 with (the calibration profile's, when the run had one), the analyst's review and the audit trail.
 
 The file needs nothing else: images are PNG data URIs, the CSS is inline, there is no script and no
@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from core.errors import InputImageError
 from core.faces import load_image
+from storage.analyst_actions import list_actions
 from storage.calibration import ENTITY as CALIBRATION_ENTITY
 from storage.cases import record_export
 from storage.db import Storage
@@ -207,6 +208,20 @@ def _context(s: Session, files: FileStore, inv_id: str) -> dict:
             files, case.image_sha256, (inv.face or {}).get("bbox"), (inv.face or {}).get("crop_box")
         ),
         "turns": turns,
+        "actions": [
+            {
+                "id": a.id,
+                "tool": a.tool,
+                "actor": a.actor,
+                "at": _time(a.created_at),
+                "arguments": json.dumps(a.arguments, ensure_ascii=False),
+                "stats": a.stats,
+                "expert_p_spoof": a.expert_p_spoof,
+                "image": _data_uri(files.read(a.image_sha256)) if a.image_sha256 else None,
+                "image_sha256": a.image_sha256,
+            }
+            for a in list_actions(s, inv.id)
+        ],
         "review": None
         if review is None
         else {
@@ -225,7 +240,7 @@ def _context(s: Session, files: FileStore, inv_id: str) -> dict:
                 "actor": e.actor,
                 "action": e.action,
                 "entity": _entity(e, turn_index),
-                "change": _change(e.before, e.after),
+                "change": change_text(e.before, e.after),
             }
             for e in events
         ],
@@ -261,7 +276,7 @@ def _entity(e: AuditEvent, turn_index: dict[str, int]) -> str:
     return f"{e.entity} {e.entity_id}"
 
 
-def _change(before, after) -> str:
+def change_text(before, after) -> str:
     if before is None and after is None:
         return ""
     if before is None:
@@ -378,6 +393,22 @@ table.audit td.change { word-break: break-word; }
 </div>
 {% else %}
 <p class="muted">No turns were recorded.</p>
+{% endfor %}
+
+<h2>Tools run by hand</h2>
+{% for a in actions %}
+<div class="turn" id="action-{{ a.id }}">
+<h3>Analyst action #{{ a.id }}: {{ a.tool }} by {{ a.actor }} at {{ a.at }} (not part of the agent's run)</h3>
+<div class="images"><figure>{% if a.image %}<img src="{{ a.image }}" alt="{{ a.tool }} output" width="224">{% endif %}
+<figcaption>{{ a.tool }} output{% if a.image_sha256 %}, SHA-256 <span class="mono sha">{{ a.image_sha256 }}</span>{% endif %}</figcaption></figure>
+<table class="kv">
+<tr><th>Expert P(spoof trace)</th><td>{{ a.expert_p_spoof | p }}</td></tr>
+<tr><th>Arguments run</th><td class="mono">{{ a.arguments }}</td></tr>
+{% for k, v in a.stats.items() %}<tr><th>{{ k }}</th><td>{{ v | num }}</td></tr>{% endfor %}
+</table></div>
+</div>
+{% else %}
+<p class="muted">No tool was run by hand on this investigation.</p>
 {% endfor %}
 
 <h2>Analyst review</h2>

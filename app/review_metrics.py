@@ -1,6 +1,7 @@
-"""How well the model agrees with the analysts, over reviewed investigations.
+"""How well the model agrees with the analysts, over reviewed cases.
 
-The analyst's verdict is the truth; reviews marked unsure are counted but carry no label. The model's
+Each case counts once, with its latest review and the run that review judged (a re-run keeps the case's
+review: the Queue shows the same one, :mod:`storage.queries`). The analyst's verdict is the truth; reviews marked unsure are counted but carry no label. The model's
 verdict is the stored final verdict, or ``score_spoof >= threshold`` when a threshold is given; its
 score for the ROC is the stored final P(spoof). Metrics come from scikit-learn; the figures are
 matplotlib Figures drawn without pyplot (Agg canvas), safe in a server thread.
@@ -15,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from storage.models import Investigation, Review
 
@@ -34,7 +35,7 @@ class RocCurve:
 
 @dataclass
 class ReviewMetrics:
-    reviewed: int  # investigations with a review, whatever its verdict
+    reviewed: int  # cases with a review, whatever its verdict
     unsure: int  # reviews that gave no label
     labelled: int  # reviews saying real or spoof
     compared: int  # labelled reviews of runs that have a model verdict (agreement, confusion)
@@ -54,8 +55,20 @@ def review_metrics(session: Session, threshold: float | None = None, *, policy: 
     """Agreement, confusion matrix and ROC over the reviewed investigations (of ``policy``, if given)."""
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a P(spoof) in [0, 1], got {threshold}")
-    stmt = select(Review.verdict, Investigation.verdict, Investigation.score_spoof).join(
-        Investigation, Review.investigation_id == Investigation.id
+    rv, rinv = aliased(Review), aliased(Investigation)
+    latest_of_case = (  # the case's review: the latest saved review of any of its runs
+        select(rv.id)
+        .join(rinv, rv.investigation_id == rinv.id)
+        .where(rinv.case_id == Investigation.case_id)
+        .order_by(rv.updated_at.desc(), rv.id.desc())
+        .limit(1)
+        .correlate(Investigation)
+        .scalar_subquery()
+    )
+    stmt = (
+        select(Review.verdict, Investigation.verdict, Investigation.score_spoof)
+        .join(Investigation, Review.investigation_id == Investigation.id)
+        .where(Review.id == latest_of_case)
     )
     if policy is not None:
         stmt = stmt.where(Investigation.policy == policy)

@@ -18,6 +18,14 @@ loses no acknowledged upload. At startup, runs left ``running`` by a dead proces
 Runs left queued by a dead process are run again (:attr:`Runner.requeued`), or, when they cannot be (their
 image is gone or no longer reads), recorded ``interrupted`` with the reason. ``.tmp-*`` files that a
 kill during a write left in the file store are swept.
+
+A server's runner has a :class:`app.policy_catalog.PolicyCatalog`: every submit, re-run, re-queued run and
+policy load goes through it, so a policy name the server does not offer, or keyword arguments from the
+browser, are refused here whatever the UI sent; a policy that fails to load is reported to the analyst
+without the reason (which may name paths or variables), and logged with it. Uploads are bounded: files
+per request and bytes per request (:meth:`Runner.submit_files`), bytes per file, and investigations
+waiting or running in the whole server (``max_queue``). An upload on disk is copied into the file store
+in chunks (:meth:`storage.filestore.FileStore.stage`), never held whole in a request's memory.
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from core import faces
 from core.agent import AgentConfig, investigate
 from core.calibration import ProfileError
-from core.errors import NoFaceError, TarfasError
+from core.errors import ImageTooLargeError, NoFaceError, TarfasError
 from core.events import Event, InvestigationFinished
 from core.policies import load_policy, readers_for
 from core.policies.calibrated import calibrate
@@ -42,7 +51,8 @@ from core.registry import ToolRegistry
 from storage.calibration import active_profile
 from storage.cases import create_case, get_case
 from storage.db import Storage
-from storage.errors import CalibrationError, NotFoundError
+from storage.errors import CalibrationError, NotFoundError, StorageBusyError, StorageFullError
+from storage.filestore import StagedFile
 from storage.investigations import (
     InvestigationRecorder,
     claim_queued,
@@ -53,10 +63,22 @@ from storage.investigations import (
     mark_interrupted,
     queue_run,
 )
+from storage.models import QueuedRun
+
+from .policy_catalog import PolicyCatalog
 
 log = logging.getLogger("tarfas.runner")
 
 DEFAULT_CONCURRENCY = 2  # investigations at once; one per core on the reference machine
+
+
+class UploadRefused(TarfasError):
+    """Work this server will not take now (too many files or bytes in one request, the queue is full);
+    nothing of it was written. The message is for the analyst."""
+
+
+class PolicyUnavailable(TarfasError):
+    """A policy the server offers could not be loaded (the server log says why; the analyst is not told)."""
 
 
 @dataclass(frozen=True)
@@ -190,13 +212,27 @@ class Runner:
         policy_loader: PolicyLoader = load_policy,
         max_bytes: int = faces.DEFAULT_MAX_BYTES,
         max_pixels: int = faces.DEFAULT_MAX_PIXELS,
+        catalog: PolicyCatalog | None = None,
+        max_files: int | None = None,
+        max_request_bytes: int | None = None,
+        max_queue: int | None = None,
     ):
+        """``catalog``: the policies this server offers (None: any name ``policy_loader`` builds, with any
+        arguments; for library use and tests). ``max_files``/``max_request_bytes``: per call of
+        :meth:`submit_files`; ``max_bytes``: per file; ``max_queue``: investigations waiting or running
+        at once in this runner (None: no bound)."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.storage = storage
         self.concurrency = concurrency
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.catalog = catalog
+        self.max_files = max_files
+        self.max_request_bytes = max_request_bytes
+        self.max_queue = max_queue
+        self._active = 0  # jobs queued or running (refused ones never count)
+        self._active_lock = threading.Lock()
         self._loader = policy_loader
         self._policies: dict[tuple, Any] = {}
         self._policy_lock = threading.Lock()
@@ -217,11 +253,30 @@ class Runner:
             self._requeue(*run)
 
     # --- policies -----------------------------------------------------------------------------
+    def check(self, settings: RunSettings) -> None:
+        """Refuse (:class:`app.policy_catalog.PolicyRefused`) settings whose policy this server does not offer."""
+        self._resolve(settings)
+
+    def _resolve(self, settings: RunSettings) -> tuple[str, dict]:
+        if self.catalog is None:
+            return settings.policy, dict(settings.policy_kwargs)
+        return self.catalog.resolve(settings.policy, dict(settings.policy_kwargs))
+
     def policy(self, settings: RunSettings):
+        kind, kwargs = self._resolve(settings)
         key = (settings.policy, settings.policy_kwargs)
         with self._policy_lock:
             if key not in self._policies:
-                self._policies[key] = self._loader(settings.policy, **dict(settings.policy_kwargs))
+                try:
+                    self._policies[key] = self._loader(kind, **kwargs)
+                except Exception as exc:  # noqa: BLE001 (its text may name paths or variables: the log has it)
+                    log.warning(
+                        "policy %r (%s) could not be loaded: %s: %s", settings.policy, kind, type(exc).__name__, exc
+                    )
+                    raise PolicyUnavailable(
+                        f"policy {settings.policy!r} could not be loaded on this server; whoever runs the server "
+                        "can read why in its log"
+                    ) from None
             return self._policies[key]
 
     def calibrated(self, settings: RunSettings) -> tuple[Any, str | None]:
@@ -259,17 +314,66 @@ class Runner:
         return ToolRegistry(readers=readers_for(policy))
 
     # --- jobs ---------------------------------------------------------------------------------
-    def submit(self, data: bytes, *, filename: str | None, user: str, settings: RunSettings | None = None) -> Job:
-        """Queue an investigation of uploaded image bytes. Returns once the upload is recorded (its case
-        and a queued run, committed: a crash from then on loses nothing) or refused (bad input: nothing
-        written, the job ends with the message); the investigation runs in the background."""
-        job = Job(filename=filename, user=user, settings=settings or RunSettings())
-        data = bytes(data)
+    def submit_files(
+        self, files: list[tuple[str | Path, str]], *, user: str, settings: RunSettings | None = None
+    ) -> list[Job]:
+        """Queue one investigation per ``(path, name)`` of an upload request, copying each file into the
+        file store in chunks. The whole request is refused (:class:`UploadRefused`, nothing written) when
+        it has more files or bytes than this server takes per request, when the queue has no room for
+        all of it, or when its policy is not offered; a file that is refused on its own (too large, not
+        an image, no face) ends its job with the reason and the others go on."""
+        settings = settings or RunSettings()
+        self.check(settings)
+        n = len(files)
+        if self.max_files is not None and n > self.max_files:
+            log.warning("upload of %d files by %s refused: more than --max-files %d", n, user, self.max_files)
+            raise UploadRefused(
+                f"{n} images were sent at once; this workbench takes at most {self.max_files} per upload. "
+                "Send them in smaller batches."
+            )
+        if self.max_request_bytes is not None:
+            total = sum(_size(path) for path, _ in files)
+            if total > self.max_request_bytes:
+                log.warning("upload of %d files (%d bytes) by %s refused: more than --max-request-mb", n, total, user)
+                raise UploadRefused(
+                    f"these {n} images are {total / 2**20:.0f} MiB together; this workbench takes at most "
+                    f"{self.max_request_bytes / 2**20:.0f} MiB per upload. Send them in smaller batches."
+                )
+        self._reserve(n)
+        return [self._submit(Path(path), filename=name, user=user, settings=settings) for path, name in files]
+
+    def submit(
+        self, data: bytes | str | Path, *, filename: str | None, user: str, settings: RunSettings | None = None
+    ) -> Job:
+        """Queue an investigation of uploaded image bytes, or of the image file at a path (copied into
+        the file store in chunks). Returns once the upload is recorded (its case and a queued run,
+        committed: a crash from then on loses nothing) or refused (bad input, a policy this server does
+        not offer, a full queue: nothing written, the job ends with the message); the investigation runs
+        in the background."""
         try:
-            # Everything that can refuse the input runs before anything is written.
-            face = self._prepare(data, job)
+            self._reserve(1)
+        except UploadRefused as exc:
+            job = Job(filename=filename, user=user, settings=settings or RunSettings())
+            self._fail(job, exc)
+            return job
+        return self._submit(data, filename=filename, user=user, settings=settings)
+
+    def _submit(self, data: bytes | Path, *, filename: str | None, user: str, settings: RunSettings | None) -> Job:
+        """:meth:`submit` once a queue slot is reserved (released here when the job is refused)."""
+        job = Job(filename=filename, user=user, settings=settings or RunSettings())
+        staged: StagedFile | None = None
+        try:
+            # Everything that can refuse the input runs before anything is recorded.
+            self.check(job.settings)
+            if isinstance(data, (str, Path)):
+                staged = self._stage(Path(data), job)
+                face = self._prepare(staged.read_bytes(), job)  # the bytes that will be stored, read once here
+                stored: bytes | StagedFile = staged
+            else:
+                stored = bytes(data)
+                face = self._prepare(stored, job)
             with self.storage.sessions.begin() as s:
-                case = create_case(s, self.storage.files, data, filename=job.filename, user=job.user)
+                case = create_case(s, self.storage.files, stored, filename=job.filename, user=job.user)
                 run = queue_run(
                     s,
                     case.id,
@@ -281,28 +385,51 @@ class Runner:
                 image_sha = case.image_sha256
             job._set(case_id=case.id, investigation_id=run.id)
         except Exception as exc:  # noqa: BLE001 (every failure becomes a message on the job)
+            self._release()
             self._fail(job, exc)
             return job
-        self._pool.submit(self._run_queued, job, face, image_sha)
+        finally:
+            if staged is not None:
+                staged.discard()  # refused: the copy goes; stored: already moved into place (a no-op)
+        self._start(self._run_queued, job, face, image_sha)
         return job
 
     def rerun(self, investigation_id: str, *, user: str, settings: RunSettings | None = None) -> Job:
         """Queue a new investigation of the same crop as ``investigation_id`` (e.g. one that was
         interrupted or failed); the new run points back to the old one. Default settings: the old
-        run's policy and limits."""
+        run's policy (by the name it was queued under) and limits. A policy this server does not offer,
+        or a full queue, ends the job with the reason and records nothing."""
         with self.storage.sessions() as s:
             inv = get_investigation(s, investigation_id)
             case_id, source = inv.case_id, inv.source
             if settings is None:
                 params = dict(inv.params or {})
+                queued = s.get(QueuedRun, investigation_id)
+                name = queued.policy if queued is not None else inv.policy
                 settings = RunSettings.make(
                     # A scripted run (tests, replays) has spent its replies: re-run it with the default.
-                    inv.policy if inv.policy != "scripted" else "expert",
+                    name if name != "scripted" else "expert",
                     max_tool_calls=int(params.get("max_tool_calls", 3)),
                     tools=params.get("allowed_tools"),
                     on_no_face=params.get("on_no_face", "error"),
                 )
         job = Job(filename=source, user=user, settings=settings)
+        try:
+            self.check(settings)
+            self._reserve(1)
+        except TarfasError as exc:
+            self._fail(job, exc)
+            return job
+        try:
+            run = self._queue_rerun(case_id, investigation_id, settings, user, source)
+        except BaseException:
+            self._release()
+            raise
+        job.case_id, job.investigation_id = case_id, run.id
+        self._start(self._run_rerun, job, investigation_id)
+        return job
+
+    def _queue_rerun(self, case_id: str, investigation_id: str, settings: RunSettings, user: str, source):
         with self.storage.sessions.begin() as s:
             run = queue_run(
                 s,
@@ -313,14 +440,60 @@ class Runner:
                 source=source,
                 rerun_of=investigation_id,
             )
-        job.case_id, job.investigation_id = case_id, run.id
-        self._pool.submit(self._run_rerun, job, investigation_id)
-        return job
+        return run
 
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
 
+    # --- the queue's bound ----------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        """Investigations queued or running now."""
+        return self._active
+
+    def _reserve(self, n: int, *, force: bool = False) -> None:
+        """Take ``n`` places in the queue, or refuse (UploadRefused) when they would exceed ``max_queue``
+        (``force``: runs already acknowledged, re-queued at startup, always get theirs)."""
+        with self._active_lock:
+            if not force and self.max_queue is not None and self._active + n > self.max_queue:
+                room = max(0, self.max_queue - self._active)
+                log.warning(
+                    "%d investigation(s) refused: %d queued or running, --max-queue %d", n, self._active, self.max_queue
+                )
+                raise UploadRefused(
+                    f"the workbench is busy: {_count(self._active, 'investigation')} waiting or running and it takes at most "
+                    f"{self.max_queue} at a time"
+                    + (f", so it has room for {room} more now" if room else "")
+                    + ". Nothing was recorded; try again when some have finished"
+                    + (" or send fewer images." if room else ".")
+                )
+            self._active += n
+
+    def _release(self) -> None:
+        with self._active_lock:
+            self._active = max(0, self._active - 1)
+
+    def _start(self, fn, job: Job, *args) -> None:
+        """Run ``fn(job, *args)`` on the pool; its queue place is freed when it ends (or is cancelled)."""
+        self._pool.submit(fn, job, *args).add_done_callback(lambda _: self._release())
+
     # --- workers ------------------------------------------------------------------------------
+    def _stage(self, path: Path, job: Job) -> StagedFile:
+        """Copy an upload into the file store (not yet under its name), refusing a file over the size
+        limit before reading it."""
+        name = job.filename or "the upload"
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise UploadRefused(f"{name} could not be read from the upload; send it again") from None
+        if size > self.max_bytes:
+            raise ImageTooLargeError(f"{name} is {size / 2**20:.1f} MiB; the limit is {self.max_bytes / 2**20:.0f} MiB")
+        try:
+            return self.storage.files.stage(path)
+        except OSError as exc:  # its text names server paths: the log has it, the analyst gets the gist
+            log.warning("upload %s could not be copied into the file store: %s", name, exc)
+            raise UploadRefused(f"{name} could not be copied into the case store; send it again") from None
+
     def _prepare(self, data: bytes, job: Job):
         rgb = faces.load_image(
             data, name=job.filename or "the upload", max_bytes=self.max_bytes, max_pixels=self.max_pixels
@@ -370,16 +543,18 @@ class Runner:
         interrupted with the reason."""
         try:
             settings = RunSettings.from_stored(policy, stored)
+            self.check(settings)  # e.g. a policy no longer offered since the restart
         except Exception as exc:  # noqa: BLE001 (stored settings this version cannot read)
             self._end_run(run_id, "interrupted", _lost(exc))
             return
         job = Job(filename=source, user=user, settings=settings)
         job.case_id, job.investigation_id = case_id, run_id
         self.requeued.append(run_id)
+        self._reserve(1, force=True)
         if rerun_of is not None:
-            self._pool.submit(self._run_rerun, job, rerun_of)
+            self._start(self._run_rerun, job, rerun_of)
         else:
-            self._pool.submit(self._run_recovered_upload, job)
+            self._start(self._run_recovered_upload, job)
 
     def _run_recovered_upload(self, job: Job) -> None:
         try:
@@ -432,6 +607,8 @@ class Runner:
         try:
             with self.storage.sessions.begin() as s:
                 end_queued(s, run_id, status=status, error=message)
+        except (StorageFullError, StorageBusyError) as exc:  # expected: one line; re-run at the next start
+            log.warning("could not record the end of queued run %s: %s", run_id, exc)
         except Exception:  # noqa: BLE001 (storage is down: the run stays queued and is re-run at the next start)
             log.exception("could not record the end of queued run %s", run_id)
 
@@ -461,6 +638,17 @@ class Runner:
         job._set(state="error", error=message, error_type=type(exc).__name__)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun} is" if n == 1 else f"{n} {noun}s are"
+
+
+def _size(path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0  # refused on its own, with the others' fate unchanged
+
+
 def _lost(exc: Exception) -> str:
     return f"the workbench restarted before this queued run started, and it cannot run again: {_sentence(exc)}"
 
@@ -475,4 +663,4 @@ def _own_threshold(policy) -> str:
     return f" This verdict uses the policy's own threshold{f' {t:.3f}' if t is not None else ''}."
 
 
-__all__ = ["DEFAULT_CONCURRENCY", "Job", "RunSettings", "Runner"]
+__all__ = ["DEFAULT_CONCURRENCY", "Job", "PolicyUnavailable", "RunSettings", "Runner", "UploadRefused"]

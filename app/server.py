@@ -1,6 +1,8 @@
 """``tarfas app``: open the case store, start the background runner and serve the workbench.
 
-Serving beyond localhost without logins is refused (:func:`app.ui.auth.check_exposure`).
+Serving beyond localhost without logins is refused (:func:`app.ui.auth.check_exposure`), and so is
+``allow_custom_policies`` beyond loopback (:func:`app.policy_catalog.check_custom_host`): analysts choose
+among the policies of the server's catalog (``--policies FILE``) by name.
 """
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.policy_catalog import PolicyCatalog, check_custom_host
 from app.runner import DEFAULT_CONCURRENCY, Runner, RunSettings
-from core.policies import POLICY_NAMES, load_policy
+from core.policies import load_policy
 from storage.db import Storage, open_storage
 
 DEFAULT_DATA_DIR = Path("tarfas-data")
 UI_CACHE = "ui-cache"  # under the data dir: the UI's rendered copies of images, one folder per process
+# Upload bounds (``tarfas app`` flags of the same names): per request, and for the whole server's queue.
+DEFAULT_MAX_FILE_MB = 20
+DEFAULT_MAX_FILES = 100
+DEFAULT_MAX_REQUEST_MB = 1024
+DEFAULT_MAX_QUEUE = 500
 
 
 def ui_cache_dir(data_dir: str | Path) -> Path:
@@ -69,24 +77,45 @@ def build(
     *,
     db_url: str | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
-    max_file_mb: int = 20,
+    max_file_mb: int = DEFAULT_MAX_FILE_MB,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_request_mb: int = DEFAULT_MAX_REQUEST_MB,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    catalog: PolicyCatalog | None = None,
     policy_loader=load_policy,
 ):
-    """The storage, runner and Blocks of a workbench, not yet serving (tests and benchmarks use it)."""
+    """The storage, runner and Blocks of a workbench, not yet serving (tests and benchmarks use it).
+    ``catalog``: the policies analysts may choose (default: the built-in ``expert`` only)."""
     from app.ui import build_app
     from app.ui.context import AppContext
     from app.ui.render import PngCache
 
     data_dir = Path(data_dir)
+    catalog = catalog or PolicyCatalog()
     storage = open_storage(data_dir, db_url)
-    runner = Runner(storage, concurrency=concurrency, policy_loader=policy_loader, max_bytes=max_file_mb * 2**20)
+    runner = Runner(
+        storage,
+        concurrency=concurrency,
+        policy_loader=policy_loader,
+        max_bytes=max_file_mb * 2**20,
+        catalog=catalog,
+        max_files=max_files,
+        max_request_bytes=max_request_mb * 2**20,
+        max_queue=max_queue,
+    )
     try:
         runner.policy(RunSettings())  # load the default policy now, not in the first analyst's wait
     except Exception as exc:  # noqa: BLE001 (e.g. no weights installed: investigations will say so)
         print(f"warning: the default policy could not be loaded: {exc}")
     png = PngCache(ui_cache_dir(data_dir))
     ctx = AppContext(
-        storage, runner, data_dir, png, max_file_bytes=max_file_mb * 2**20, policy_names=list(POLICY_NAMES)
+        storage,
+        runner,
+        data_dir,
+        png,
+        max_file_bytes=max_file_mb * 2**20,
+        policy_names=catalog.names(),
+        catalog=catalog,
     )
     return ctx, build_app(ctx)
 
@@ -99,21 +128,40 @@ def serve(
     port: int = 7860,
     users=None,
     concurrency: int = DEFAULT_CONCURRENCY,
-    max_file_mb: int = 20,
+    max_file_mb: int = DEFAULT_MAX_FILE_MB,
+    max_files: int = DEFAULT_MAX_FILES,
+    max_request_mb: int = DEFAULT_MAX_REQUEST_MB,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    catalog: PolicyCatalog | None = None,
+    allow_custom_policies: bool = False,
     block: bool = True,
     policy_loader=load_policy,
 ) -> Workbench:
     """Launch the workbench. ``users``: an :class:`app.ui.auth.Users` (None or empty: no login,
-    which is only allowed on localhost). ``block=False`` returns once the server is up."""
+    which is only allowed on localhost). ``catalog``: the policies analysts choose among (default: the
+    built-in ``expert``); ``allow_custom_policies`` also lets them name a kind and give its arguments
+    (only on a loopback host). ``block=False`` returns once the server is up."""
     from app.ui.auth import Users, check_exposure
     from app.ui.shortcuts import HEAD
 
     users = users or Users([])
     check_exposure(host, users)
+    catalog = catalog or PolicyCatalog()
+    if allow_custom_policies:
+        catalog.allow_custom = True
+    check_custom_host(host, catalog.allow_custom)
     _log_to_stderr()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     ctx, demo = build(
-        data_dir, db_url=db_url, concurrency=concurrency, max_file_mb=max_file_mb, policy_loader=policy_loader
+        data_dir,
+        db_url=db_url,
+        concurrency=concurrency,
+        max_file_mb=max_file_mb,
+        max_files=max_files,
+        max_request_mb=max_request_mb,
+        max_queue=max_queue,
+        catalog=catalog,
+        policy_loader=policy_loader,
     )
     # Gradio's own queue only waits on the runner for streaming events; the runner bounds the work.
     demo.queue(default_concurrency_limit=8)

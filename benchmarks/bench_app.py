@@ -1,6 +1,7 @@
 """Benchmarks of the workbench against the targets of the workbench issue. Prints figures and ratios.
 
   .venv/bin/python benchmarks/bench_app.py [--images 100] [--concurrency 2] [--sessions 10] [--repeats 10]
+  .venv/bin/python benchmarks/bench_app.py --upload-memory 50 [--upload-mb 18]   # 4. only
 
 1. First streamed event: an analyst uploads a face through the launched app (gradio_client, expert
    policy); the time from submitting until the first chat update arrives, and until the fast answer is
@@ -11,6 +12,11 @@
    present, else the shipped samples repeated.
 3. Concurrent sessions: S analysts at once each load the page, connect, list the queue and run an
    investigation of a demo sample; every session must succeed. Reports page and call latencies.
+4. Upload memory (``--upload-memory N``): one request of N synthetic ~18 MB PNGs (random pixels, each a
+   different file) sent with gradio_client from another process to the launched app; the app's resident
+   memory is sampled every 10 ms. Reports its growth over the warmed-up baseline at the peak and after
+   the batch, and checks that every file was stored byte for byte (nothing lost). The files go to the
+   file store in chunks, so the peak should stay near one file's decoding, not grow with N.
 """
 
 from __future__ import annotations
@@ -41,13 +47,123 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(data_dir, concurrency):
+def _serve(data_dir, concurrency, **limits):
     from app.server import serve
     from app.ui.auth import Users
 
     return serve(
-        data_dir, host="127.0.0.1", port=_free_port(), users=Users([USER]), concurrency=concurrency, block=False
+        data_dir,
+        host="127.0.0.1",
+        port=_free_port(),
+        users=Users([USER]),
+        concurrency=concurrency,
+        block=False,
+        **limits,
     )
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _big_pngs(folder: Path, n: int, mb: float) -> list[Path]:
+    """``n`` different valid PNGs of about ``mb`` MB: one random-pixel image, stored uncompressed, and a
+    text chunk with the file's number before IEND (so each has its own SHA-256)."""
+    import io
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    side = int((mb * 1e6 / 3) ** 0.5)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=0
+    )
+    png = buf.getvalue()
+    body, iend = png[:-12], png[-12:]
+    paths = []
+    for i in range(n):
+        data = b"Comment\x00" + f"tarfas bench upload {i}".encode()
+        chunk = struct.pack(">I", len(data)) + b"tEXt" + data + struct.pack(">I", zlib.crc32(b"tEXt" + data))
+        path = folder / f"big-{i:03d}.png"
+        path.write_bytes(body + chunk + iend)
+        paths.append(path)
+    return paths
+
+
+CLIENT = """
+import sys
+from gradio_client import Client, handle_file
+url, user, pw, *files = sys.argv[1:]
+c = Client(url, auth=(user, pw), verbose=False, download_files=False)
+c.predict([handle_file(f) for f in files], "expert", "", 3, {tools!r}, True, api_name="/investigate")
+"""
+
+
+def upload_memory(data_dir: Path, n: int, mb: float) -> dict:
+    """Peak and settled RSS growth of this process (the app) while another process uploads ``n`` files
+    of ``mb`` MB in one request."""
+    import hashlib
+    import subprocess
+
+    from sqlalchemy import select
+
+    from storage.models import Case
+
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    files = _big_pngs(data_dir.parent, n, mb)
+    wb = _serve(data_dir, 2, max_file_mb=int(mb) + 2, max_files=max(n, 1), max_request_mb=int(n * (mb + 2)) + 1)
+    client = CLIENT.format(tools=TOOLS)
+
+    def upload(paths):
+        subprocess.run([sys.executable, "-c", client, wb.url, *USER, *map(str, paths)], check=True, capture_output=True)
+
+    try:
+        upload([ROOT / "assets" / "samples" / "astronaut_live.png", files[0]])  # warm-up: policy, caches
+        time.sleep(1.0)
+        base = _rss()
+        peak, stop = [base], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.01)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        t0 = time.perf_counter()
+        upload(files)
+        elapsed = time.perf_counter() - t0
+        deadline = time.monotonic() + 600
+        while wb.runner.active and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        stop.set()
+        t.join()
+        after = _rss()
+        with wb.storage.sessions() as s:
+            stored = {c.image_sha256 for c in s.scalars(select(Case))}
+        lost = [p.name for p in files if hashlib.sha256(p.read_bytes()).hexdigest() not in stored]
+        intact = all(
+            wb.storage.files.read(hashlib.sha256(p.read_bytes()).hexdigest()) == p.read_bytes()
+            for p in files
+            if p.name not in lost
+        )
+    finally:
+        wb.close()
+    return {
+        "files": n,
+        "file_mb": sum(p.stat().st_size for p in files) / len(files) / 1e6,
+        "base_mb": base / 2**20,
+        "peak_growth_mb": (peak[0] - base) / 2**20,
+        "after_growth_mb": (after - base) / 2**20,
+        "request_s": elapsed,
+        "lost": lost,
+        "intact": intact,
+    }
 
 
 def _images(n: int) -> list:
@@ -210,11 +326,23 @@ def main() -> int:
     ap.add_argument(
         "--rounds", type=int, default=2, help="interleaved eval/app rounds of the throughput test (best of)"
     )
+    ap.add_argument(
+        "--upload-memory", type=int, default=0, metavar="N", help="run only 4: one upload of N files, app memory"
+    )
+    ap.add_argument("--upload-mb", type=float, default=18.0, help="size of each file of --upload-memory (MB)")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="tarfas-bench-app-"))
+    if args.upload_memory:
+        um = upload_memory(tmp / "upload" / "data", args.upload_memory, args.upload_mb)
+        print(
+            f"upload memory: one request of {um['files']} x {um['file_mb']:.1f} MB PNGs in {um['request_s']:.1f} s; app RSS "
+            f"{um['base_mb']:.0f} MiB warmed up, +{um['peak_growth_mb']:.0f} MiB at the peak, "
+            f"+{um['after_growth_mb']:.0f} MiB after; lost {len(um['lost'])}, stored byte for byte: {um['intact']}"
+        )
+        return 0 if not um["lost"] and um["intact"] else 1
     wb = _serve(tmp / "app", args.concurrency)
     try:
         fe = first_event(wb.url, args.repeats)

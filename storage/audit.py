@@ -20,7 +20,9 @@ the end of a short transaction (as every caller has it); on PostgreSQL a transac
 then waits for a row another audit writer holds is ended by the deadlock detector.
 
 What the chain cannot show alone: removing the newest rows, or rewriting a row together with every hash
-after it. Keep the head hash that ``audit verify`` prints somewhere else to detect those.
+after it. Keep the head hash that ``audit verify`` prints somewhere else (a ticket, a signed e-mail) and
+give it back later (``tarfas audit verify --expect-head HASH``, :func:`verify_chain`'s ``expect_head``) to
+detect those: the kept head must still be a row of the chain.
 """
 
 from __future__ import annotations
@@ -109,33 +111,44 @@ def row_hash(prev: str, row: Any) -> str:
 @dataclass
 class ChainCheck:
     """What :func:`verify_chain` found: ``rows`` checked in id order, the last good hash (``head``), and
-    the first row that breaks the chain (None: the chain is whole)."""
+    the first row that breaks the chain (None: the chain is whole). ``expected_id``: the id of the good row
+    whose hash is the ``expect_head`` asked for (None: not asked, or no such row)."""
 
     rows: int
     head: str
     broken_id: int | None = None
     reason: str = ""
+    expected_id: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.broken_id is None
 
 
-def verify_chain(session: Session, *, batch: int = 1000) -> ChainCheck:
-    """Recompute the chain over every audit row in id order; stop at the first row that does not match."""
+def verify_chain(session: Session, *, batch: int = 1000, expect_head: str | None = None) -> ChainCheck:
+    """Recompute the chain over every audit row in id order; stop at the first row that does not match.
+
+    ``expect_head``: a head hash kept from an earlier check; the chain must still hold a good row with that
+    hash (the log only grows), else its newest rows were removed or the chain rewritten from there."""
     table = AuditEvent.__table__
-    prev, prev_id, n = GENESIS, None, 0
+    prev, prev_id, n, expected_id = GENESIS, None, 0, None
     result = session.execute(select(table).order_by(table.c.id), execution_options={"yield_per": batch})
     for row in result:
         if not row.chain_hash:
-            return ChainCheck(n, prev, row.id, "it has no chain hash (inserted outside the workbench)")
+            return ChainCheck(n, prev, row.id, "it has no chain hash (inserted outside the workbench)", expected_id)
         if row_hash(prev, row) != row.chain_hash:
             gap = f"; no row between ids {prev_id} and {row.id}" if prev_id is not None and row.id > prev_id + 1 else ""
             return ChainCheck(
-                n, prev, row.id, f"its chain hash does not match: the row was changed, or a row before it removed{gap}"
+                n,
+                prev,
+                row.id,
+                f"its chain hash does not match: the row was changed, or a row before it removed{gap}",
+                expected_id,
             )
         prev, prev_id, n = row.chain_hash, row.id, n + 1
-    return ChainCheck(n, prev)
+        if expect_head is not None and row.chain_hash == expect_head:
+            expected_id = row.id
+    return ChainCheck(n, prev, expected_id=expected_id)
 
 
 def plain(obj: Any) -> Any:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 # Imported for the guards they register: the audit log, calibration profiles and activations are append-only.
 from . import audit, calibration  # noqa: F401
+from .errors import StorageBusyError, StorageFullError
 from .filestore import FileStore
 
 DB_FILENAME = "tarfas.db"
@@ -43,7 +44,38 @@ def make_engine(url: str | URL | None = None, *, data_dir: str | Path | None = N
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "handle_error", _storage_error)
     return engine
+
+
+# SQLite's primary result codes (the low byte of sqlite3.Error.sqlite_errorcode).
+SQLITE_BUSY, SQLITE_IOERR, SQLITE_FULL = 5, 10, 13
+PG_DISK_FULL = "53100"  # PostgreSQL's SQLSTATE disk_full
+
+
+def _storage_error(ctx) -> Exception | None:
+    """A full disk or a database held by another writer, as an error that says so (StorageFullError,
+    StorageBusyError) instead of the driver's "disk I/O error" / "database is locked"; the transaction it
+    hit is rolled back as before. Anything else passes through unchanged."""
+    orig = ctx.original_exception
+    code = getattr(orig, "sqlite_errorcode", None)
+    where = ctx.engine.url.database if ctx.engine is not None else None
+    where = f" {where}" if where else ""
+    if (
+        code is not None
+        and code & 0xFF in (SQLITE_FULL, SQLITE_IOERR)
+        or getattr(orig, "sqlstate", None) == PG_DISK_FULL
+    ):
+        return StorageFullError(
+            f"cannot write to the database{where}: its disk is full or failing ({orig}); nothing of this change "
+            "was saved. Free some space and try again."
+        )
+    if code is not None and code & 0xFF == SQLITE_BUSY:
+        return StorageBusyError(
+            f"the database{where} is busy: another process held its write lock for more than "
+            f"{BUSY_TIMEOUT_MS / 1000:.0f} s; nothing of this change was saved. Try again in a moment."
+        )
+    return None
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -13,6 +13,15 @@ class NotFoundError(StorageError, LookupError):
     """A case, investigation, review or stored file that does not exist."""
 
 
+class StorageFullError(StorageError):
+    """The disk that holds the database or the file store is full (or refuses to grow a file): the write
+    was not made, and nothing of the change it belonged to was saved."""
+
+
+class StorageBusyError(StorageError):
+    """Another process held the database's write lock for longer than this one waits; nothing was saved."""
+
+
 class TamperedFileError(StorageError):
     """A stored file's bytes no longer hash to the name it was stored under: the evidence changed on disk."""
 

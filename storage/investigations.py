@@ -322,16 +322,25 @@ def claim_queued(session: Session, *, all_queued: bool = False) -> list[QueuedRu
 
 
 def end_queued(session: Session, run_id: str, *, status: str, error: str) -> Investigation | None:
-    """End a queued run that never started: its investigation is recorded ``status`` 'failed' (it was
-    refused) or 'interrupted' (it cannot run any more), with ``error`` saying why, and no turns. None
-    (nothing changed) when the run already started or ended. The caller commits."""
+    """End a queued run that will not go on: its investigation is recorded ``status`` 'failed' (it was
+    refused, or its recording failed) or 'interrupted' (it cannot run any more), with ``error`` saying why.
+    A run that never started gets an investigation with no turns; one that started in this process and is
+    still 'running' (its recorder gave up, e.g. on a full disk) keeps the turns it committed. None (nothing
+    changed) when the run already ended, or runs in another process. The caller commits."""
     if status not in ("failed", "interrupted"):
         raise ValueError(f"a queued run ends 'failed' or 'interrupted', not {status!r}")
     run = session.get(QueuedRun, run_id)
     if run is None:
         raise NotFoundError(f"no queued run {run_id!r} in this database")
-    if session.get(Investigation, run_id) is not None:
-        return None
+    started = session.get(Investigation, run_id)
+    if started is not None:
+        if started.status != "running" or started.runner != this_runner():
+            return None
+        before = _outcome(started)
+        started.status, started.error, started.finished_at = status, error, utcnow()
+        action = "investigation.interrupt" if status == "interrupted" else "investigation.finish"
+        audit.record(session, SYSTEM, action, "investigation", started.id, before, _outcome(started))
+        return started
     s = dict(run.settings or {})
     now = utcnow()
     inv = Investigation(

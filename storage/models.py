@@ -336,3 +336,21 @@ class AuditEvent(Base):
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # SHA-256 of the previous row's chain_hash and this row's fields (storage.audit.chain_hash): tamper evidence.
     chain_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AnalystAction(Base):
+    """A tool an analyst ran by hand on a case's crop (the Investigate / Review tabs): kept beside the
+    agent's run, never in its trajectory, so training exports hold only what the agent did."""
+
+    __tablename__ = "analyst_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    investigation_id: Mapped[str] = mapped_column(ForeignKey("investigations.id"), index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    tool: Mapped[str] = mapped_column(String(64))
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # as validated and clamped
+    stats: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    expert_p_spoof: Mapped[float | None] = mapped_column(Float)
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    elapsed_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,9 +1,10 @@
 """The case queue: every case with its latest investigation and that investigation's review, filtered
 and paged in ONE query (a correlated subquery picks each case's latest investigation; no N+1).
 
-A case's row shows its latest investigation (a re-run replaces the one shown); the analyst verdict is
-the review of that investigation. "Disagreement" means the analyst said real or spoof and the model
-said the other; "uncertain" means the model's P(spoof) lies within ``band`` of the decision
+A case's row shows its latest investigation (a re-run replaces the one shown), or "queued" while a run
+asked for (an upload, a re-run) has not started. The analyst verdict is the case's latest review, whichever
+run it judged (a re-run keeps it; the row names the run it judged): Metrics counts the same review.
+"Disagreement" means the analyst said real or spoof and the run they judged said the other; "uncertain" means the model's P(spoof) lies within ``band`` of the decision
 ``threshold`` (pass the policy's own threshold, e.g. ``ExpertPolicy.threshold``).
 
 :func:`list_runs` lists finished runs with their cases and reviews, filtered by upload date, uploader and
@@ -15,21 +16,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
-from sqlalchemy import Select, and_, func, or_, select
+from sqlalchemy import Select, and_, case, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from .models import ATTACK_TYPES, INVESTIGATION_STATUSES, Case, Investigation, Review, Turn
+from .models import (
+    ATTACK_TYPES,
+    INVESTIGATION_STATUSES,
+    REVIEW_VERDICTS,
+    AuditEvent,
+    Case,
+    DatasetExportItem,
+    Export,
+    Investigation,
+    QueuedRun,
+    Review,
+    Turn,
+)
 
 DEFAULT_THRESHOLD = 0.5  # P(spoof) decision threshold when the caller does not give the policy's own
 DEFAULT_BAND = 0.1
+QUEUE_STATUSES = ("queued", *INVESTIGATION_STATUSES)  # what the queue's status column shows
 
 
 @dataclass
 class CaseFilter:
     """What the queue shows. Every condition given must hold (AND)."""
 
-    unreviewed_only: bool = False  # the latest investigation has no review yet
-    disagreement_only: bool = False  # analyst real/spoof differs from the model's verdict
+    unreviewed_only: bool = False  # no run of the case has a review yet
+    disagreement_only: bool = False  # analyst real/spoof differs from the verdict of the run they judged
+    verdict: str | None = None  # the latest run's model verdict: "real" or "spoof"
+    analyst_verdict: str | None = None  # the case review's verdict: real / spoof / unsure
     uncertain_only: bool = False  # |P(spoof) - threshold| <= band
     threshold: float = DEFAULT_THRESHOLD
     band: float = DEFAULT_BAND
@@ -46,8 +62,14 @@ class CaseFilter:
             raise ValueError(f"threshold is a P(spoof) in [0, 1], got {self.threshold}")
         if self.attack_type is not None and self.attack_type not in ATTACK_TYPES:
             raise ValueError(f"attack_type must be one of {', '.join(ATTACK_TYPES)}, not {self.attack_type!r}")
-        if self.status is not None and self.status not in INVESTIGATION_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(INVESTIGATION_STATUSES)}, not {self.status!r}")
+        if self.status is not None and self.status not in QUEUE_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(QUEUE_STATUSES)}, not {self.status!r}")
+        if self.verdict is not None and self.verdict not in ("real", "spoof"):
+            raise ValueError(f"verdict must be real or spoof, not {self.verdict!r}")
+        if self.analyst_verdict is not None and self.analyst_verdict not in REVIEW_VERDICTS:
+            raise ValueError(
+                f"analyst verdict must be one of {', '.join(REVIEW_VERDICTS)}, not {self.analyst_verdict!r}"
+            )
         if self.limit is not None and self.limit < 0 or self.offset < 0:
             raise ValueError("limit and offset must be >= 0")
 
@@ -62,8 +84,8 @@ class CaseRow:
     created_at: datetime
     created_by: str
     attack_type: str | None
-    investigation_id: str | None  # None: the case was never investigated
-    status: str | None
+    investigation_id: str | None  # the latest run (or the queued one); None: never investigated
+    status: str | None  # one of QUEUE_STATUSES
     verdict: str | None  # the model's final verdict
     score_spoof: float | None
     policy: str | None
@@ -75,6 +97,7 @@ class CaseRow:
     review_version: int | None
     disagreement: bool
     calibration_profile_id: str | None = None  # the profile the latest run was calibrated with
+    reviewed_investigation_id: str | None = None  # the run the case's review judged (maybe an earlier one)
 
 
 def list_cases(session: Session, *, filters: CaseFilter | None = None) -> list[CaseRow]:
@@ -107,9 +130,30 @@ def _queue_select() -> Select:
         .scalar_subquery()
     )
     runs = select(func.count(inner.id)).where(inner.case_id == Case.id).correlate(Case).scalar_subquery()
-    latest = Investigation
+    # A run asked for that has not started: no investigation has its id yet.
+    started = aliased(Investigation)
+    pending = (
+        select(QueuedRun.id)
+        .where(QueuedRun.case_id == Case.id, ~exists().where(started.id == QueuedRun.id))
+        .order_by(QueuedRun.queued_at.desc())
+        .limit(1)
+        .correlate(Case)
+        .scalar_subquery()
+    )
+    # The case's review: the latest saved review of any of its runs.
+    rv, rinv = aliased(Review), aliased(Investigation)
+    review_id = (
+        select(rv.id)
+        .join(rinv, rv.investigation_id == rinv.id)
+        .where(rinv.case_id == Case.id)
+        .order_by(rv.updated_at.desc(), rv.id.desc())
+        .limit(1)
+        .correlate(Case)
+        .scalar_subquery()
+    )
+    latest, judged = Investigation, aliased(Investigation)
     disagree = and_(
-        Review.verdict.in_(("real", "spoof")), latest.verdict.is_not(None), Review.verdict != latest.verdict
+        Review.verdict.in_(("real", "spoof")), judged.verdict.is_not(None), Review.verdict != judged.verdict
     )
     return (
         select(
@@ -119,8 +163,8 @@ def _queue_select() -> Select:
             Case.created_at,
             Case.created_by,
             Case.attack_type,
-            latest.id.label("investigation_id"),
-            latest.status,
+            func.coalesce(pending, latest.id).label("investigation_id"),
+            case((pending.is_not(None), "queued"), else_=latest.status).label("status"),
             latest.verdict,
             latest.score_spoof,
             latest.policy,
@@ -132,10 +176,12 @@ def _queue_select() -> Select:
             Review.version.label("review_version"),
             func.coalesce(disagree, False).label("disagreement"),
             latest.calibration_profile_id,
+            Review.investigation_id.label("reviewed_investigation_id"),
         )
         .select_from(Case)
         .outerjoin(latest, latest.id == latest_id)
-        .outerjoin(Review, Review.investigation_id == latest.id)
+        .outerjoin(Review, Review.id == review_id)
+        .outerjoin(judged, judged.id == Review.investigation_id)
     )
 
 
@@ -144,9 +190,11 @@ def _filtered(stmt: Select, f: CaseFilter) -> Select:
     if f.unreviewed_only:
         stmt = stmt.where(cols.investigation_id.is_not(None), cols.analyst_verdict.is_(None))
     if f.disagreement_only:
-        stmt = stmt.where(
-            cols.analyst_verdict.in_(("real", "spoof")), cols.verdict.is_not(None), cols.analyst_verdict != cols.verdict
-        )
+        stmt = stmt.where(cols.disagreement)
+    if f.verdict is not None:
+        stmt = stmt.where(cols.verdict == f.verdict)
+    if f.analyst_verdict is not None:
+        stmt = stmt.where(cols.analyst_verdict == f.analyst_verdict)
     if f.uncertain_only:
         stmt = stmt.where(cols.score_spoof.between(f.threshold - f.band, f.threshold + f.band))
     if f.attack_type is not None:
@@ -193,6 +241,7 @@ def _row(r) -> CaseRow:
         review_version=r.review_version,
         disagreement=bool(r.disagreement),
         calibration_profile_id=r.calibration_profile_id,
+        reviewed_investigation_id=r.reviewed_investigation_id,
     )
 
 
@@ -313,4 +362,132 @@ def _uncalibrated_scores(session: Session, ids: list[str]) -> dict[str, float]:
             out[inv_id] = float(p)
         else:
             out.pop(inv_id, None)
+    return out
+
+
+# --- one case across its runs -----------------------------------------------------------------------
+@dataclass
+class CaseReview:
+    """The latest review of any run of a case, and the run it judged."""
+
+    investigation_id: str  # the run the review judged
+    verdict: str
+    notes: str
+    corrected_answer: str | None
+    reviewer: str
+    version: int
+    updated_at: datetime
+    model_verdict: str | None  # that run's verdict
+
+
+def latest_case_review(session: Session, case_id: str, *, exclude: str | None = None) -> CaseReview | None:
+    """The case's review that the Queue and Metrics count: the latest saved review of any of its runs
+    (``exclude``: leave out the review of this run)."""
+    stmt = (
+        select(Review, Investigation.verdict)
+        .join(Investigation, Review.investigation_id == Investigation.id)
+        .where(Investigation.case_id == case_id)
+        .order_by(Review.updated_at.desc(), Review.id.desc())
+        .limit(1)
+    )
+    if exclude is not None:
+        stmt = stmt.where(Investigation.id != exclude)
+    row = session.execute(stmt).first()
+    if row is None:
+        return None
+    r, model = row
+    return CaseReview(
+        r.investigation_id, r.verdict, r.notes, r.corrected_answer, r.reviewer, r.version, r.updated_at, model
+    )
+
+
+def resolve_investigation(session: Session, text: str) -> str:
+    """An investigation id, or a case id (its latest run), as typed by the analyst; NotFoundError if neither."""
+    from .errors import NotFoundError
+
+    key = (text or "").strip().lower()
+    if not key:
+        raise NotFoundError("give an investigation or case id")
+    if len(key) < 32:  # a shown prefix (the Queue shows 12 characters): it must name one record
+        key = _unique_prefix(session, key, text)
+    if session.get(Investigation, key) is not None:
+        return key
+    if session.get(Case, key) is not None:
+        latest = session.scalar(
+            select(Investigation.id)
+            .where(Investigation.case_id == key)
+            .order_by(Investigation.started_at.desc(), Investigation.finished_at.desc().nulls_first())
+            .limit(1)
+        )
+        if latest is None:
+            raise NotFoundError(f"case {key} has no investigation yet (it may still be queued)")
+        return latest
+    if session.get(QueuedRun, key) is not None:
+        raise NotFoundError(f"run {key} is still queued: it can be opened once it has started")
+    raise NotFoundError(f"no investigation or case {text.strip()!r} in this database")
+
+
+def _unique_prefix(session: Session, key: str, text: str) -> str:
+    from .errors import NotFoundError
+
+    if len(key) < 6 or not all(c in "0123456789abcdef" for c in key):
+        raise NotFoundError(
+            f"{text.strip()!r} is not an investigation or case id (32 hex digits, or at least 6 of its first)"
+        )
+    like = _escape_like(key) + "%"
+    found = set(session.scalars(select(Investigation.id).where(Investigation.id.like(like, escape="\\")).limit(2)))
+    found |= set(session.scalars(select(Case.id).where(Case.id.like(like, escape="\\")).limit(2)))
+    if not found:  # a run asked for that has not started has no investigation to open yet
+        found |= set(session.scalars(select(QueuedRun.id).where(QueuedRun.id.like(like, escape="\\")).limit(2)))
+    if len(found) > 1:
+        raise NotFoundError(f"{text.strip()!r} starts more than one id; give more of it")
+    if not found:
+        raise NotFoundError(f"no investigation or case {text.strip()!r} in this database")
+    return found.pop()
+
+
+@dataclass
+class HistoryRow:
+    at: datetime
+    actor: str
+    action: str
+    about: str  # "case", "run <id>", "review of run <id>", "report of run <id>", "dataset export #n"
+    after: dict | None
+
+
+def case_history(session: Session, case_id: str) -> list[HistoryRow]:
+    """Everything the audit log says about a case: its upload, every run, review, hand-run tool, report and
+    dataset export of its runs, oldest first."""
+    runs = list(session.scalars(select(Investigation.id).where(Investigation.case_id == case_id)))
+    reviews = {
+        i: r
+        for i, r in session.execute(select(Review.id, Review.investigation_id).where(Review.investigation_id.in_(runs)))
+    }
+    reports = {
+        i: r
+        for i, r in session.execute(select(Export.id, Export.investigation_id).where(Export.investigation_id.in_(runs)))
+    }
+    datasets = set(
+        session.scalars(select(DatasetExportItem.dataset_export_id).where(DatasetExportItem.investigation_id.in_(runs)))
+    )
+    about = [
+        and_(AuditEvent.entity == "case", AuditEvent.entity_id == case_id),
+        and_(AuditEvent.entity == "investigation", AuditEvent.entity_id.in_(runs)),
+        and_(AuditEvent.entity == "review", AuditEvent.entity_id.in_([str(i) for i in reviews])),
+        and_(AuditEvent.entity == "export", AuditEvent.entity_id.in_([str(i) for i in reports])),
+        and_(AuditEvent.entity == "dataset_export", AuditEvent.entity_id.in_([str(i) for i in datasets])),
+    ]
+    out = []
+    for e in session.scalars(select(AuditEvent).where(or_(*about)).order_by(AuditEvent.at, AuditEvent.id)):
+        if e.entity == "investigation":
+            what = f"run {e.entity_id}"
+        elif e.entity == "review":
+            what = f"review of run {reviews.get(int(e.entity_id), '?')}"
+        elif e.entity == "export":
+            what = f"report of run {reports.get(int(e.entity_id), '?')}"
+        elif e.entity == "dataset_export":
+            what = f"dataset export #{e.entity_id}"
+        else:
+            what = "case"
+        out.append(HistoryRow(e.at, e.actor, e.action, what, e.after))
     return out

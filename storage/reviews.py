@@ -73,18 +73,21 @@ def submit_review(
     if found != expected_version:
         raise _conflict(investigation_id, review, expected_version)
     before = _snapshot(_state(review)) if review else None
+    keep = {(turn_ids[i], f) for i, fs in wanted.items() for f in fs}
+    turns = {tid: session.get(Turn, tid) for tid, _ in keep}  # read before anything is changed
     if review is None:
         review = Review(investigation_id=investigation_id, created_at=utcnow())
         session.add(review)
-    review.verdict = verdict
-    review.notes = notes
-    review.corrected_answer = corrected_answer
-    review.reviewer = reviewer
-    review.updated_at = utcnow()
-    # Keep the flags that stay (re-inserting one before its old row is deleted would hit the unique key).
-    keep = {(turn_ids[i], f) for i, fs in wanted.items() for f in fs}
-    old = {(f.turn_id, f.flag): f for f in review.flags}
-    review.flags = [old.get(k) or TurnFlag(turn_id=k[0], flag=k[1], turn=session.get(Turn, k[0])) for k in sorted(keep)]
+    # No autoflush while the state is set: the one flush below is where a racing save must show up.
+    with session.no_autoflush:
+        review.verdict = verdict
+        review.notes = notes
+        review.corrected_answer = corrected_answer
+        review.reviewer = reviewer
+        review.updated_at = utcnow()
+        # Keep the flags that stay (re-inserting one before its old row is deleted would hit the unique key).
+        old = {(f.turn_id, f.flag): f for f in review.flags}
+        review.flags = [old.get(k) or TurnFlag(turn_id=k[0], flag=k[1], turn=turns[k[0]]) for k in sorted(keep)]
     try:
         # Flush now: the UPDATE ... WHERE version = expected_version (or the INSERT against the unique
         # investigation_id) is where a save racing ours shows up.

@@ -13,12 +13,17 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import skimage.data
+from alembic.script import ScriptDirectory
 from PIL import Image
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from core import protocol
 from core.protocol import ToolCall
+from storage.db import MIGRATIONS
+
+# The newest migration (what init_db upgrades to), read from the migration scripts.
+HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 FAST_SPOOF = protocol.format_fast_answer("spoof", "Looks flat, maybe a print.")
 ZOOM = protocol.format_tool_call_turn("Zoom on the eyes.", ToolCall("ZoomInTool", {"bbox": [40, 60, 180, 130]}))

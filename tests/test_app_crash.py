@@ -76,8 +76,8 @@ def test_an_app_killed_mid_investigation_keeps_the_case_and_its_turns_and_the_re
             assert old.turns[1].tool_result.name == "ZoomInTool" and old.case.filename == "astronaut_live.png"
         assert app.runner.recovered == [old.id]
         ana = Client(app.url, auth=USERS[0], verbose=False)
-        table, _ = ana.predict([], "any", "interrupted", api_name="/list_cases")
-        assert [r[0] for r in table["data"]] == [old.id]
+        table, _ = ana.predict([], "any", "interrupted", "any", "any", "", api_name="/list_cases")
+        assert [r[0] for r in table["data"]] == [old.id[:12]]  # the queue shows the short id
         chat, info, *_ = ana.predict(old.id, api_name="/open_case")
         assert "interrupted" in info and any("ZoomInTool" in t for t in chat_titles(chat))  # the finished turns replay
         chat, new_id = ana.predict(old.id, api_name="/rerun")

@@ -211,9 +211,9 @@ def test_concurrent_jobs_each_get_their_own_face_detection(storage):
 
 def test_policy_arguments_typed_in_the_settings_keep_their_types():
     """``max_new_tokens=128`` must reach the hf loader as a number, paths and URLs as text."""
-    from app.ui.tab_investigate import parse_policy_kwargs
+    from app.policy_catalog import parse_arguments
 
-    got = parse_policy_kwargs(
+    got = parse_arguments(
         "model=/models/qwen, adapter=runs/fi/adapter, max_new_tokens=128,\ntemperature=0.7, base_url=http://127.0.0.1:8000/v1"
     )
     assert got == {

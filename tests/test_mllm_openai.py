@@ -1,12 +1,20 @@
 """The vllm policy (OpenAI Chat Completions client) against a real OpenAI-compatible server on
 loopback: `transformers serve` running the nano Qwen2.5-VL. vLLM itself needs a GPU; the client is
-protocol-level, so the same requests go to `vllm serve` (docs/models.md)."""
+protocol-level, so the same requests go to `vllm serve` (docs/models.md). `tarfas eval --concurrency N`
+is checked against a slow OpenAI-compatible HTTP server (FastAPI + uvicorn) that counts requests in flight."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import pytest
 import torch
+import uvicorn
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handler's annotations here
 from loopback import free_port, transformers_serve
+from PIL import Image
 
 from core import agent, protocol
 from core.mllm.messages import encode, to_processor_inputs
@@ -114,3 +122,71 @@ def test_stop_string_dropped_by_the_server_is_restored():
         "</tool_call>"
     )
     assert _with_closing_tag("<think>a</think>\n<answer><Real>", "length", None) == "<think>a</think>\n<answer><Real>"
+
+
+class SlowServer:
+    """/v1/chat/completions that answers each conversation by where it stands (a fast answer, then the
+    final answer) after ``delay_s``, and records the most requests it held at once."""
+
+    def __init__(self, delay_s: float):
+        self.in_flight = self.max_in_flight = self.requests = 0
+        app = FastAPI()
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await request.json()
+            self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(delay_s)
+            finally:
+                self.in_flight -= 1
+            answered = sum(m["role"] == "assistant" for m in body["messages"])
+            content = FAST if answered == 0 else protocol.format_answer_turn("Natural skin.", "real")
+            return {
+                "id": "chatcmpl-slow", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            }  # fmt: skip
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_eval_concurrency_sends_that_many_requests_at_a_time(face, tmp_path):
+    from conftest import write_manifest
+
+    from core.evaluation.manifest import read_manifest
+    from core.evaluation.scoring import FaceCache, Variant, score_variant
+
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"f{i}.png")
+        Image.fromarray(face.crop).save(paths[-1])
+    rows = read_manifest(
+        write_manifest(tmp_path / "m.csv", [{"path": str(p), "label": "real", "domain": "d"} for p in paths])
+    )
+    with SlowServer(delay_s=0.25) as server:
+        policy = OpenAIChatPolicy(f"http://127.0.0.1:{server.port}/v1", "slow", timeout_s=30)
+        main = Variant("main", None, 3)
+        one = score_variant(rows, FaceCache(), policy, main, progress=False)
+        assert server.max_in_flight == 1 and server.requests == 16
+        server.max_in_flight = 0
+        many = score_variant(rows, FaceCache(), policy, main, progress=False, concurrency=4)
+        assert server.max_in_flight == 4 and server.requests == 32  # requests overlapped, four at a time
+    assert list(many) == list(one) == [r.path for r in rows]
+    assert all(s.score_spoof == 0.0 and s.error is None for s in [*one.values(), *many.values()])

@@ -12,7 +12,7 @@ from alembic import command
 from sqlalchemy import JSON, column, insert, select, table, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DatabaseError
-from storage_support import sqlite_only
+from storage_support import HEAD, sqlite_only
 
 from app.cli import main
 from storage import audit
@@ -278,7 +278,7 @@ def test_the_migration_from_0003_keeps_every_row_chains_them_and_goes_back(tmp_p
     with engine.begin() as conn:
         conn.execute(insert(old_table), [{"before": None, "after": None} | r for r in rows])
     code, out = _verify(tmp_path, database_url, capsys)  # verify reads, never migrates
-    assert code == 2 and "schema revision 0003, not 0005" in out
+    assert code == 2 and f"schema revision 0003, not {HEAD}" in out
     init_db(engine)  # what open_storage does on the next start
     with session_factory(engine)() as s:
         events = s.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
@@ -312,3 +312,36 @@ def test_the_migration_from_0003_keeps_every_row_chains_them_and_goes_back(tmp_p
         with pytest.raises(DatabaseError, match="append-only"):
             conn.execute(text("DELETE FROM audit_events"))
     engine.dispose()
+
+
+# --- tarfas audit verify --expect-head: a head kept elsewhere ----------------------------------------
+def _verify_head(tmp_path, database_url, capsys, head: str) -> tuple[int, str]:
+    db = ["--db", database_url] if database_url else []
+    code = main(["audit", "verify", "--data-dir", str(tmp_path), *db, "--expect-head", head])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_a_kept_head_is_still_found_after_the_log_grew(storage, tmp_path, database_url, capsys):
+    _cases(storage, 2)
+    kept = _events(storage)[-1]
+    _cases(storage, 2, "bob")
+    code, out = _verify_head(tmp_path, database_url, capsys, kept.chain_hash.upper())
+    assert code == 0 and "audit log OK: 4 rows" in out and f"the head you kept is row id {kept.id}" in out
+
+
+def test_removing_the_newest_rows_passes_the_chain_but_not_the_kept_head(storage, tmp_path, database_url, capsys):
+    _cases(storage, 4)
+    events = _events(storage)
+    with storage.engine.begin() as conn:
+        _guards_off(conn, "delete")
+        conn.execute(text("DELETE FROM audit_events WHERE id >= :id"), {"id": events[2].id})
+    assert _verify(tmp_path, database_url, capsys)[0] == 0  # what is left is a whole chain
+    code, out = _verify_head(tmp_path, database_url, capsys, events[-1].chain_hash)
+    assert code == 1
+    assert f"BROKEN: the head you kept, {events[-1].chain_hash}, is not in the chain (2 rows" in out
+
+
+def test_a_kept_head_that_is_not_a_hash_is_refused(storage, tmp_path, database_url, capsys):
+    code, out = _verify_head(tmp_path, database_url, capsys, "abc123")
+    assert code == 2 and "--expect-head must be a 64-character SHA-256 hex digest" in out

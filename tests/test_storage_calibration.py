@@ -11,7 +11,7 @@ import pytest
 from alembic import command
 from sqlalchemy import delete, insert, inspect, select, text, update
 from sqlalchemy.exc import DatabaseError
-from storage_support import ANSWER_SPOOF, FAST_SPOOF, ZOOM, astronaut_png, server_only
+from storage_support import ANSWER_SPOOF, FAST_SPOOF, HEAD, ZOOM, astronaut_png, server_only
 
 from core.agent import investigate
 from core.calibration import CalibrationProfile, ScoreModel
@@ -312,7 +312,7 @@ def test_the_migration_from_0002_keeps_every_row_adds_the_calibration_tables_and
         assert [e.action for e in s.scalars(select(AuditEvent))] == ["case.create"]
         assert cal.active_profile(s) is None and cal.list_profiles(s) == []
     with engine.connect() as conn:  # init_db goes on to the head
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == HEAD
     with engine.begin() as conn:  # and back down, runs and all
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0002")

@@ -36,8 +36,9 @@ TABLES = {
     "calibration_profiles",
     "calibration_activations",
     "queued_runs",
+    "analyst_actions",
 }
-HEAD = "0005"  # the newest migration in storage/migrations/versions
+HEAD = "0006"  # the newest migration in storage/migrations/versions
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -19,6 +19,7 @@ from app.calibration import CalibrationInputError, fit_from_reviews, rescore
 from app.case_report import case_report_html
 from app.runner import Runner, RunSettings
 from app.ui.render import trajectory_messages, verdict_message
+from app.ui.safe import md_text
 from core.calibration import CalibrationProfile, ScoreModel, logit, sigmoid
 from core.policies import ScriptedPolicy, load_policy, readers_for
 from core.policies.calibrated import calibrate
@@ -197,8 +198,9 @@ def test_a_profile_fitted_for_another_policy_version_is_not_applied_and_the_run_
         assert (inv.calibration_profile_id, inv.calibration_note) == (None, note)
         stored = load_trajectory(s, storage.files, after.id)
     messages = trajectory_messages(stored, runner_png(storage))
-    assert any(m.metadata and m.metadata.get("title") == "⚠️ not calibrated" and m.content == note for m in messages)
-    assert f"Not calibrated: {note}" in messages[-1].content
+    shown = md_text(note)  # the profile's name is the analyst's text: shown as text, never as Markdown
+    assert any(m.metadata and m.metadata.get("title") == "⚠️ not calibrated" and m.content == shown for m in messages)
+    assert f"Not calibrated: {shown}" in messages[-1].content
     # Another policy's run under an active expert profile says so too.
     good = activated(storage, shifting(expert))
     other = run(runner, RunSettings.make("scripted"))

@@ -99,14 +99,15 @@ def test_the_queue_is_one_sql_statement_however_many_cases(storage, queue, face)
     assert len(rows) == 8 and len(statements) == 1
 
 
-def test_a_rerun_replaces_the_run_shown_and_its_review_state(storage, queue, face):
+def test_a_rerun_shows_the_new_run_and_keeps_the_case_review_of_the_run_it_judged(storage, queue, face):
     case_id, first = queue["disagree"]
     _, second = run_case(storage, face, [fast("real", 0.3), answer("real", 0.2)], case_id=case_id)
     with storage.sessions() as s:
         row = next(r for r in list_cases(s) if r.case_id == case_id)
     assert (row.investigation_id, row.investigations, row.verdict) == (second, 2, "real")
-    assert row.analyst_verdict is None and not row.disagreement  # the re-run is not reviewed yet
-    assert case_id in _cases(storage, unreviewed_only=True) and case_id not in _cases(storage, disagreement_only=True)
+    # The review stays with the case and names the run it judged; the disagreement is with that run.
+    assert (row.analyst_verdict, row.reviewed_investigation_id, row.disagreement) == ("real", first, True)
+    assert case_id not in _cases(storage, unreviewed_only=True) and case_id in _cases(storage, disagreement_only=True)
     assert first != second
 
 
@@ -195,3 +196,45 @@ def test_the_migration_adds_attack_types_to_an_existing_database(storage):
     with storage.sessions() as s:
         assert s.get(Case, "old").attack_type is None
         assert [r.case_id for r in list_cases(s)] == ["old"]
+
+
+def test_queue_and_metrics_count_the_same_case_reviews_across_re_runs(storage, queue, face):
+    """A re-run keeps the case's review: the Queue shows it (naming the run it judged), Metrics counts it
+    once; a review of the re-run then replaces it for both."""
+    from app.review_metrics import review_metrics
+
+    case_id, first = queue["disagree"]
+    _, second = run_case(storage, face, [fast("real", 0.3), answer("real", 0.2)], case_id=case_id)
+
+    def both():
+        with storage.sessions() as s:
+            rows = [r for r in list_cases(s) if r.analyst_verdict is not None]
+            m = review_metrics(s)
+        return rows, m
+
+    rows, m = both()
+    assert m.reviewed == len(rows) == 2  # agree + disagree, each case once
+    assert m.compared - m.agreed == sum(r.disagreement for r in rows) == 1
+    review(storage, second, "real", notes="Still a live face.")  # the analyst says it still holds
+    rows, m = both()
+    row = next(r for r in rows if r.case_id == case_id)
+    assert (row.reviewed_investigation_id, row.disagreement) == (second, False)
+    assert m.reviewed == len(rows) == 2 and m.compared - m.agreed == sum(r.disagreement for r in rows) == 0
+
+
+def test_a_queued_upload_shows_as_queued_in_the_queue(storage, face):
+    from storage.investigations import queue_run
+
+    with storage.sessions.begin() as s:
+        case = create_case(s, storage.files, astronaut_png(), filename="waiting.png", user="ana")
+        run = queue_run(s, case.id, policy="expert", settings={}, user="ana", source="waiting.png")
+        ids = (case.id, run.id)
+    with storage.sessions() as s:
+        row = next(r for r in list_cases(s) if r.case_id == ids[0])
+    assert (row.status, row.investigation_id) == ("queued", ids[1])
+    assert _cases(storage, status="queued") == [ids[0]]
+    from storage.errors import NotFoundError
+    from storage.queries import resolve_investigation
+
+    with storage.sessions() as s, pytest.raises(NotFoundError, match="still queued"):
+        resolve_investigation(s, ids[1][:12])  # the short id the Queue shows

@@ -23,11 +23,31 @@ class ServeOptions:
     auth: list[str] = field(default_factory=list, metadata={"help": "analyst logins, USER:PASS, comma-separated"})
     users_file: str | None = field(default=None, metadata={"help": "file of user:password lines (chmod 600)"})
     concurrency: int = field(default=2, metadata={"help": "investigations run at once"})
-    max_file_mb: int = field(default=20, metadata={"help": "upload size limit in MiB"})
+    max_file_mb: int = field(default=20, metadata={"help": "upload size limit in MiB, per file"})
+    max_files: int = field(default=100, metadata={"help": "most images in one upload request"})
+    max_request_mb: int = field(default=1024, metadata={"help": "most MiB in one upload request, all files together"})
+    max_queue: int = field(
+        default=500, metadata={"help": "most investigations waiting or running at once, the whole server"}
+    )
+    policies: str | None = field(
+        default=None,
+        metadata={
+            "help": "TOML (or YAML) file of the policies analysts may choose, by name, with their endpoints, models, "
+            "adapters and the environment variables of their keys (default: the offline expert only)"
+        },
+    )
+    allow_custom_policies: bool = field(
+        default=False,
+        metadata={
+            "help": "let analysts name any policy kind with their own arguments (URLs, model paths, key variables); "
+            "only on a loopback --host"
+        },
+    )
 
     def __post_init__(self):
-        if self.concurrency < 1 or self.max_file_mb < 1:
-            raise ValueError("--concurrency and --max-file-mb must be >= 1")
+        for flag in ("concurrency", "max_file_mb", "max_files", "max_request_mb", "max_queue"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,11 +57,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from app.policy_catalog import PolicyCatalog, check_custom_host
     from app.server import serve
     from app.ui.auth import load_users
 
     opts = config_from_args(ServeOptions, args)
     users = load_users(opts.auth, opts.users_file)
+    # Both checked before anything is opened: a bad policy file stops the server with the entry at fault.
+    check_custom_host(opts.host, opts.allow_custom_policies)
+    catalog = PolicyCatalog.load(opts.policies, allow_custom=opts.allow_custom_policies)
     serve(
         opts.data_dir,
         db_url=opts.db,
@@ -50,5 +74,9 @@ def run(args) -> int:
         users=users,
         concurrency=opts.concurrency,
         max_file_mb=opts.max_file_mb,
+        max_files=opts.max_files,
+        max_request_mb=opts.max_request_mb,
+        max_queue=opts.max_queue,
+        catalog=catalog,
     )
     return 0

@@ -1,8 +1,10 @@
 """Events and stored trajectories as chat messages for ``gr.Chatbot``.
 
 Everything shown comes from the parsed fields of :mod:`core.events` / :class:`core.trajectory.Turn`
-(fast answer, thought, tool call, tool result, answer, errors); no model text is parsed here. Tool
-calls are collapsible steps (``metadata.title``); every image is a PNG file (lossless), never WebP.
+(fast answer, thought, tool call, tool result, answer, errors); no model text is parsed here. Every
+untrusted string (model text, file names, profile names) goes through :func:`app.ui.safe.md_text`, so it
+shows as text and loads nothing. Thoughts are open steps, tool calls collapsible ones
+(``metadata.title``); every image is a PNG file (lossless), never WebP.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from core.events import (
     VerdictReached,
 )
 from core.trajectory import Final, Trajectory, Turn
+
+from .safe import md_text
 
 
 class PngCache:
@@ -75,38 +79,37 @@ def turn_messages(turn: Turn, cache: PngCache) -> list[gr.ChatMessage]:
         out.append(
             gr.ChatMessage(
                 role="assistant",
-                content=f"**Fast answer: {verdict_label(turn.fast.verdict)}**{_score(turn.score_spoof)}\n\n{turn.fast.reason}",
-                metadata={"title": f"⚡ Fast answer (turn {n})", "status": "done", "duration": turn.elapsed_ms / 1e3},
+                content=f"**Fast answer: {verdict_label(turn.fast.verdict)}**{_score(turn.score_spoof)}\n\n{md_text(turn.fast.reason)}",
+                # No "status": the step is shown open (the analyst reads the reasoning without clicking).
+                metadata={"title": f"⚡ Fast answer (turn {n})", "duration": turn.elapsed_ms / 1e3},
             )
         )
     if turn.think:
         out.append(
-            gr.ChatMessage(
-                role="assistant", content=turn.think, metadata={"title": f"💭 Thought (turn {n})", "status": "done"}
-            )
+            gr.ChatMessage(role="assistant", content=md_text(turn.think), metadata={"title": f"💭 Thought (turn {n})"})
         )
     if turn.tool_call is not None:
-        lines = [f"**Arguments**\n```json\n{json.dumps(turn.tool_call.arguments)}\n```"]
+        lines = [f"**Arguments**: {md_text(json.dumps(turn.tool_call.arguments))}"]
         r = turn.tool_result
         if r is not None:
             if r.arguments != turn.tool_call.arguments:
-                lines.append(f"Arguments used (validated, clamped): `{json.dumps(r.arguments)}`")
+                lines.append(f"Arguments used (validated, clamped): {md_text(json.dumps(r.arguments))}")
             if r.stats:
                 lines.append("**Measurements**: " + ", ".join(f"{k} = {v:.4g}" for k, v in r.stats.items()))
             if r.expert_p_spoof is not None:
                 lines.append(f"**Expert reading**: P(spoof trace) = {r.expert_p_spoof:.2f}")
-        meta = {"title": f"🛠 Tool call (turn {n}): {turn.tool_call.name}", "status": "done"}
+        meta = {"title": f"🛠 Tool call (turn {n}): {md_text(turn.tool_call.name)}", "status": "done"}
         if r is not None:
             meta["duration"] = r.elapsed_ms / 1e3
         out.append(gr.ChatMessage(role="assistant", content="\n\n".join(lines), metadata=meta))
         if r is not None and r.image is not None:
-            out.append(_image_message(cache, r.image, f"{r.name} output, turn {n}"))
+            out.append(_image_message(cache, r.image, f"{md_text(r.name)} output, turn {n}"))
     if turn.error:
         which = "Format error" if turn.parse_error else "Tool error"
         out.append(
             gr.ChatMessage(
                 role="assistant",
-                content=f"{turn.error}\n\n(This message was fed back to the model.)",
+                content=f"{md_text(turn.error)}\n\n(This message was fed back to the model.)",
                 metadata={"title": f"⚠️ {which} (turn {n})", "status": "done"},
             )
         )
@@ -125,12 +128,12 @@ def calibration_line(meta: dict | None) -> str:
     meta = meta or {}
     p = meta.get("calibration_profile")
     if p:
-        name = f" '{p['name']}'" if p.get("name") else ""
+        name = f" '{md_text(p['name'])}'" if p.get("name") else ""
         threshold = f"threshold **{p['threshold']:.3f}**" if p.get("threshold") is not None else "its threshold"
         how = ", ".join(x for x in (p.get("target"), f"{p['n_reviews']} reviews" if p.get("n_reviews") else None) if x)
         return f"Calibration profile `{p['id']}`{name}: {threshold}" + (f" ({how})" if how else "")
     if meta.get("calibration_note"):
-        return f"Not calibrated: {meta['calibration_note']}"
+        return f"Not calibrated: {md_text(meta['calibration_note'])}"
     return ""
 
 
@@ -149,13 +152,13 @@ def opening_messages(traj: Trajectory, cache: PngCache) -> list[gr.ChatMessage]:
     name = traj.source or "upload"
     profile = traj.meta.get("calibration_profile")
     lines = [
-        f"Investigate **{name}** with policy `{traj.policy}`"
+        f"Investigate **{md_text(name)}** with policy {md_text(traj.policy)}"
         + (f" under calibration profile `{profile['id']}`" if profile else "")
     ]
     if traj.image_sha256:
         lines.append(f"SHA-256 `{traj.image_sha256}`")
     if traj.face is not None:
-        lines += [f"_{note}_" for note in traj.face.notes]
+        lines += [md_text(note) for note in traj.face.notes]
     out = [gr.ChatMessage(role="user", content="\n\n".join(lines))]
     if traj.crop is not None:
         out.append(
@@ -167,7 +170,7 @@ def opening_messages(traj: Trajectory, cache: PngCache) -> list[gr.ChatMessage]:
         out.append(
             gr.ChatMessage(
                 role="assistant",
-                content=traj.meta["calibration_note"],
+                content=md_text(traj.meta["calibration_note"]),
                 metadata={"title": "⚠️ not calibrated", "status": "done"},
             )
         )
@@ -180,7 +183,7 @@ def closing_messages(traj: Trajectory) -> list[gr.ChatMessage]:
         out.append(
             gr.ChatMessage(
                 role="assistant",
-                content=f"Investigation {traj.status}: {traj.error or 'no error recorded'}",
+                content=f"Investigation {traj.status}: {md_text(traj.error or 'no error recorded')}",
                 metadata={"title": f"❌ {traj.status}" if traj.status != "completed" else "⚠️ note", "status": "done"},
             )
         )
@@ -221,14 +224,17 @@ class Transcript:
             self.turns.setdefault(event.index, []).append(
                 gr.ChatMessage(
                     role="assistant",
-                    content=f"```json\n{json.dumps(event.call.arguments)}\n```",
-                    metadata={"title": f"🛠 Tool call (turn {event.index}): {event.call.name}", "status": "pending"},
+                    content=md_text(json.dumps(event.call.arguments)),
+                    metadata={
+                        "title": f"🛠 Tool call (turn {event.index}): {md_text(event.call.name)}",
+                        "status": "pending",
+                    },
                 )
             )
         elif isinstance(event, ToolResultReady):
             if event.result.image is not None:
                 self.turns.setdefault(event.index, []).append(
-                    _image_message(self.cache, event.result.image, f"{event.result.name} output")
+                    _image_message(self.cache, event.result.image, f"{md_text(event.result.name)} output")
                 )
         elif isinstance(event, TurnCompleted):
             self.turns[event.turn.index] = turn_messages(event.turn, self.cache)

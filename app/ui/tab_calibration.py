@@ -25,7 +25,7 @@ from storage.queries import RunFilter, uploaders
 
 from .context import AppContext
 from .errors import UserError
-from .tab_investigate import parse_policy_kwargs
+from .tab_investigate import TOOLS
 
 TARGETS = ["eer", "apcer=0.05", "bpcer=0.05", "apcer=0.01", "bpcer=0.01"]
 ANY = "anyone"
@@ -90,7 +90,7 @@ def run_filter(since, until, uploader, source, *, reviewed_only: bool = True) ->
 def _policy(ctx: AppContext, name: str, args: str):
     """The policy as loaded by the runner, uncalibrated (a profile maps its own scores)."""
     try:
-        return ctx.runner.policy(RunSettings.make(name or "expert", parse_policy_kwargs(args)))
+        return ctx.runner.policy(ctx.settings_for(name, args, max_tool_calls=3, tools=TOOLS, on_no_face="error"))
     except (TarfasError, ValueError, TypeError) as exc:
         raise UserError(f"policy {name!r} could not be loaded: {exc}") from None
 
@@ -338,9 +338,7 @@ def build(ctx: AppContext):
             uploader = gr.Dropdown([ANY], value=ANY, label="Uploaded by", allow_custom_value=True)
             source = gr.Textbox(label="Source (part of the file name or path)", elem_id="calibration-source")
         with gr.Row():
-            policy = gr.Dropdown(
-                ["expert"] + [p for p in ctx.policy_names if p != "expert"], value="expert", label="Policy"
-            )
+            policy = gr.Dropdown(ctx.catalog.names(), value="expert", label="Policy")
             policy_args = gr.Textbox(label="Policy arguments (key=value, as in Investigate)")
             target = gr.Dropdown(
                 TARGETS, value="eer", allow_custom_value=True, label="Threshold target (eer, apcer=R or bpcer=R)"

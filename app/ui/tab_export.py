@@ -20,8 +20,19 @@ from .errors import UserError
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
+def parse_ids(text: str) -> list[str] | None:
+    """The investigation ids typed (separated by spaces, commas or new lines); None when empty. Anything
+    that is not a 32-hex-digit id is refused with its text: a typo never silently widens the export."""
+    tokens = [t for t in re.split(r"[\s,;]+", (text or "").strip().lower()) if t]
+    bad = [t for t in tokens if not _ID_RE.fullmatch(t)]
+    if bad:
+        shown = ", ".join(repr(t) for t in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise UserError(f"not an investigation id (32 hex digits): {shown}; nothing was exported")
+    return list(dict.fromkeys(tokens)) or None
+
+
 def export(ctx: AppContext, ids_text: str, user: str):
-    ids = _ID_RE.findall(ids_text or "") or None
+    ids = parse_ids(ids_text)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     out_dir = ctx.exports_dir / f"dataset-{stamp}"
     try:

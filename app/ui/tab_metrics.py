@@ -28,7 +28,7 @@ def compute(ctx: AppContext, threshold: str | float | None):
     except ValueError as exc:
         raise UserError(str(exc)) from None
     lines = [
-        f"**{m.reviewed}** reviewed investigations: {m.labelled} labelled real/spoof, {m.unsure} unsure.",
+        f"**{m.reviewed}** reviewed cases (each with its latest review): {m.labelled} labelled real/spoof, {m.unsure} unsure.",
         "**Agreement** model vs analyst: "
         + (f"{m.agreement:.1%} ({m.agreed} of {m.compared})" if m.agreement is not None else "nothing to compare yet"),
     ]

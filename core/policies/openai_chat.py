@@ -101,14 +101,21 @@ class OpenAIChatPolicy:
                     notes["logprobs_refused"] = _short(exc)
             if self.logprobs is False:
                 resp = self.client.chat.completions.create(**request)
+        except openai.APITimeoutError as exc:  # before APIConnectionError, its base class
+            raise ModelServerError(f"{self.base_url} did not answer within {self.client.timeout:g} s") from exc
         except openai.APIConnectionError as exc:
             raise ModelServerError(f"cannot reach {self.base_url}: {exc}") from exc
         except openai.APIStatusError as exc:
             raise ModelServerError(
                 f"{self.base_url} refused the request (HTTP {exc.status_code}): {_short(exc)}"
             ) from exc
+        except ValueError as exc:  # a body that is not JSON
+            raise ModelServerError(f"{self.base_url} answered with something that is not JSON: {_short(exc)}") from exc
         elapsed = time.perf_counter() - t0
-        choice = resp.choices[0]
+        choices = getattr(resp, "choices", None)
+        if not choices:  # an HTML error page, a JSON body that is not a completion, an empty list
+            raise ModelServerError(f"{self.base_url} answered with no chat completion: {_short(resp, 120)!r}")
+        choice = choices[0]
         text = _with_closing_tag(_text_of(choice.message), choice.finish_reason, getattr(choice, "stop_reason", None))
         usage = getattr(resp, "usage", None)
         notes.update(finish_reason=choice.finish_reason, request_ms=round(elapsed * 1e3, 1))
