@@ -16,9 +16,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from sqlalchemy import select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from storage.models import Investigation, Review
+from storage.queries import case_review_id
 
 LABELS = ("real", "spoof")  # spoof is the positive class
 
@@ -55,16 +56,7 @@ def review_metrics(session: Session, threshold: float | None = None, *, policy: 
     """Agreement, confusion matrix and ROC over the reviewed investigations (of ``policy``, if given)."""
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a P(spoof) in [0, 1], got {threshold}")
-    rv, rinv = aliased(Review), aliased(Investigation)
-    latest_of_case = (  # the case's review: the latest saved review of any of its runs
-        select(rv.id)
-        .join(rinv, rv.investigation_id == rinv.id)
-        .where(rinv.case_id == Investigation.case_id)
-        .order_by(rv.updated_at.desc(), rv.id.desc())
-        .limit(1)
-        .correlate(Investigation)
-        .scalar_subquery()
-    )
+    latest_of_case = case_review_id(Investigation.case_id, Investigation)  # the case's review
     stmt = (
         select(Review.verdict, Investigation.verdict, Investigation.score_spoof)
         .join(Investigation, Review.investigation_id == Investigation.id)

@@ -65,11 +65,10 @@ from storage.investigations import (
 )
 from storage.models import QueuedRun
 
+from .limits import DEFAULT_CONCURRENCY
 from .policy_catalog import PolicyCatalog
 
 log = logging.getLogger("tarfas.runner")
-
-DEFAULT_CONCURRENCY = 2  # investigations at once; one per core on the reference machine
 
 
 class UploadRefused(TarfasError):

@@ -15,18 +15,20 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.limits import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_MB,
+)
 from app.policy_catalog import PolicyCatalog, check_custom_host
-from app.runner import DEFAULT_CONCURRENCY, Runner, RunSettings
+from app.runner import Runner, RunSettings
 from core.policies import load_policy
 from storage.db import Storage, open_storage
 
 DEFAULT_DATA_DIR = Path("tarfas-data")
 UI_CACHE = "ui-cache"  # under the data dir: the UI's rendered copies of images, one folder per process
-# Upload bounds (``tarfas app`` flags of the same names): per request, and for the whole server's queue.
-DEFAULT_MAX_FILE_MB = 20
-DEFAULT_MAX_FILES = 100
-DEFAULT_MAX_REQUEST_MB = 1024
-DEFAULT_MAX_QUEUE = 500
 
 
 def ui_cache_dir(data_dir: str | Path) -> Path:
@@ -114,7 +116,6 @@ def build(
         data_dir,
         png,
         max_file_bytes=max_file_mb * 2**20,
-        policy_names=catalog.names(),
         catalog=catalog,
     )
     return ctx, build_app(ctx)

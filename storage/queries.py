@@ -100,6 +100,22 @@ class CaseRow:
     reviewed_investigation_id: str | None = None  # the run the case's review judged (maybe an earlier one)
 
 
+def case_review_id(case_id, outer):
+    """The id of a case's review, as a scalar subquery correlated to ``outer``: the latest saved review of
+    any of the case's runs (``case_id`` is the outer query's case id column). The Queue and the review
+    metrics both count a case by it, so that they agree."""
+    rv, rinv = aliased(Review), aliased(Investigation)
+    return (
+        select(rv.id)
+        .join(rinv, rv.investigation_id == rinv.id)
+        .where(rinv.case_id == case_id)
+        .order_by(rv.updated_at.desc(), rv.id.desc())
+        .limit(1)
+        .correlate(outer)
+        .scalar_subquery()
+    )
+
+
 def list_cases(session: Session, *, filters: CaseFilter | None = None) -> list[CaseRow]:
     """The queue, newest case first."""
     f = filters or CaseFilter()
@@ -140,17 +156,7 @@ def _queue_select() -> Select:
         .correlate(Case)
         .scalar_subquery()
     )
-    # The case's review: the latest saved review of any of its runs.
-    rv, rinv = aliased(Review), aliased(Investigation)
-    review_id = (
-        select(rv.id)
-        .join(rinv, rv.investigation_id == rinv.id)
-        .where(rinv.case_id == Case.id)
-        .order_by(rv.updated_at.desc(), rv.id.desc())
-        .limit(1)
-        .correlate(Case)
-        .scalar_subquery()
-    )
+    review_id = case_review_id(Case.id, Case)
     latest, judged = Investigation, aliased(Investigation)
     disagree = and_(
         Review.verdict.in_(("real", "spoof")), judged.verdict.is_not(None), Review.verdict != judged.verdict

@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from app.limits import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MAX_FILE_MB,
+    DEFAULT_MAX_FILES,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_REQUEST_MB,
+)
+
 from .flags import add_config_args, config_from_args
 
 HELP = "serve the analyst workbench (Gradio): investigate, review, queue, export, metrics"
@@ -22,12 +30,14 @@ class ServeOptions:
     port: int = field(default=7860, metadata={"help": "port to serve on"})
     auth: list[str] = field(default_factory=list, metadata={"help": "analyst logins, USER:PASS, comma-separated"})
     users_file: str | None = field(default=None, metadata={"help": "file of user:password lines (chmod 600)"})
-    concurrency: int = field(default=2, metadata={"help": "investigations run at once"})
-    max_file_mb: int = field(default=20, metadata={"help": "upload size limit in MiB, per file"})
-    max_files: int = field(default=100, metadata={"help": "most images in one upload request"})
-    max_request_mb: int = field(default=1024, metadata={"help": "most MiB in one upload request, all files together"})
+    concurrency: int = field(default=DEFAULT_CONCURRENCY, metadata={"help": "investigations run at once"})
+    max_file_mb: int = field(default=DEFAULT_MAX_FILE_MB, metadata={"help": "upload size limit in MiB, per file"})
+    max_files: int = field(default=DEFAULT_MAX_FILES, metadata={"help": "most images in one upload request"})
+    max_request_mb: int = field(
+        default=DEFAULT_MAX_REQUEST_MB, metadata={"help": "most MiB in one upload request, all files together"}
+    )
     max_queue: int = field(
-        default=500, metadata={"help": "most investigations waiting or running at once, the whole server"}
+        default=DEFAULT_MAX_QUEUE, metadata={"help": "most investigations waiting or running at once, the whole server"}
     )
     policies: str | None = field(
         default=None,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.limits import DEFAULT_MAX_FILE_MB
 from app.policy_catalog import DEFAULT, PolicyCatalog, PolicyRefused, parse_arguments
 from app.runner import Job, Runner, RunSettings, UploadRefused
 from core.registry import ToolRegistry
@@ -23,7 +24,6 @@ from storage.db import Storage
 from .errors import UserError
 from .render import PngCache
 
-DEFAULT_MAX_FILE_MB = 20
 SAMPLES = Path(__file__).resolve().parents[2] / "assets" / "samples"
 MAX_TOOL_CALLS = 6  # the settings slider's end (the paper's best: 3)
 
@@ -35,7 +35,6 @@ class AppContext:
     data_dir: Path
     png: PngCache
     max_file_bytes: int = DEFAULT_MAX_FILE_MB * 2**20
-    policy_names: list[str] = field(default_factory=lambda: ["expert"])
     local_user: str = field(default_factory=lambda: _local_user())
     catalog: PolicyCatalog = field(default_factory=PolicyCatalog)  # what analysts may choose
 
