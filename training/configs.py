@@ -20,7 +20,7 @@ class ExpertTrainConfig:
     )
     domains: list[str] = field(default_factory=list, metadata={"help": "keep only these domains (empty = all)"})
     max_images: int | None = field(default=None, metadata={"help": "a seeded sample of this many images (smoke runs)"})
-    # the RGB network: a linear probe on frozen ImageNet MobileNetV2 features
+    # the RGB network: linear probes on frozen ImageNet MobileNetV2 and EfficientNet-Lite0 features, averaged
     rgb_size: int = field(default=128, metadata={"help": "input side (the 224 crop is resized)"})
     rgb_c: list[float] = field(
         default_factory=lambda: [0.003, 0.01, 0.03, 0.1],
@@ -49,6 +49,13 @@ class ExpertTrainConfig:
     # output
     out: str = field(
         default="assets/experts", metadata={"help": "output folder of the networks, experts.json and lodo_logits.csv"}
+    )
+    reuse_tool_experts: str = field(
+        default="",
+        metadata={
+            "help": "an expert folder trained on the same images (same data digest): keep its tool experts and their "
+            "out-of-fold logits, train only the RGB network (tool experts are deterministic: the same as a full run's)"
+        },
     )
     calibrate_only: bool = field(
         default=False,

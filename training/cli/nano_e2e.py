@@ -6,14 +6,15 @@
 Every step up to the models is a real ``tarfas`` command run in-process and printed as it runs (so this
 file is also a worked example of the commands):
 
-1. ``tarfas model init-nano --size micro``: Qwen2.5-VL at ~4.7M parameters (``--quick``: the ~1M nano);
+1. ``tarfas model init-nano --size micro``: Qwen2.5-VL at ~4.8M parameters (``--quick``: the ~1M nano);
 2. ``tarfas annotate`` (the offline expert annotator, tool-call limit 3 as the agent loop) over the NUAA
    train split of fas-dev and a sample of ../shared/data/fas-train;
 3. ``tarfas train sft --stage kt`` then ``--stage fi`` (a = 0.9) on both annotation folders, all parameters;
 4. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from the FI model;
 5. the FI and the DT-GRPO models investigate held-out NUAA **test** images of fas-dev through the agent
    loop (training/policy_eval.py: batched, the inference parsers, the class-token score): greedy for
-   accuracy and AUC, and sampled at T = 1 for the format rate.
+   accuracy and AUC, and sampled at T = 1 for the format rate. Each pass runs in a one-thread process, the
+   FI model's beside GRPO training (two processes: the 2 cores the run is budgeted for).
 
 The last line printed is one JSON object: ``sampled_format_ok`` (FI model, T = 1), ``sampled_format_ok_grpo``,
 ``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, the paired-bootstrap 95% intervals of the GRPO - FI
@@ -42,8 +43,8 @@ class Plan:
     """Sizes of one run (measured choices: docs/training.md, "CPU end to end")."""
 
     size: str = "micro"
-    n_nuaa: int = 320  # NUAA train images of fas-dev to annotate
-    n_train: int = 160  # images of fas-train to annotate (0: none)
+    n_nuaa: int = 320  # NUAA train images of fas-dev to annotate (of 872)
+    n_train: int = 160  # images of fas-train to annotate (0: none). More data, fewer epochs: less sampled format
     kt_steps: int = 60
     kt_batch: int = 4
     kt_lr: float = 1e-3
@@ -98,6 +99,30 @@ def held_out(manifest: Path, n: int, seed: int = 0) -> tuple[list, list[str], li
     return crops, labels, paths
 
 
+MODES = {"greedy": 0.0, "sampled": 1.0}  # evaluation passes: name -> sampling temperature
+
+
+def eval_pass(
+    folder: str, mode: str, *, manifest: str, n: int, seed: int, max_new_tokens: int, batch_size: int, threads: int
+) -> list:
+    """One evaluation pass of the model in ``folder`` over the held-out images (greedy or sampled at T = 1):
+    a list of :class:`training.policy_eval.ImageResult`. Runs in a worker process as well as here."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    from core.mllm.processor import load_model_and_processor
+    from training.policy_eval import evaluate_policy
+
+    torch.set_num_threads(threads)
+    crops, labels, _ = held_out(Path(manifest), n, seed)
+    lm = load_model_and_processor(folder)
+    return evaluate_policy(lm.model, lm.processor, crops, labels, temperature=MODES[mode],
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)  # fmt: skip
+
+
 def _mean(xs: list[float]) -> float | None:
     return round(sum(xs) / len(xs), 4) if xs else None
 
@@ -111,12 +136,20 @@ def pipeline(
     train_manifest: Path | None = FAS_TRAIN,
     seed: int = 0,
 ) -> dict:
-    """Run the pipeline into ``out``; returns the summary (also written to ``out/summary.json``)."""
-    import torch
+    """Run the pipeline into ``out``; returns the summary (also written to ``out/summary.json``).
 
-    from core.mllm.processor import load_model_and_processor
+    Two processes of one thread each (this one and a spawned worker) share the independent work: the two
+    annotation folders, and the evaluation passes beside GRPO training (see below)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return _pipeline(out, manifest, pool, quick=quick, threads=threads, train_manifest=train_manifest, seed=seed)
+
+
+def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, train_manifest: Path | None, seed: int):
     from training.lineage import read_lineage
-    from training.policy_eval import evaluate_policy, metrics, paired_bootstrap
+    from training.policy_eval import metrics, paired_bootstrap
 
     plan = QUICK if quick else FULL
     t_start = time.perf_counter()
@@ -133,15 +166,20 @@ def pipeline(
                                  base / "config.json"))  # fmt: skip
 
     data = [out / "ann-nuaa"]
-    annotate = [lambda: _run(["annotate", str(manifest), "--out", str(out / "ann-nuaa"), "--domains", "nuaa", "--split",
-                              "train", "--limit", str(plan.n_nuaa), "--seed", str(seed), "--no-progress"],
-                             out / "ann-nuaa" / "stats.json")]  # fmt: skip
+    annotations = [(["annotate", str(manifest), "--out", str(out / "ann-nuaa"), "--domains", "nuaa", "--split", "train",
+                     "--limit", str(plan.n_nuaa), "--seed", str(seed), "--no-progress"], out / "ann-nuaa" / "stats.json")]  # fmt: skip
     if plan.n_train and train_manifest is not None and Path(train_manifest).is_file():
         data.append(out / "ann-train")
-        annotate.append(lambda: _run(["annotate", str(train_manifest), "--out", str(out / "ann-train"), "--limit",
-                                      str(plan.n_train), "--seed", str(seed), "--no-progress"],
-                                     out / "ann-train" / "stats.json"))  # fmt: skip
-    stage("annotate_s", lambda: [f() for f in annotate])
+        annotations.append((["annotate", str(train_manifest), "--out", str(out / "ann-train"), "--limit",
+                             str(plan.n_train), "--seed", str(seed), "--no-progress"], out / "ann-train" / "stats.json"))  # fmt: skip
+
+    def annotate() -> None:  # fas-train's folder in the worker, NUAA's here
+        beside = [pool.submit(_run, argv, done) for argv, done in annotations[1:]]
+        _run(*annotations[0])
+        for f in beside:
+            f.result()
+
+    stage("annotate_s", annotate)
 
     common = ["--data", ",".join(map(str, data)), "--no-use-lora", "--threads", str(threads), "--save-steps", "0",
               "--seed", str(seed)]  # fmt: skip
@@ -155,28 +193,34 @@ def pipeline(
                                 "--first-turn-weight", "0.9", "--lr-scheduler-type", "cosine", "--learning-rate", str(plan.fi_lr),
                                 "--max-steps", str(plan.fi_steps), "--per-device-train-batch-size", str(plan.fi_batch)],
                                fi / "tarfas_lineage.json"))  # fmt: skip
-    stage("grpo_s", lambda: _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common,
-                                  "--num-generations", str(plan.grpo_g),
-                                  "--per-device-train-batch-size", str(plan.grpo_g * plan.grpo_queries),
-                                  "--max-steps", str(plan.grpo_steps), "--learning-rate", str(plan.grpo_lr),
-                                  "--temperature", "1.0", "--max-new-tokens", str(plan.max_new_tokens),
-                                  "--max-completion-length", "2048", "--logging-steps", "1"],
-                                 rl / "tarfas_lineage.json"))  # fmt: skip
 
-    # Held-out evaluation: the same dev images for both models (paired).
+    def run_grpo() -> None:
+        _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common, "--num-generations",
+              str(plan.grpo_g), "--per-device-train-batch-size", str(plan.grpo_g * plan.grpo_queries), "--max-steps",
+              str(plan.grpo_steps), "--learning-rate", str(plan.grpo_lr), "--temperature", "1.0", "--max-new-tokens",
+              str(plan.max_new_tokens), "--max-completion-length", "2048", "--logging-steps", "1"],
+             rl / "tarfas_lineage.json")  # fmt: skip
+
+    # Held-out evaluation: the same dev images for both models (paired), each (model, mode) pass in its own
+    # process with one thread. The FI model's passes run in a second process while GRPO trains here, and of
+    # the GRPO model's two passes one runs there and one here: on 2 cores the evaluation adds about one
+    # pass's time after GRPO instead of four.
+    job = dict(manifest=str(manifest), n=plan.n_eval, seed=seed, max_new_tokens=plan.max_new_tokens,
+               batch_size=plan.eval_batch, threads=threads)  # fmt: skip
+    results: dict[tuple[str, str], list] = {}
+    pending = {("fi", mode): pool.submit(eval_pass, str(fi), mode, **job) for mode in MODES}
+    stage("grpo_s", run_grpo)
     t = time.perf_counter()
-    crops, labels, paths = held_out(manifest, plan.n_eval, seed)
-    torch.set_num_threads(threads)
-    evals, results = {}, {}
-    for name, folder in (("fi", fi), ("grpo", rl)):
-        lm = load_model_and_processor(folder)
-        for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-            res = evaluate_policy(lm.model, lm.processor, crops, labels, temperature=temperature,
-                                  max_new_tokens=plan.max_new_tokens, batch_size=plan.eval_batch, seed=seed)  # fmt: skip
-            results[(name, mode)] = res
-            evals[f"{name}/{mode}"] = metrics(res)
-            print(f"[eval {name} {mode}] {json.dumps(evals[f'{name}/{mode}'])}", flush=True)
-    times["eval_s"] = round(time.perf_counter() - t, 1)
+    pending[("grpo", "greedy")] = pool.submit(eval_pass, str(rl), "greedy", **job)
+    results[("grpo", "sampled")] = eval_pass(str(rl), "sampled", **job)
+    for key, fut in pending.items():
+        results[key] = fut.result()
+    times["eval_after_grpo_s"] = round(time.perf_counter() - t, 1)
+    evals = {}
+    for name, mode in (("fi", "greedy"), ("fi", "sampled"), ("grpo", "greedy"), ("grpo", "sampled")):
+        evals[f"{name}/{mode}"] = metrics(results[(name, mode)])
+        print(f"[eval {name} {mode}] {json.dumps(evals[f'{name}/{mode}'])}", flush=True)
+    _, labels, paths = held_out(manifest, plan.n_eval, seed)
     ci = paired_bootstrap(results[("fi", "greedy")], results[("grpo", "greedy")], seed=seed)
 
     log = read_lineage(rl)["result"]["log"]
