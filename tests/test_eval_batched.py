@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from mllm_support import direct_p_spoof
 from PIL import Image
 from transformers import LogitsProcessorList
 
@@ -20,7 +21,6 @@ from core.evaluation.manifest import read_manifest
 from core.evaluation.scoring import FaceCache, Variant, score_variant
 from core.faces import prepare_face
 from core.mllm.forcing import ForcedTurns
-from core.mllm.messages import to_processor_inputs
 from core.mllm.nano import build_nano
 from core.policies.hf import HFPolicy
 from core.registry import ToolRegistry
@@ -135,19 +135,6 @@ def test_generated_answers_are_scored_from_the_generation_and_batched_equals_seq
     for a, b in zip(alone, together):
         same_trajectory(a, b)
     assert max(batched.batch_sizes) == 3
-
-
-def direct_p_spoof(policy: HFPolicy, messages: list[dict], assistant_prefix: str) -> float:
-    inp = to_processor_inputs(messages, policy.processor)
-    enc = {
-        c: policy.processor(text=[inp.text + assistant_prefix + s], images=inp.images, return_tensors="pt")
-        for c, s in (("s", "<Spoof>"), ("r", "<Real>"))
-    }
-    ids_s, ids_r = enc["s"]["input_ids"][0], enc["r"]["input_ids"][0]
-    k = next(i for i in range(len(ids_s)) if ids_s[i] != ids_r[i])
-    with torch.no_grad():
-        logits = policy.model(**enc["s"]).logits[0, k - 1]
-    return torch.softmax(torch.stack([logits[ids_s[k]], logits[ids_r[k]]]), 0)[0].item()
 
 
 def test_each_image_is_processed_once_per_investigation(nano_dirs, face):

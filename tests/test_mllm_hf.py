@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
+from mllm_support import direct_p_spoof
 from PIL import Image
 
 from app.cli import main as cli_main
 from core import agent, protocol
 from core.agent import AgentConfig
-from core.mllm.messages import to_processor_inputs
 from core.mllm.nano import build_nano
 from core.policies import load_policy
 from core.policies.base import Conversation
@@ -37,21 +37,6 @@ def nano_dirs(tmp_path_factory):
 def _one_thread(monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def _direct_p_spoof(policy: HFPolicy, messages: list[dict], assistant_prefix: str) -> float:
-    """P(spoof) by hand: one full forward pass over prompt + prefix + "<Spoof>", read at the first
-    token where the <Spoof> and <Real> continuations differ."""
-    inp = to_processor_inputs(messages, policy.processor)
-    enc = {
-        c: policy.processor(text=[inp.text + assistant_prefix + s], images=inp.images, return_tensors="pt")
-        for c, s in (("s", "<Spoof>"), ("r", "<Real>"))
-    }
-    ids_s, ids_r = enc["s"]["input_ids"][0], enc["r"]["input_ids"][0]
-    k = next(i for i in range(len(ids_s)) if ids_s[i] != ids_r[i])
-    with torch.no_grad():
-        logits = policy.model(**enc["s"]).logits[0, k - 1]
-    return torch.softmax(torch.stack([logits[ids_s[k]], logits[ids_r[k]]]), 0)[0].item()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -85,11 +70,11 @@ def test_class_token_score_equals_a_direct_forward_pass(arch, nano_dirs, face):
     before.turns = traj.turns[:-1]  # the conversation the policy saw when it gave the answer
     messages = to_messages(before, system=system, next_prompt=True)
     prefix = ANSWER[: ANSWER.index("<Spoof>")]
-    assert traj.final.score_spoof == pytest.approx(_direct_p_spoof(policy, messages, prefix), abs=1e-5)
+    assert traj.final.score_spoof == pytest.approx(direct_p_spoof(policy, messages, prefix), abs=1e-5)
     fast_messages = to_messages(
         Trajectory(policy="hf", crop=traj.crop), system=system, next_prompt=True, next_kind="fast"
     )
-    assert traj.fast_score == pytest.approx(_direct_p_spoof(policy, fast_messages, ""), abs=1e-5)
+    assert traj.fast_score == pytest.approx(direct_p_spoof(policy, fast_messages, ""), abs=1e-5)
 
 
 def test_lora_adapter_is_loaded_and_changes_the_score(nano_dirs, face, tmp_path):
@@ -107,7 +92,7 @@ def test_lora_adapter_is_loaded_and_changes_the_score(nano_dirs, face, tmp_path)
     conv = _first_conversation(face)
     s_base, s_tuned = base.next_turn(conv).score_spoof, tuned.next_turn(conv).score_spoof
     assert s_tuned != pytest.approx(s_base, abs=1e-4)
-    assert s_tuned == pytest.approx(_direct_p_spoof(tuned, conv.messages, ""), abs=1e-5)
+    assert s_tuned == pytest.approx(direct_p_spoof(tuned, conv.messages, ""), abs=1e-5)
 
 
 def _first_conversation(face):

@@ -457,10 +457,6 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
         return fit_probes(x, np.tile(data.y[rows], 1 + len(views)), w, c, face_net.slices)
 
     in_folds = np.isin(data.domain, folds)
-    if reused is None:
-        registry = ToolRegistry()
-        with ThreadPoolExecutor(max(1, cfg.threads)) as pool:
-            images = {k: np.stack(v) for k, v in tool_images(list(data.crops), registry, pool).items()}
 
     # Step 2a: the RGB probe, for every regularisation strength, on each held-out domain.
     probe_oof = {c: {k: np.full(len(data.ids), np.nan) for k in (RGB, ZOOM)} for c in cfg.rgb_c}
@@ -470,46 +466,23 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
             coef, bias = fit(np.flatnonzero(train), c)
             for k in (RGB, ZOOM):
                 probe_oof[c][k][test] = feats[k][test] @ coef + bias
-    # Step 2b: the tool experts, per held-out domain and epoch.
-    tool_oof = [{k: np.full(len(data.ids), np.nan) for k in EXPERT_TOOLS} for _ in range(cfg.epochs)]
-    for d in folds if reused is None else []:
-        test, train = np.flatnonzero(data.domain == d), np.flatnonzero(data.domain != d)
-        _, logits = train_tool_experts(images, data, train, cfg, eval_idx=test, desc=f"tool experts without {d}")
-        for e, lg in enumerate(logits):
-            for k in EXPERT_TOOLS:
-                tool_oof[e][k][test] = lg[k]
-        print(
-            f"  held out {d:12s} RGB {roc_auc_score(data.y[test], probe_oof[cfg.rgb_c[0]][RGB][test]):.3f} "
-            + " ".join(f"{k[:5]} {roc_auc_score(data.y[test], logits[-1][k]):.3f}" for k in EXPERT_TOOLS)
-        )
+    # Steps 2b-4 of the tool experts (or an earlier run's, when reused).
+    tools = reused or _train_tool_experts_lodo(cfg, data, folds, rgb_for_log=probe_oof[cfg.rgb_c[0]][RGB])
 
-    # Step 3a: the probe's strength and each expert's epoch count, by mean LODO AUC.
+    # Step 3a: the probe's strength by mean LODO AUC (each expert's epoch count: ToolExperts.epochs).
     selection = {RGB: {str(c): _masked_auc(probe_oof[c][RGB], data, folds) for c in cfg.rgb_c}}
+    selection |= tools.selection
     best_c = float(max(cfg.rgb_c, key=lambda c: selection[RGB][str(c)]))
-    if reused is None:
-        selection |= {k: [_masked_auc(tool_oof[e][k], data, folds) for e in range(cfg.epochs)] for k in EXPERT_TOOLS}
-        epochs = {k: int(np.argmax(selection[k])) + 1 for k in EXPERT_TOOLS}
-        tool_raw = {k: tool_oof[epochs[k] - 1][k] for k in EXPERT_TOOLS}
-    else:
-        selection |= {k: reused.selection[k] for k in EXPERT_TOOLS}
-        epochs, tool_raw = reused.epochs, reused.raw
-    raw = {RGB: probe_oof[best_c][RGB], ZOOM: probe_oof[best_c][ZOOM], **tool_raw}
+    raw = {RGB: probe_oof[best_c][RGB], ZOOM: probe_oof[best_c][ZOOM], **tools.raw}
     lodo_seconds = round(time.time() - t0, 1)
 
-    # Step 4: the shipped networks, trained on every domain.
+    # Step 4: the shipped RGB network, fitted on every domain.
     coef, bias = fit(np.arange(len(data.ids)), best_c)
     with torch.no_grad():
         face_net.head.weight.copy_(torch.from_numpy(coef).float()[None])
         face_net.head.bias.fill_(bias)
-    nets = {RGB: face_net}
-    if reused is None:
-        snapshots, _ = train_tool_experts(images, data, np.arange(len(data.ids)), cfg, desc="tool experts, all domains")
-        for k in EXPERT_TOOLS:
-            net = network_spec(k).build()
-            net.load_state_dict(snapshots[epochs[k] - 1][k])
-            nets[k] = net.eval()
-    else:
-        nets |= reused.nets
+    nets = {RGB: face_net, **tools.nets}
+    epochs = tools.epochs
 
     out.mkdir(parents=True, exist_ok=True)
     y, domain, raw = data.y[in_folds], data.domain[in_folds], {k: v[in_folds] for k, v in raw.items()}
@@ -540,8 +513,9 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
 
 
 @dataclass
-class ReusedTools:
-    """Tool experts taken from an earlier run on the same images (``--reuse-tool-experts``)."""
+class ToolExperts:
+    """The tool experts of a run: trained here (:func:`_train_tool_experts_lodo`) or taken from an earlier
+    run on the same images (``--reuse-tool-experts``)."""
 
     nets: dict[str, torch.nn.Module]
     raw: dict[str, np.ndarray]  # out-of-fold logits, aligned with the current FaceData
@@ -549,7 +523,37 @@ class ReusedTools:
     selection: dict[str, list[float]]
 
 
-def _reused_tool_experts(cfg: ExpertTrainConfig, data: FaceData, folds: list[str]) -> ReusedTools:
+def _train_tool_experts_lodo(
+    cfg: ExpertTrainConfig, data: FaceData, folds: list[str], rgb_for_log: np.ndarray
+) -> ToolExperts:
+    """Each tool expert leave-one-domain-out (scored after every epoch), its epoch count by mean LODO AUC,
+    then trained on every domain for that many epochs. ``rgb_for_log``: the RGB probe's out-of-fold
+    scores, printed beside the experts' per domain."""
+    with ThreadPoolExecutor(max(1, cfg.threads)) as pool:
+        images = {k: np.stack(v) for k, v in tool_images(list(data.crops), ToolRegistry(), pool).items()}
+    tool_oof = [{k: np.full(len(data.ids), np.nan) for k in EXPERT_TOOLS} for _ in range(cfg.epochs)]
+    for d in folds:
+        test, train = np.flatnonzero(data.domain == d), np.flatnonzero(data.domain != d)
+        _, logits = train_tool_experts(images, data, train, cfg, eval_idx=test, desc=f"tool experts without {d}")
+        for e, lg in enumerate(logits):
+            for k in EXPERT_TOOLS:
+                tool_oof[e][k][test] = lg[k]
+        print(
+            f"  held out {d:12s} RGB {roc_auc_score(data.y[test], rgb_for_log[test]):.3f} "
+            + " ".join(f"{k[:5]} {roc_auc_score(data.y[test], logits[-1][k]):.3f}" for k in EXPERT_TOOLS)
+        )
+    selection = {k: [_masked_auc(tool_oof[e][k], data, folds) for e in range(cfg.epochs)] for k in EXPERT_TOOLS}
+    epochs = {k: int(np.argmax(selection[k])) + 1 for k in EXPERT_TOOLS}
+    snapshots, _ = train_tool_experts(images, data, np.arange(len(data.ids)), cfg, desc="tool experts, all domains")
+    nets = {}
+    for k in EXPERT_TOOLS:
+        nets[k] = network_spec(k).build()
+        nets[k].load_state_dict(snapshots[epochs[k] - 1][k])
+        nets[k].eval()
+    return ToolExperts(nets, {k: tool_oof[epochs[k] - 1][k] for k in EXPERT_TOOLS}, epochs, selection)
+
+
+def _reused_tool_experts(cfg: ExpertTrainConfig, data: FaceData, folds: list[str]) -> ToolExperts:
     """The tool experts and out-of-fold logits of ``cfg.reuse_tool_experts``, refused unless that run saw
     exactly these images and labels (its data digest) and recorded the same tool recipe."""
     from core.errors import WeightsError
@@ -576,7 +580,7 @@ def _reused_tool_experts(cfg: ExpertTrainConfig, data: FaceData, folds: list[str
     raw = {k: np.where(take >= 0, stored[k][take], np.nan) for k in EXPERT_TOOLS}
     sel = bank.meta["selection"]
     print(f"tool experts and their out-of-fold logits reused from {src} (data digest {digest})")
-    return ReusedTools(
+    return ToolExperts(
         {k: bank.nets[k] for k in EXPERT_TOOLS}, raw, dict(sel["epochs"]), {k: sel["auc"][k] for k in EXPERT_TOOLS}
     )
 

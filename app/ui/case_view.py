@@ -179,6 +179,24 @@ def card_html(ctx: AppContext, snap: CaseSnapshot) -> str:
     )
 
 
+def zoomable_image(label: str, elem_id: str) -> gr.Image:
+    """A large evidence image the page script lets the analyst zoom and pan (PNG, never re-encoded)."""
+    return gr.Image(
+        label=label,
+        format="png",
+        interactive=False,
+        height=IMAGE_HEIGHT,
+        buttons=["fullscreen", "download"],
+        elem_id=elem_id,
+        elem_classes=[ZOOM_CLASS],
+    )
+
+
+def transcript(label: str, elem_id: str) -> gr.Chatbot:
+    """The agent's turns as a chat, copyable but never shareable: forensic evidence stays on this server."""
+    return gr.Chatbot(label=label, height=520, elem_id=elem_id, buttons=["copy_all"], sanitize_html=True)
+
+
 def _turn_label(t: Turn) -> str:
     if t.kind == "fast" and t.fast is not None:
         return f"Turn {t.index} · fast answer: {verdict_label(t.fast.verdict)}"
@@ -269,24 +287,8 @@ class CaseView:
         p = self.prefix
         self.timeline = gr.Radio([], label="Timeline (pick a turn to show it large)", elem_id=f"{p}-timeline")
         with gr.Row(equal_height=True):
-            self.original = gr.Image(
-                label=ORIGINAL + " (wheel: zoom, drag: pan, double-click: fit)",
-                format="png",
-                interactive=False,
-                height=IMAGE_HEIGHT,
-                buttons=["fullscreen", "download"],
-                elem_id=f"{p}-original",
-                elem_classes=[ZOOM_CLASS],
-            )
-            self.focus = gr.Image(
-                label="Selected image (wheel: zoom to the original pixels, drag: pan)",
-                format="png",
-                interactive=False,
-                height=IMAGE_HEIGHT,
-                buttons=["fullscreen", "download"],
-                elem_id=f"{p}-focus",
-                elem_classes=[ZOOM_CLASS],
-            )
+            self.original = zoomable_image(ORIGINAL + " (wheel: zoom, drag: pan, double-click: fit)", f"{p}-original")
+            self.focus = zoomable_image("Selected image (wheel: zoom to the original pixels, drag: pan)", f"{p}-focus")
         self.caption = gr.Markdown(elem_id=f"{p}-caption")
         self.gallery = gr.Gallery(
             label="Every image of this case (click one to show it large)",

@@ -19,7 +19,7 @@ from core.events import InvestigationStarted, ToolResultReady, TurnCompleted, Ve
 from core.registry import SPECS, ToolRegistry
 from storage.cases import cases_with_image
 
-from .case_view import CaseView, live_snapshot, load_snapshot, view_values
+from .case_view import CaseView, live_snapshot, load_snapshot, transcript, view_values
 from .context import AppContext, samples
 from .errors import UserError
 from .render import Transcript, trajectory_messages, verdict_label
@@ -273,13 +273,7 @@ def build(ctx: AppContext, current: gr.Textbox):
         with gr.Column(scale=2):
             view = CaseView(ctx, "investigate")
             view.build_card()
-            chat = gr.Chatbot(
-                label="Investigation (the agent's turns)",
-                height=520,
-                elem_id="transcript",
-                buttons=["copy_all"],  # no "share": forensic evidence stays on this server
-                sanitize_html=True,
-            )
+            chat = transcript("Investigation (the agent's turns)", "transcript")
     batch = gr.Dataframe(
         headers=BATCH_COLUMNS,
         label="Batch: one row per file, with its progress (click a row to open its case)",

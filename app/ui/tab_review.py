@@ -24,7 +24,7 @@ from storage.investigations import calibration_meta, get_investigation, load_tra
 from storage.queries import case_history, latest_case_review, resolve_investigation
 from storage.reviews import NO_REVIEW, load_review, submit_review
 
-from .case_view import CaseView, load_snapshot, view_values
+from .case_view import CaseView, load_snapshot, transcript, view_values
 from .context import AppContext
 from .errors import UserError
 from .render import Transcript, calibration_line, trajectory_messages, verdict_label
@@ -240,13 +240,7 @@ def build(ctx: AppContext, current: gr.Textbox):
     banner = gr.Markdown(elem_id="review-earlier")
     with gr.Row():
         with gr.Column(scale=3):
-            chat = gr.Chatbot(
-                label="The agent's turns",
-                height=520,
-                elem_id="review-transcript",
-                buttons=["copy_all"],  # no "share": forensic evidence stays on this server
-                sanitize_html=True,
-            )
+            chat = transcript("The agent's turns", "review-transcript")
         with gr.Column(scale=2):
             verdict = gr.Radio(VERDICTS, label="Analyst verdict", elem_id="review-verdict")
             with gr.Row():
