@@ -109,9 +109,10 @@ class EvidenceModel:
             sds.append(float(np.sqrt(max(var, 1e-3))))
         return (mus[0], mus[1]), (sds[0], sds[1])
 
-    def gain(self, key: str, observed: dict[str, float]) -> float:
-        """Expected information (bits) from observing ``key`` next."""
-        return expected_gain(sigmoid(self.log_odds(observed)), *self.predictive(key, observed))
+    def gain(self, key: str, observed: dict[str, float], p: float | None = None) -> float:
+        """Expected information (bits) from observing ``key`` next; ``p``: the current P(spoof) if known."""
+        p = sigmoid(self.log_odds(observed)) if p is None else p
+        return expected_gain(p, *self.predictive(key, observed))
 
 
 def sigmoid(x: float) -> float:
@@ -142,7 +143,7 @@ def choose(
     It always looks at ``min_calls`` tools when it may, then stops once the evidence is decisive or no
     tool is expected to add ``MIN_GAIN_BITS``."""
     p = sigmoid(model.log_odds(observed))
-    gains = {n: model.gain(n, observed) for n in candidates if n in model.index}
+    gains = {n: model.gain(n, observed, p) for n in candidates if n in model.index}
     best = max(gains, key=gains.get) if gains else None
     if best is None:
         return Choice(None, p, gains, "no_tools")

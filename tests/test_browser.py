@@ -64,17 +64,21 @@ def logged_in_page(browser_context, app, user: str, password: str):
     return page
 
 
-def upload(page, path: Path, tries: int = 3) -> None:
-    """Set the upload's file and wait until the component shows it. On a loaded machine the first set can
-    land before Gradio's upload handler is attached, and is then dropped: set it again."""
-    for attempt in range(tries):
-        page.locator("#upload input[type=file]").set_input_files(str(path))
-        try:
-            page.locator("#upload").get_by_text(path.name).first.wait_for(timeout=TIMEOUT_MS // tries)
-            return
-        except Exception:
-            if attempt == tries - 1:
-                raise
+def upload(page, paths: Path | list[Path]) -> None:
+    """Set the upload's files and wait until the component shows the last one. On a loaded machine a set
+    can land before Gradio's upload handler is attached, and is then dropped: only then set them again.
+    A set that is merely slow must not be repeated: the component would hold every file twice (and the
+    Investigate click would run each twice)."""
+    paths = paths if isinstance(paths, list) else [paths]
+    shown = page.locator("#upload").get_by_text(paths[-1].stem).first
+    page.locator("#upload input[type=file]").set_input_files([str(p) for p in paths])
+    try:
+        shown.wait_for(timeout=TIMEOUT_MS)
+    except Exception:
+        if page.locator("#upload").get_by_text(paths[0].stem).count():
+            raise  # the upload arrived in part: a real failure, not a dropped set
+        page.locator("#upload input[type=file]").set_input_files([str(p) for p in paths])
+        shown.wait_for()
 
 
 def test_an_analyst_logs_in_investigates_overrides_with_a_shortcut_and_exports(tmp_path, browser_context):
@@ -348,14 +352,7 @@ def test_an_analyst_walks_a_batch_opens_cases_zooms_compares_reviews_reruns_and_
         page.set_viewport_size({"width": 1280, "height": 800})
 
         # A 10-file batch: every file gets a row with its own progress, then its verdict.
-        for attempt in range(3):
-            page.locator("#upload input[type=file]").set_input_files([str(f) for f in files])
-            try:
-                page.locator("#upload").get_by_text(files[-1].stem).first.wait_for(timeout=TIMEOUT_MS // 3)
-                break
-            except Exception:
-                if attempt == 2:
-                    raise
+        upload(page, files)
         page.locator("#investigate").click()
         status = page.locator("#investigate-status")
         status.get_by_text("10 of 10 investigated").wait_for(timeout=5 * TIMEOUT_MS)
