@@ -54,7 +54,7 @@ class ExpertTrainConfig:
         default="",
         metadata={
             "help": "an expert folder trained on the same images (same data digest): keep its tool experts and their "
-            "out-of-fold logits, train only the RGB network (tool experts are deterministic: the same as a full run's)"
+            "out-of-fold logits, train only the RGB network (the tool experts are seeded: a full run reproduced them, HOGTool's up to float noise)"
         },
     )
     calibrate_only: bool = field(
