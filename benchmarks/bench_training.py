@@ -1,7 +1,10 @@
-"""Training speed benchmark on one CPU thread: seconds per SFT step (KT, FI) and per DT-GRPO step, with
-the share of a GRPO step spent executing the visual tools, for the micro model (the CPU recipe's size,
-``--size nano`` for the unit-test size), against the targets of issue 16 (micro: SFT step <= 1 s, GRPO
-step with 8 rollouts <= 20 s).
+"""Training speed benchmark on the CPU: seconds per SFT step (KT, FI) and per DT-GRPO step, with the share
+of a GRPO step spent executing the visual tools, for the micro model (the CPU recipe's size, ``--size nano``
+for the unit-test size), against the targets of issue 16 (micro: SFT step <= 1 s, GRPO step with 8 rollouts
+<= 20 s). The steps run as the CPU recipe (training/cli/nano_e2e.py) runs them: SFT on both cores
+(``--sft-threads 2``) with bf16 autocast where the CPU has native bf16 and the shared prompt prefix computed
+once per batch; GRPO on one thread (in the recipe the evaluation runs beside it), with the same precision. ``--precision fp32`` and
+``--no-share-prefix`` measure what those choices save.
 
     .venv/bin/python benchmarks/bench_training.py [--steps N] [--size micro|nano] [--grpo-model DIR]
 
@@ -40,7 +43,7 @@ from core.mllm.nano import build_nano, spec_for  # noqa: E402
 from training.configs import GRPOConfig, SFTConfig  # noqa: E402
 from training.grpo import train_grpo  # noqa: E402
 from training.lineage import read_lineage  # noqa: E402
-from training.sft import train_sft  # noqa: E402
+from training.sft import cpu_has_native_bf16, train_sft  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASDEV = ROOT.parent / "shared" / "data" / "fas-dev" / "manifest.csv"
@@ -114,7 +117,11 @@ def main() -> None:
     p.add_argument("--grpo-model", default=None)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--size", choices=["micro", "nano"], default="micro")
+    p.add_argument("--sft-threads", type=int, default=2)
+    p.add_argument("--precision", choices=["recipe", "bf16", "fp32"], default="recipe")
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false")
     args = p.parse_args()
+    precision = ("bf16" if cpu_has_native_bf16() else "fp32") if args.precision == "recipe" else args.precision
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
     nano = build_nano(tmp / args.size, spec=spec_for(args.size))
     manifest, sel = sample_manifest(tmp)
@@ -129,14 +136,17 @@ def main() -> None:
     )
     rows = []
     t0 = time.perf_counter()
-    all_params = dict(use_lora=False, max_length=2048)  # the CPU recipe trains every parameter
+    # the CPU recipe trains every parameter, on both cores
+    all_params = dict(use_lora=False, max_length=2048, threads=args.sft_threads, precision=precision,
+                      share_prefix=args.share_prefix)  # fmt: skip
     train_sft(SFTConfig(stage="kt", model=str(nano), out=str(tmp / "warm"), **(common | all_params | {"max_steps": 1})))
+    torch.set_num_threads(1)
     print(f"data build (expert-policy trajectories) + 1 warm-up step: {time.perf_counter() - t0:.1f} s")
     for stage, batch in (("kt", 4), ("fi", 2)):
         timer = StepTimer()
         train_sft(
             SFTConfig(stage=stage, model=str(nano), out=str(tmp / stage), per_device_train_batch_size=batch,
-                      **common, **all_params),
+                      **(common | all_params)),
             callbacks=[timer],
         )  # fmt: skip
         rows.append(
@@ -148,7 +158,7 @@ def main() -> None:
     g = args.generations
     timer = StepTimer()
     out = train_grpo(GRPOConfig(model=model, out=str(tmp / "grpo"), num_generations=g, per_device_train_batch_size=2 * g,
-                                max_new_tokens=192, max_completion_length=2048, learning_rate=2e-5, **common), callbacks=[timer])  # fmt: skip
+                                max_new_tokens=192, max_completion_length=2048, learning_rate=2e-5, precision=precision, **common), callbacks=[timer])  # fmt: skip
     log = read_lineage(out)["result"]["log"][1:] or read_lineage(out)["result"]["log"]
     share = statistics.mean(h["time/tools_share"] for h in log)
     tools_s = statistics.mean(h["time/tools_s"] for h in log)
@@ -158,7 +168,9 @@ def main() -> None:
 
     n_params = _n_params(nano)
     print(
-        f"\n{args.size} model ({n_params / 1e6:.1f}M parameters) on 1 CPU thread, {args.steps} timed steps each (median after a warm-up step)"
+        f"\n{args.size} model ({n_params / 1e6:.1f}M parameters), {args.steps} timed steps each (median after a warm-up "
+        f"step); SFT: {args.sft_threads} threads, {precision}, shared prefix {'on' if args.share_prefix else 'off'}; "
+        f"GRPO: 1 thread, {precision}"
     )
     targets = TARGETS.get(args.size, (None, None, None))
     print(f"{'what':44s} {'s/step':>8s} {'target':>7s} {'ratio':>6s} {'tool share':>11s}")

@@ -36,8 +36,11 @@ def test_pipeline_runs_end_to_end_on_fas_dev_and_prints_its_figures_last(fasdev,
     assert all(math.isfinite(h["loss"]) for h in kt["result"]["log"] + fi["result"]["log"] + rl["result"]["log"])
     assert "rewards/r_rsn/mean" in rl["result"]["log"][0] and "accuracy/final" in rl["result"]["log"][0]
     for key in ("sampled_format_ok", "auc_fi", "auc_grpo", "acc_fi", "acc_grpo", "grpo_reward_first",
-                "grpo_reward_last", "grpo_steps", "seconds", "delta_acc_ci95", "delta_auc_ci95"):  # fmt: skip
+                "grpo_reward_last", "grpo_steps", "seconds", "delta_acc_ci95", "delta_auc_ci95", "dev_reward_fi",
+                "dev_reward_grpo", "delta_dev_reward_ci95"):  # fmt: skip
         assert key in line, key
+    # the dev reward is DT-GRPO's reward of the sampled investigations: within its range [-1.1, 1.5]
+    assert -1.1 <= line["dev_reward_fi"] <= 1.5 and len(line["delta_dev_reward_ci95"]) == 2
     assert line["grpo_steps"] == 1 and line["n_eval"] == 4 and 0.0 <= line["sampled_format_ok"] <= 1.0
     assert line["model"] == "nano" and line["seconds"] > 0
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -128,6 +128,21 @@ def test_training_dtype_reads_deepspeed_from_the_built_config(monkeypatch):
     assert sft.precision_flags("auto") == {"bf16": True, "fp16": False}
 
 
+def test_bf16_on_a_cpu_asks_the_trainer_for_cpu_autocast(monkeypatch, tmp_path):
+    import trl
+
+    import training.sft as sft
+
+    monkeypatch.setattr(sft, "_device", lambda: "cpu")
+    monkeypatch.setattr(sft, "_bf16_supported", lambda: False)
+    assert sft.precision_flags("auto") == {"bf16": False, "fp16": False}  # auto stays fp32 on a CPU
+    flags = sft.precision_flags("bf16")
+    assert flags == {"bf16": True, "fp16": False, "use_cpu": True}
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", **flags)  # transformers accepts it
+    assert args.bf16 and args.use_cpu
+    assert isinstance(sft.cpu_has_native_bf16(), bool)
+
+
 def test_full_parameter_nano_weights_stay_fp32_under_bf16_autocast():
     # Why fp32 master weights: AdamW's first step moves every weight by ~lr. At lr 1e-6 a bf16 weight keeps
     # almost none of those updates; an fp32 one keeps them all.

@@ -92,20 +92,26 @@ def test_an_untrained_model_is_measured_as_invalid_and_unscored(nano, crop):
     m = metrics(res)
     assert m["n"] == 2 and m["format_ok"] == 0.0 and m["accuracy"] == 0.0 and m["no_verdict"] == 2
     assert m["auc"] == 0.5  # every image unscored: chance
+    assert m["mean_reward"] == pytest.approx(0.1 * -1 + 0.5 * -1)  # both format terms -1 (eq. 14), no tool term
 
 
 def test_paired_bootstrap_needs_the_same_images():
     from training.policy_eval import ImageResult, paired_bootstrap
 
     a = [
-        ImageResult("real", "real", 0.1, True, None, "answer", 1),
-        ImageResult("spoof", "real", 0.4, True, None, "answer", 1),
+        ImageResult("real", "real", 0.1, True, None, "answer", 1, reward=0.58),
+        ImageResult("spoof", "real", 0.4, True, None, "answer", 1, reward=0.0),
     ]
     b = [
-        ImageResult("real", "real", 0.2, True, None, "answer", 1),
-        ImageResult("spoof", "spoof", 0.9, True, None, "answer", 1),
+        ImageResult("real", "real", 0.2, True, None, "answer", 1, reward=0.58),
+        ImageResult("spoof", "spoof", 0.9, True, None, "answer", 1, reward=0.58),
     ]
     ci = paired_bootstrap(a, b, n=200)
     assert ci["delta_acc_ci95"][0] >= 0 and ci["delta_acc_ci95"][1] <= 1
+    assert ci["delta_reward_ci95"][0] >= 0 and ci["delta_reward_ci95"][1] == pytest.approx(0.58)  # b never worse
+    assert (
+        paired_bootstrap([a[0]], [ImageResult("real", "real", 0.2, True, None, "answer", 1)])["delta_reward_ci95"]
+        is None
+    )
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap(a, b[::-1])

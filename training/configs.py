@@ -138,6 +138,14 @@ class SFTConfig:
         default=4096, metadata={"help": "tokens per example (images included); longer examples are truncated"}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    share_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "compute the prompt every example of a batch starts with (system prompt, up to the first image) "
+            "once per batch instead of once per example: the same loss and gradients, less compute "
+            "(training/shared_prefix.py; one-process runs without --gradient-checkpointing)"
+        },
+    )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={"help": PRECISION_HELP})
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = field(
         default=None,

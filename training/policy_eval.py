@@ -31,6 +31,7 @@ from core.mllm.processor import vision_token_ids
 from core.protocol import STOP_STRINGS
 from core.registry import ToolRegistry
 
+from .rewards import reward
 from .rollout import TokenPolicy, face_from_image, run_rollouts
 
 
@@ -44,6 +45,7 @@ class ImageResult:
     source: str | None  # "answer", "fast_answer_fallback" or None (no verdict)
     tool_calls: int
     turns: list[str] = field(default_factory=list)
+    reward: float | None = None  # DT-GRPO's reward of the investigation (training/rewards.py, the paper's weights)
 
 
 class _RecordingPolicy(TokenPolicy):
@@ -154,8 +156,8 @@ def evaluate_policy(
                 if pos is not None:
                     inp = to_processor_inputs(policy.conversations[k], processor)
                     score = class_token_score(model, processor, inp.text, inp.images, text[:pos]).p_spoof
-            results.append(ImageResult(label, verdict, score, error is None, error, source,
-                                       len(traj.tool_turns), texts))  # fmt: skip
+            results.append(ImageResult(label, verdict, score, error is None, error, source, len(traj.tool_turns),
+                                       texts, reward(traj, label).total))  # fmt: skip
     if was_training:
         model.train()
     return results
@@ -178,11 +180,15 @@ def metrics(results: list[ImageResult]) -> dict:
         "no_verdict": sum(r.verdict is None for r in results),
         "answered": sum(r.source == "answer" for r in results),
         "tool_calls_per_image": float(np.mean([r.tool_calls for r in results])) if results else None,
+        "mean_reward": float(np.mean([r.reward for r in results]))
+        if results and None not in {r.reward for r in results}
+        else None,
     }
 
 
 def paired_bootstrap(a: list[ImageResult], b: list[ImageResult], *, n: int = 2000, seed: int = 0) -> dict:
-    """95% percentile intervals of (b - a) in accuracy and AUC, resampling the same images for both."""
+    """95% percentile intervals of (b - a) in accuracy, AUC and mean reward, resampling the same images for
+    both."""
     from sklearn.metrics import roc_auc_score
 
     if len(a) != len(b) or any(x.label != y.label for x, y in zip(a, b, strict=True)):
@@ -192,15 +198,20 @@ def paired_bootstrap(a: list[ImageResult], b: list[ImageResult], *, n: int = 200
     cb = np.array([r.verdict == r.label for r in b], dtype=float)
     sa = np.array([0.5 if r.score is None else r.score for r in a])
     sb = np.array([0.5 if r.score is None else r.score for r in b])
+    ra = np.array([np.nan if r.reward is None else r.reward for r in a])
+    rb = np.array([np.nan if r.reward is None else r.reward for r in b])
     rng = np.random.default_rng(seed)
-    d_acc, d_auc = [], []
+    d_acc, d_auc, d_reward = [], [], []
     for _ in range(n):
         i = rng.integers(0, len(y), len(y))
         d_acc.append(cb[i].mean() - ca[i].mean())
+        d_reward.append(rb[i].mean() - ra[i].mean())
         if 0 < y[i].sum() < len(i):
             d_auc.append(roc_auc_score(y[i], sb[i]) - roc_auc_score(y[i], sa[i]))
 
     def ci(v):
         return [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)] if v else None
 
-    return {"delta_acc_ci95": ci(d_acc), "delta_auc_ci95": ci(d_auc), "bootstrap": n}
+    rewards = not (np.isnan(ra).any() or np.isnan(rb).any())
+    return {"delta_acc_ci95": ci(d_acc), "delta_auc_ci95": ci(d_auc),
+            "delta_reward_ci95": ci(d_reward) if rewards else None, "bootstrap": n}  # fmt: skip
