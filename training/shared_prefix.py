@@ -75,7 +75,9 @@ def prefill_shared_prefix(model, inputs: dict) -> tuple[dict, int]:
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = getattr(prefix, "cache", None) or prefix.past_key_values
+    cache = getattr(prefix, "cache", None)
+    if cache is None:  # transformers releases before the ``cache`` rename
+        cache = prefix.past_key_values
     cache.batch_repeat_interleave(b)
     suffix = dict(inputs)
     suffix["input_ids"], suffix["labels"] = ids[:, p:], labels[:, p:]
