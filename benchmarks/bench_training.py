@@ -3,8 +3,8 @@ of a GRPO step spent executing the visual tools, for the micro model (the CPU re
 for the unit-test size), against the targets of issue 16 (micro: SFT step <= 1 s, GRPO step with 8 rollouts
 <= 20 s). The steps run as the CPU recipe (training/cli/nano_e2e.py) runs them: SFT on both cores
 (``--sft-threads 2``) with bf16 autocast where the CPU has native bf16 and the shared prompt prefix computed
-once per batch; GRPO on one thread (in the recipe the evaluation runs beside it), with the same precision. ``--precision fp32`` and
-``--no-share-prefix`` measure what those choices save.
+once per batch; GRPO on one thread (in the recipe the evaluation runs beside it), with the same precision.
+``--precision fp32`` and ``--no-share-prefix`` measure what those choices save.
 
     .venv/bin/python benchmarks/bench_training.py [--steps N] [--size micro|nano] [--grpo-model DIR]
 
@@ -40,10 +40,11 @@ torch.set_num_threads(1)
 from transformers import TrainerCallback  # noqa: E402
 
 from core.mllm.nano import build_nano, spec_for  # noqa: E402
+from training.cli.nano_e2e import recipe_precision  # noqa: E402
 from training.configs import GRPOConfig, SFTConfig  # noqa: E402
 from training.grpo import train_grpo  # noqa: E402
 from training.lineage import read_lineage  # noqa: E402
-from training.sft import cpu_has_native_bf16, train_sft  # noqa: E402
+from training.sft import train_sft  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FASDEV = ROOT.parent / "shared" / "data" / "fas-dev" / "manifest.csv"
@@ -121,7 +122,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["recipe", "bf16", "fp32"], default="recipe")
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false")
     args = p.parse_args()
-    precision = ("bf16" if cpu_has_native_bf16() else "fp32") if args.precision == "recipe" else args.precision
+    precision = recipe_precision() if args.precision == "recipe" else args.precision
     tmp = Path(tempfile.mkdtemp(prefix="bench_training_"))
     nano = build_nano(tmp / args.size, spec=spec_for(args.size))
     manifest, sel = sample_manifest(tmp)
@@ -140,7 +141,6 @@ def main() -> None:
     all_params = dict(use_lora=False, max_length=2048, threads=args.sft_threads, precision=precision,
                       share_prefix=args.share_prefix)  # fmt: skip
     train_sft(SFTConfig(stage="kt", model=str(nano), out=str(tmp / "warm"), **(common | all_params | {"max_steps": 1})))
-    torch.set_num_threads(1)
     print(f"data build (expert-policy trajectories) + 1 warm-up step: {time.perf_counter() - t0:.1f} s")
     for stage, batch in (("kt", 4), ("fi", 2)):
         timer = StepTimer()

@@ -181,7 +181,7 @@ def metrics(results: list[ImageResult]) -> dict:
         "answered": sum(r.source == "answer" for r in results),
         "tool_calls_per_image": float(np.mean([r.tool_calls for r in results])) if results else None,
         "mean_reward": float(np.mean([r.reward for r in results]))
-        if results and None not in {r.reward for r in results}
+        if results and all(r.reward is not None for r in results)
         else None,
     }
 
@@ -198,20 +198,20 @@ def paired_bootstrap(a: list[ImageResult], b: list[ImageResult], *, n: int = 200
     cb = np.array([r.verdict == r.label for r in b], dtype=float)
     sa = np.array([0.5 if r.score is None else r.score for r in a])
     sb = np.array([0.5 if r.score is None else r.score for r in b])
-    ra = np.array([np.nan if r.reward is None else r.reward for r in a])
-    rb = np.array([np.nan if r.reward is None else r.reward for r in b])
+    rewarded = all(r.reward is not None for r in a + b)
+    ra, rb = (np.array([r.reward for r in x], dtype=float) if rewarded else None for x in (a, b))
     rng = np.random.default_rng(seed)
     d_acc, d_auc, d_reward = [], [], []
     for _ in range(n):
         i = rng.integers(0, len(y), len(y))
         d_acc.append(cb[i].mean() - ca[i].mean())
-        d_reward.append(rb[i].mean() - ra[i].mean())
+        if rewarded:
+            d_reward.append(rb[i].mean() - ra[i].mean())
         if 0 < y[i].sum() < len(i):
             d_auc.append(roc_auc_score(y[i], sb[i]) - roc_auc_score(y[i], sa[i]))
 
     def ci(v):
         return [round(float(np.percentile(v, 2.5)), 4), round(float(np.percentile(v, 97.5)), 4)] if v else None
 
-    rewards = not (np.isnan(ra).any() or np.isnan(rb).any())
-    return {"delta_acc_ci95": ci(d_acc), "delta_auc_ci95": ci(d_auc),
-            "delta_reward_ci95": ci(d_reward) if rewards else None, "bootstrap": n}  # fmt: skip
+    return {"delta_acc_ci95": ci(d_acc), "delta_auc_ci95": ci(d_auc), "delta_reward_ci95": ci(d_reward),
+            "bootstrap": n}  # fmt: skip

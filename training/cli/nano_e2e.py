@@ -14,13 +14,14 @@ file is also a worked example of the commands):
 4. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from the FI model;
 5. the FI and the DT-GRPO models investigate held-out NUAA **test** images of fas-dev through the agent
    loop (training/policy_eval.py: batched, the inference parsers, the class-token score): greedy for
-   accuracy and AUC, and sampled at T = 1 for the format rate and DT-GRPO's mean reward. Each pass runs in a one-thread process, the
-   FI model's beside GRPO training (two processes: the 2 cores the run is budgeted for).
+   accuracy and AUC, and sampled at T = 1 for the format rate and DT-GRPO's mean reward. Each pass runs in
+   a one-thread process, the FI model's beside GRPO training (two processes: the 2 cores the run is budgeted
+   for).
 
 The last line printed is one JSON object: ``sampled_format_ok`` (FI model, T = 1), ``sampled_format_ok_grpo``,
-``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, ``dev_reward_fi``, ``dev_reward_grpo``, the paired-bootstrap
-95% intervals of the GRPO - FI differences over the dev images, ``grpo_reward_first`` / ``grpo_reward_last`` (means over the first and last
-10% of steps), ``grpo_steps`` and ``seconds``. Stages that already have an output are skipped on a re-run.
+``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, ``dev_reward_fi``, ``dev_reward_grpo``, the
+paired-bootstrap 95% intervals of the GRPO - FI differences over the dev images, ``grpo_reward_first`` /
+``grpo_reward_last`` (means over the first and last 10% of steps), ``grpo_steps`` and ``seconds``. Stages that already have an output are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ class Plan:
 FULL = Plan()
 QUICK = Plan(size="nano", n_nuaa=12, n_train=0, kt_steps=6, kt_batch=4, fi_steps=6, fi_batch=2, fi_lr=3e-3,
              grpo_steps=1, grpo_g=2, grpo_queries=1, max_new_tokens=24, n_eval=4, eval_batch=4)  # fmt: skip
+
+
+def recipe_precision() -> str:
+    """The recipe's ``--precision``: bf16 autocast (fp32 weights) where the CPU computes bf16 natively, else fp32."""
+    from training.sft import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def _run(argv: list[str], done: Path | None = None) -> None:
@@ -152,7 +160,6 @@ def pipeline(
 def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, train_manifest: Path | None, seed: int):
     from training.lineage import read_lineage
     from training.policy_eval import metrics, paired_bootstrap
-    from training.sft import cpu_has_native_bf16
 
     plan = QUICK if quick else FULL
     t_start = time.perf_counter()
@@ -184,13 +191,11 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
 
     stage("annotate_s", annotate)
 
-    common = ["--data", ",".join(map(str, data)), "--no-use-lora", "--threads", str(threads), "--save-steps", "0",
-              "--seed", str(seed)]  # fmt: skip
-    # SFT runs alone on the machine: both cores, and bf16 autocast (fp32 weights) where the CPU has native bf16
-    sft = [*common, "--max-length", "2048", "--warmup-ratio", "0.05", "--logging-steps", "5"]
-    sft[sft.index("--threads") + 1] = str(max(threads, plan.sft_threads))
-    precision = ["--precision", "bf16" if cpu_has_native_bf16() else "fp32"]
-    sft += precision
+    common = ["--data", ",".join(map(str, data)), "--no-use-lora", "--save-steps", "0", "--seed", str(seed),
+              "--precision", recipe_precision()]  # fmt: skip
+    # SFT runs alone on the machine: both cores; GRPO shares them with the evaluation: one thread
+    sft = [*common, "--threads", str(max(threads, plan.sft_threads)), "--max-length", "2048", "--warmup-ratio",
+           "0.05", "--logging-steps", "5"]  # fmt: skip
     kt, fi, rl = out / "kt" / "model", out / "fi" / "model", out / "grpo" / "model"
     stage("kt_s", lambda: _run(["train", "sft", "--stage", "kt", "--model", str(base), "--out", str(out / "kt"), *sft,
                                 "--lr-scheduler-type", "constant_with_warmup", "--learning-rate", str(plan.kt_lr),
@@ -202,10 +207,11 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
                                fi / "tarfas_lineage.json"))  # fmt: skip
 
     def run_grpo() -> None:
-        _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common, "--num-generations",
+        _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common, "--threads", str(threads),
+              "--num-generations",
               str(plan.grpo_g), "--per-device-train-batch-size", str(plan.grpo_g * plan.grpo_queries), "--max-steps",
               str(plan.grpo_steps), "--learning-rate", str(plan.grpo_lr), "--temperature", "1.0", "--max-new-tokens",
-              str(plan.max_new_tokens), "--max-completion-length", "2048", "--logging-steps", "1", *precision],
+              str(plan.max_new_tokens), "--max-completion-length", "2048", "--logging-steps", "1"],
              rl / "tarfas_lineage.json")  # fmt: skip
 
     # Held-out evaluation: the same dev images for both models (paired), each (model, mode) pass in its own
