@@ -92,6 +92,16 @@ def test_fi_check_refuses_malformed_and_refused_calls(folders):
     assert fi_check(TrajectoryRecord(**refused)) == "refused_tool_call"
 
 
+def test_a_folder_listed_twice_repeats_its_fi_trajectories_but_not_its_faces(folders, tmp_path):
+    # How a recipe weighs one source more in FI (training.cli.nano_e2e lists NUAA twice): FI repeats the
+    # trajectories, while KT and GRPO still take each distinct face once.
+    once = load_sources([str(folders[0])], build_dir=tmp_path)
+    twice = load_sources([str(folders[0]), str(folders[0])], build_dir=tmp_path)
+    assert len(fi_examples(twice)) == 2 * len(fi_examples(once)) == 8
+    assert len(kt_examples(twice)) == len(kt_examples(once)) == 4
+    assert len(grpo_queries(twice)) == len(grpo_queries(once)) == 4
+
+
 def test_grpo_view_is_query_label_pairs(folders, tmp_path):
     data = load_sources([str(f) for f in folders], build_dir=tmp_path)
     rows = grpo_queries(data)

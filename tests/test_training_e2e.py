@@ -28,6 +28,7 @@ def test_pipeline_runs_end_to_end_on_fas_dev_and_prints_its_figures_last(fasdev,
     assert (
         kt["data"][0]["source"] == "annotation" and fi["data"][0]["manifest_sha256"] == kt["data"][0]["manifest_sha256"]
     )
+    assert [d["manifest_sha256"] for d in fi["data"]] == [fi["data"][0]["manifest_sha256"]] * 2  # NUAA listed twice
     # annotation allows the agent loop's 3 tool calls (not more), so FI teaches the limit inference has
     from core.dataset import read_dataset
 

@@ -255,3 +255,26 @@ def test_grpo_config_errors(nano, data, tmp_path):
     )
     assert main(["train", "grpo", "--model", str(nano), "--data", str(data), "--reward", "xx", "--num-generations", "2",
                  "--per-device-train-batch-size", "2"]) == 2  # fmt: skip
+
+
+def test_loss_type_reaches_trl(nano, data, tmp_path):
+    # "grpo" averages each completion over its own tokens, so a long malformed rollout costs less per token
+    # than a short one; "dapo" weighs every sampled token of the batch the same. The choice must reach TRL.
+    from transformers import TrainerCallback
+
+    from training.configs import GRPOConfig
+    from training.grpo import train_grpo
+
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen["loss_type"] = args.loss_type
+
+    cfg = GRPOConfig(model=str(nano), data=[str(data)], out=str(tmp_path / "dapo"), loss_type="dapo", num_generations=2,
+                     per_device_train_batch_size=2, max_steps=1, max_new_tokens=8, max_completion_length=200, threads=1,
+                     save_steps=0)  # fmt: skip
+    train_grpo(cfg, callbacks=[Record()])
+    assert seen == {"loss_type": "dapo"}
+    assert read_lineage(tmp_path / "dapo" / "model")["config"]["loss_type"] == "dapo"
+    assert GRPOConfig().loss_type == "grpo"  # the paper's normalisation stays the default

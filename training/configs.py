@@ -284,6 +284,14 @@ class GRPOConfig:
     gamma: float = field(default=DEFAULT_GAMMA, metadata={"help": "gamma_k of every tool"})
     # Parameters that control the optimisation
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (paper: 0)"})
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = field(
+        default="grpo",
+        metadata={
+            "help": "TRL's loss normalisation: \"grpo\" averages each completion over its own tokens (the paper's "
+            'eq.; a long wrong completion then costs less per token), "dapo" averages over every token of the batch, '
+            '"dr_grpo" divides by batch size x max_completion_length'
+        },
+    )
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
     per_device_train_batch_size: int = field(

@@ -146,6 +146,7 @@ class DTGRPOTrainer(GRPOTrainer):
 TRL_GRPO_FIELDS = (
     "num_generations",
     "beta",
+    "loss_type",
     "max_completion_length",
     "temperature",
     "top_p",
@@ -221,7 +222,7 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     # needs before the weights load (they are sharded as they load) and which decides their load dtype.
     args = trl.GRPOConfig(**{
         **{name: getattr(cfg, name) for name in TRL_GRPO_FIELDS},
-        "output_dir": str(out / "checkpoints"), "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1,
+        "output_dir": str(out / "checkpoints"), "scale_rewards": "group", "num_iterations": 1,
         "reward_weights": weights, "optim": "adamw_torch", "lr_scheduler_type": "constant",
         "generation_kwargs": sampling_kwargs(cfg, load_processor(cfg.model).tokenizer),
         "save_strategy": "steps" if cfg.save_steps > 0 else "no", "save_only_model": True,

@@ -47,6 +47,7 @@ class Plan:
     size: str = "micro"
     n_nuaa: int = 872  # NUAA train images of fas-dev to annotate (all of them)
     n_train: int = 480  # images of fas-train to annotate (0: none). More faces lift AUC (0.64 -> 0.75) when FI
+    nuaa_repeats: int = 1  # times the NUAA folder is listed in --data (FI repeats it; 2 + 1,500 faces: fourth round)
     kt_steps: int = 150  # gets the steps to see them 1.5 times (docs/training.md, third round)
     kt_batch: int = 4
     kt_lr: float = 1e-3
@@ -57,6 +58,7 @@ class Plan:
     grpo_g: int = 4
     grpo_queries: int = 2  # queries per step (x G completions)
     grpo_lr: float = 1e-5  # 4e-5: greedy accuracy up, sampled format and dev reward down (docs/training.md)
+    grpo_beta: float = 0.0  # KL coefficient (the paper's 0); 0.2 with lr 4e-5 keeps the format (fourth round)
     max_new_tokens: int = 192  # per assistant turn (the annotations' longest is 177 tokens)
     sft_threads: int = 2  # KT and FI run alone: both cores (GRPO and the evaluation run one thread a process)
     n_eval: int = 128  # held-out NUAA test images
@@ -64,7 +66,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(size="nano", n_nuaa=12, n_train=0, kt_steps=6, kt_batch=4, fi_steps=6, fi_batch=2, fi_lr=3e-3,
+QUICK = Plan(size="nano", n_nuaa=12, n_train=0, nuaa_repeats=2, kt_steps=6, kt_batch=4, fi_steps=6, fi_batch=2, fi_lr=3e-3,
              grpo_steps=1, grpo_g=2, grpo_queries=1, max_new_tokens=24, n_eval=4, eval_batch=4)  # fmt: skip
 
 
@@ -175,7 +177,8 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
     stage("init_s", lambda: _run(["model", "init-nano", str(base), "--size", plan.size, "--seed", str(seed)],
                                  base / "config.json"))  # fmt: skip
 
-    data = [out / "ann-nuaa"]
+    # Listing a folder twice repeats its FI examples (KT and GRPO take each distinct face once)
+    data = [out / "ann-nuaa"] * plan.nuaa_repeats
     annotations = [(["annotate", str(manifest), "--out", str(out / "ann-nuaa"), "--domains", "nuaa", "--split", "train",
                      "--limit", str(plan.n_nuaa), "--seed", str(seed), "--no-progress"], out / "ann-nuaa" / "stats.json")]  # fmt: skip
     if plan.n_train and train_manifest is not None and Path(train_manifest).is_file():
@@ -210,7 +213,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
         _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common, "--threads", str(threads),
               "--num-generations",
               str(plan.grpo_g), "--per-device-train-batch-size", str(plan.grpo_g * plan.grpo_queries), "--max-steps",
-              str(plan.grpo_steps), "--learning-rate", str(plan.grpo_lr), "--temperature", "1.0", "--max-new-tokens",
+              str(plan.grpo_steps), "--learning-rate", str(plan.grpo_lr), "--beta", str(plan.grpo_beta), "--temperature", "1.0", "--max-new-tokens",
               str(plan.max_new_tokens), "--max-completion-length", "2048", "--logging-steps", "1"],
              rl / "tarfas_lineage.json")  # fmt: skip
 
