@@ -21,7 +21,8 @@ file is also a worked example of the commands):
 The last line printed is one JSON object: ``sampled_format_ok`` (FI model, T = 1), ``sampled_format_ok_grpo``,
 ``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, ``dev_reward_fi``, ``dev_reward_grpo``, the
 paired-bootstrap 95% intervals of the GRPO - FI differences over the dev images, ``grpo_reward_first`` /
-``grpo_reward_last`` (means over the first and last 10% of steps), ``grpo_steps`` and ``seconds``. Stages that already have an output are skipped on a re-run.
+``grpo_reward_last`` (means over the first and last 10% of steps), ``grpo_steps`` and ``seconds``. Stages that
+already have an output are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -211,9 +212,9 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
 
     def run_grpo() -> None:
         _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common, "--threads", str(threads),
-              "--num-generations",
-              str(plan.grpo_g), "--per-device-train-batch-size", str(plan.grpo_g * plan.grpo_queries), "--max-steps",
-              str(plan.grpo_steps), "--learning-rate", str(plan.grpo_lr), "--beta", str(plan.grpo_beta), "--temperature", "1.0", "--max-new-tokens",
+              "--num-generations", str(plan.grpo_g), "--per-device-train-batch-size",
+              str(plan.grpo_g * plan.grpo_queries), "--max-steps", str(plan.grpo_steps), "--learning-rate",
+              str(plan.grpo_lr), "--beta", str(plan.grpo_beta), "--temperature", "1.0", "--max-new-tokens",
               str(plan.max_new_tokens), "--max-completion-length", "2048", "--logging-steps", "1"],
              rl / "tarfas_lineage.json")  # fmt: skip
 
