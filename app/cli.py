@@ -10,6 +10,7 @@
   tarfas annotate MANIFEST --out DIR [--annotator expert|openai --model M --base-url URL] [--queue-into DATA_DIR]
   tarfas train experts [--manifests fas-dev,fas-train] [--domains ...] [--epochs 3] [--out assets/experts] [--calibrate-only]
   tarfas train sft --stage kt|fi --model DIR --data EXPORT_DIR[,MANIFEST.csv] [--adapter DIR] --out OUT
+  tarfas train rs --model DIR --manifest MANIFEST.csv --out OUT [--exclude DIR,...] [--limit N]
   tarfas train grpo --model DIR [--adapter DIR] --data EXPORT_DIR --out OUT [--reward dt|st]
   tarfas model init-nano OUT [--size nano|micro] [--arch qwen2_5_vl|internvl] [--seed 0]
   tarfas audit verify [--data-dir DIR] [--db URL]

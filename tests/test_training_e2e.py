@@ -1,5 +1,5 @@
 """The CPU end-to-end run, shortened (training/cli/nano_e2e.py --quick): nano model -> `tarfas annotate` ->
-KT -> FI -> DT-GRPO -> both models investigate held-out NUAA test images through the agent loop, every
+KT -> FI -> rejection sampling -> DT-GRPO -> both models investigate held-out NUAA test images through the agent loop, every
 training step through the real `tarfas` commands. Skipped without fas-dev. The full run (micro model) and
 its figures are in docs/training.md."""
 
@@ -34,16 +34,27 @@ def test_pipeline_runs_end_to_end_on_fas_dev_and_prints_its_figures_last(fasdev,
 
     records = read_dataset(tmp_path / "ann-nuaa").trajectories
     assert records and all(r.meta["trajectory"]["params"]["max_tool_calls"] == 3 for r in records)
+    # rejection sampling: the FI model investigated NUAA train faces (two shards of two); GRPO starts from
+    # the model fine-tuned on what it kept, or from FI's when it kept nothing
+    shards = [read_dataset(tmp_path / f"rs1-{k}") for k in range(2)]
+    stats = [ds.manifest["extra"]["stats"] for ds in shards]
+    assert all(ds.manifest["source"] == "rejection-sampling" for ds in shards)
+    assert [s["sampled"] for s in stats] == [2, 2] and [len(ds.trajectories) for ds in shards] == [
+        s["kept"] for s in stats
+    ]
+    kept = sum(s["kept"] for s in stats)
+    sft = tmp_path / ("rs1" if kept else "fi") / "model"
+    assert rl["base_model"]["path"] == str(sft.resolve())
     assert all(math.isfinite(h["loss"]) for h in kt["result"]["log"] + fi["result"]["log"] + rl["result"]["log"])
     assert "rewards/r_rsn/mean" in rl["result"]["log"][0] and "accuracy/final" in rl["result"]["log"][0]
     for key in ("sampled_format_ok", "auc_fi", "auc_grpo", "acc_fi", "acc_grpo", "grpo_reward_first",
                 "grpo_reward_last", "grpo_steps", "seconds", "delta_acc_ci95", "delta_auc_ci95", "dev_reward_fi",
-                "dev_reward_grpo", "delta_dev_reward_ci95"):  # fmt: skip
+                "dev_reward_grpo", "delta_dev_reward_ci95", "rs_kept"):  # fmt: skip
         assert key in line, key
     # the dev reward is DT-GRPO's reward of the sampled investigations: within its range [-1.1, 1.5]
     assert -1.1 <= line["dev_reward_fi"] <= 1.5 and len(line["delta_dev_reward_ci95"]) == 2
     assert line["grpo_steps"] == 1 and line["n_eval"] == 4 and 0.0 <= line["sampled_format_ok"] <= 1.0
-    assert line["model"] == "nano" and line["seconds"] > 0
+    assert line["model"] == "nano" and line["seconds"] > 0 and line["rs_kept"] == [f"{kept}/4"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["line"] == line and set(summary["eval"]) == {
         "fi/greedy",

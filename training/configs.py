@@ -327,3 +327,54 @@ class GRPOConfig:
             beta_tool=self.beta_tool,
             gamma={name: self.gamma for name in _tool_names()},
         )
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Configuration of ``tarfas train rs``: investigations sampled from a trained checkpoint at
+    ``temperature`` on labelled faces, kept when they follow the protocol and (``keep="correct"``) reach the
+    label; the kept ones are a dataset folder for ``tarfas train sft --stage fi`` (training/rejection.py)."""
+
+    # Parameters that control the data
+    manifest: str = field(default="", metadata={"help": "labelled faces: a manifest CSV (fas-dev's format)"})
+    root: str | None = field(default=None, metadata={"help": "folder the manifest's paths are relative to"})
+    domains: list[str] = field(
+        default_factory=list, metadata={"help": "manifest rows: keep these domains (empty = all)"}
+    )
+    split: str | None = field(default=None, metadata={"help": "manifest rows: keep this split (train/test)"})
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "dataset folders whose faces are skipped (annotation or earlier rs folders)"},
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "faces to sample: a seeded sample of the rows left (default: all)"}
+    )
+    samples_per_face: int = field(default=1, metadata={"help": "investigations sampled per face"})
+    num_shards: int = field(
+        default=1, metadata={"help": "split the selected faces into this many shards (one process each)"}
+    )
+    shard: int = field(default=0, metadata={"help": "the shard this process samples (0 .. num_shards - 1)"})
+    keep: Literal["correct", "valid"] = field(
+        default="correct",
+        metadata={"help": '"correct": valid investigations whose final answer is the label; "valid": every valid one'},
+    )
+    # Parameters that control the sampling
+    model: str = field(default="", metadata={"help": "checkpoint folder to sample (the FI model)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the rollouts' and GRPO's)"})
+    max_new_tokens: int = field(default=192, metadata={"help": "per assistant turn"})
+    max_tool_calls: int = field(default=3, metadata={"help": "the inference loop's limit"})
+    batch_size: int = field(default=16, metadata={"help": "investigations sampled in lockstep"})
+    seed: int = field(default=0, metadata={"help": "seed of the face sample and the sampling"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    # Parameters that control the output
+    out: str = field(default="runs/rs", metadata={"help": "output dataset folder (new or empty)"})
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0: rejection sampling needs samples")
+        if self.samples_per_face < 1 or self.batch_size < 1:
+            raise ValueError("samples_per_face and batch_size must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"shard must be in 0 .. num_shards - 1 (got {self.shard} of {self.num_shards})")

@@ -102,6 +102,55 @@ def batched_generate(model, processor, *, temperature: float, max_new_tokens: in
     return generate_batch
 
 
+def investigation_error(traj, *, max_tool_calls: int) -> str | None:
+    """Why ``traj`` does not follow the protocol from the fast answer to ``<answer>`` (None: it does). An
+    executed-but-refused tool call counts as a format error too."""
+    error = protocol.investigation_error(
+        [t.text for t in traj.turns], max_tool_calls=max_tool_calls, tool_names=ToolRegistry(None).names
+    )
+    refused = next((t.tool_error for t in traj.turns if t.tool_error), None)
+    return f"refused tool call: {refused}" if error is None and refused else error
+
+
+def investigate_batches(
+    model,
+    processor,
+    crops: list,
+    *,
+    temperature: float = 0.0,
+    max_new_tokens: int = 160,
+    batch_size: int = 16,
+    max_tool_calls: int = 3,
+    seed: int = 0,
+):
+    """Run one investigation per crop (RGB arrays or PIL images, 224x224 faces), ``batch_size`` at a time
+    with their turns sampled in lockstep; yields ``(trajectory, policy)`` per crop, in order (the policy
+    keeps each turn's conversation, for scoring)."""
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    was_training = model.training
+    model.eval()
+    config = AgentConfig(max_tool_calls=max_tool_calls)
+    generate = batched_generate(model, processor, temperature=temperature, max_new_tokens=max_new_tokens)
+    budget = (max_tool_calls + config.max_format_errors + 2) * (max_new_tokens + 400)  # never binding
+    try:
+        for start in range(0, len(crops), batch_size):
+            faces = [face_from_image(c) for c in crops[start : start + batch_size]]
+            policies: list[_RecordingPolicy] = []
+
+            def make(gen, policies=policies):
+                policies.append(_RecordingPolicy(gen, processor, budget))
+                return policies[-1]
+
+            rollouts, _ = run_rollouts(faces, make, generate, config)  # policies[i] ran faces[i]
+            yield from zip((r.trajectory for r in rollouts), policies, strict=True)
+    finally:
+        if was_training:
+            model.train()
+
+
 def evaluate_policy(
     model,
     processor,
@@ -115,51 +164,27 @@ def evaluate_policy(
     seed: int = 0,
 ) -> list[ImageResult]:
     """Investigate every crop (RGB arrays or PIL images, 224x224 faces) with ``model``; one result per crop."""
-    import torch
-
     from core.mllm.scoring import class_token_score
 
-    torch.manual_seed(seed)
-    random.seed(seed)
-    was_training = model.training
-    model.eval()
-    config = AgentConfig(max_tool_calls=max_tool_calls)
-    names = ToolRegistry(None).names
-    generate = batched_generate(model, processor, temperature=temperature, max_new_tokens=max_new_tokens)
-    budget = (max_tool_calls + config.max_format_errors + 2) * (max_new_tokens + 400)  # never binding
     results: list[ImageResult] = []
-    for start in range(0, len(crops), batch_size):
-        faces = [face_from_image(c) for c in crops[start : start + batch_size]]
-        policies: list[_RecordingPolicy] = []
-
-        def make(gen, policies=policies):
-            policies.append(_RecordingPolicy(gen, processor, budget))
-            return policies[-1]
-
-        rollouts, _ = run_rollouts(faces, make, generate, config)  # policies[i] ran faces[i]
-        for r, policy, label in zip(rollouts, policies, labels[start : start + batch_size], strict=True):
-            traj = r.trajectory
-            texts = [t.text for t in traj.turns]
-            error = protocol.investigation_error(texts, max_tool_calls=max_tool_calls, tool_names=names)
-            refused = next((t.tool_error for t in traj.turns if t.tool_error), None)
-            if error is None and refused:
-                error = f"refused tool call: {refused}"
-            verdict = traj.final.verdict if traj.final else None
-            source = traj.final.source if traj.final else None
-            score = None
-            if verdict is not None:
-                k = len(traj.turns) - 1 if source == "answer" else 0
-                if source != "answer":  # the fast-answer fallback: the last well-formed fast answer decides
-                    k = max(i for i, t in enumerate(traj.turns) if t.fast is not None)
-                text = traj.turns[k].text
-                pos = protocol.class_tag_offset(text)
-                if pos is not None:
-                    inp = to_processor_inputs(policy.conversations[k], processor)
-                    score = class_token_score(model, processor, inp.text, inp.images, text[:pos]).p_spoof
-            results.append(ImageResult(label, verdict, score, error is None, error, source, len(traj.tool_turns),
-                                       texts, reward(traj, label).total))  # fmt: skip
-    if was_training:
-        model.train()
+    runs = investigate_batches(model, processor, crops, temperature=temperature, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, max_tool_calls=max_tool_calls, seed=seed)  # fmt: skip
+    for (traj, policy), label in zip(runs, labels, strict=True):
+        error = investigation_error(traj, max_tool_calls=max_tool_calls)
+        verdict = traj.final.verdict if traj.final else None
+        source = traj.final.source if traj.final else None
+        score = None
+        if verdict is not None:
+            k = len(traj.turns) - 1 if source == "answer" else 0
+            if source != "answer":  # the fast-answer fallback: the last well-formed fast answer decides
+                k = max(i for i, t in enumerate(traj.turns) if t.fast is not None)
+            text = traj.turns[k].text
+            pos = protocol.class_tag_offset(text)
+            if pos is not None:
+                inp = to_processor_inputs(policy.conversations[k], processor)
+                score = class_token_score(model, processor, inp.text, inp.images, text[:pos]).p_spoof
+        results.append(ImageResult(label, verdict, score, error is None, error, source, len(traj.tool_turns),
+                                   [t.text for t in traj.turns], reward(traj, label).total))  # fmt: skip
     return results
 
 

@@ -1,4 +1,4 @@
-"""``tarfas train experts|sft|grpo``: flags generated 1:1 from the config dataclasses of training/configs.py."""
+"""``tarfas train experts|sft|rs|grpo``: flags generated 1:1 from the config dataclasses of training/configs.py."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ TARGETS = {
         "supervised fine-tuning of an MLLM policy: --stage kt (fast answers) or fi (multi-turn trajectories)",
         "TRL SFTTrainer + LoRA (paper §3.2.1-3.2.2). --data takes dataset folders (app export, annotation) and/or manifest CSVs, "
         "comma-separated. Writes OUT/adapter (or OUT/model) with tarfas_lineage.json. See docs/training.md.",
+    ),
+    "rs": (
+        "RejectionSamplingConfig",
+        "training.rejection",
+        "rejection_sample",
+        "rejection sampling: investigations sampled from a trained model, kept when valid and right, as FI data",
+        "Samples investigations (real agent loop and tools) from --model on a manifest's labelled faces and keeps those "
+        "that follow the protocol and reach the label, as a dataset folder for `train sft --stage fi`. See docs/training.md.",
     ),
     "grpo": (
         "GRPOConfig",

@@ -1,4 +1,5 @@
-"""The whole tool-aware training pipeline on a CPU: micro model -> annotation -> KT -> FI -> DT-GRPO -> eval.
+"""The whole tool-aware training pipeline on a CPU: micro model -> annotation -> KT -> FI -> rejection
+sampling -> DT-GRPO -> eval.
 
     .venv/bin/python -m training.cli.nano_e2e --out runs/micro-e2e        # the full run (docs/training.md)
     .venv/bin/python -m training.cli.nano_e2e --out /tmp/e2e --quick      # the shortened run CI does (nano model)
@@ -11,18 +12,22 @@ file is also a worked example of the commands):
    train split of fas-dev and a sample of ../shared/data/fas-train;
 3. ``tarfas train sft --stage kt`` then ``--stage fi`` (a = 0.9) on both annotation folders, all parameters,
    on both cores with bf16 autocast where the CPU has native bf16;
-4. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from the FI model;
-5. the FI and the DT-GRPO models investigate held-out NUAA **test** images of fas-dev through the agent
+4. rejection sampling, ``rs_rounds`` times: ``tarfas train rs`` (the model investigates NUAA train faces and
+   fas-train faces that no folder holds yet at T = 1; the investigations that follow the protocol and reach
+   the label are kept), then ``--stage fi`` on the kept ones;
+5. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from that SFT model;
+6. the SFT model and the DT-GRPO model investigate held-out NUAA **test** images of fas-dev through the agent
    loop (training/policy_eval.py: batched, the inference parsers, the class-token score): greedy for
    accuracy and AUC, and sampled at T = 1 for the format rate and DT-GRPO's mean reward. Each pass runs in
-   a one-thread process, the FI model's beside GRPO training (two processes: the 2 cores the run is budgeted
-   for).
+   a one-thread process, the SFT model's beside GRPO training (two processes: the 2 cores the run is
+   budgeted for).
 
-The last line printed is one JSON object: ``sampled_format_ok`` (FI model, T = 1), ``sampled_format_ok_grpo``,
-``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, ``dev_reward_fi``, ``dev_reward_grpo``, the
-paired-bootstrap 95% intervals of the GRPO - FI differences over the dev images, ``grpo_reward_first`` /
-``grpo_reward_last`` (means over the first and last 10% of steps), ``grpo_steps`` and ``seconds``. Stages that
-already have an output are skipped on a re-run.
+The last line printed is one JSON object: ``sampled_format_ok`` (the SFT model after rejection sampling,
+T = 1), ``sampled_format_ok_grpo``, ``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, ``dev_reward_fi``,
+``dev_reward_grpo`` (``_fi``: that SFT model), the paired-bootstrap 95% intervals of the GRPO - SFT
+differences over the dev images, ``grpo_reward_first`` / ``grpo_reward_last`` (means over the first and last
+10% of steps), ``grpo_steps``, ``rs_kept`` (kept/sampled investigations of each rejection-sampling round) and
+``seconds``. Stages that already have an output are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class Plan:
     fi_steps: int = 1000
     fi_batch: int = 2
     fi_lr: float = 2e-3  # cosine decay: the annealed end is what makes sampled (T = 1) turns well-formed
+    rs_rounds: int = 1  # rejection sampling after FI (`tarfas train rs`, then FI on what it kept): docs, fifth round
+    rs_faces: int = 128  # NUAA train faces sampled by each of the two processes in a round
+    rs_steps: int = 120  # about one epoch of what 256 faces keep
+    rs_lr: float = 5e-4
     grpo_steps: int = 16
     grpo_g: int = 4
     grpo_queries: int = 2  # queries per step (x G completions)
@@ -68,7 +77,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(size="nano", n_nuaa=12, n_train=0, nuaa_repeats=2, kt_steps=6, kt_batch=4, fi_steps=6, fi_batch=2, fi_lr=3e-3,
-             grpo_steps=1, grpo_g=2, grpo_queries=1, max_new_tokens=24, n_eval=4, eval_batch=4)  # fmt: skip
+             rs_rounds=1, rs_faces=2, rs_steps=2, grpo_steps=1, grpo_g=2, grpo_queries=1, max_new_tokens=24, n_eval=4, eval_batch=4)  # fmt: skip
 
 
 def recipe_precision() -> str:
@@ -161,6 +170,7 @@ def pipeline(
 
 
 def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, train_manifest: Path | None, seed: int):
+    from core.dataset import read_dataset
     from training.lineage import read_lineage
     from training.policy_eval import metrics, paired_bootstrap
 
@@ -195,37 +205,68 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
 
     stage("annotate_s", annotate)
 
-    common = ["--data", ",".join(map(str, data)), "--no-use-lora", "--save-steps", "0", "--seed", str(seed),
-              "--precision", recipe_precision()]  # fmt: skip
+    given = ["--data", ",".join(map(str, data))]
+    common = ["--no-use-lora", "--save-steps", "0", "--seed", str(seed), "--precision", recipe_precision()]
     # SFT runs alone on the machine: both cores; GRPO shares them with the evaluation: one thread
     sft = [*common, "--threads", str(max(threads, plan.sft_threads)), "--max-length", "2048", "--warmup-ratio",
            "0.05", "--logging-steps", "5"]  # fmt: skip
     kt, fi, rl = out / "kt" / "model", out / "fi" / "model", out / "grpo" / "model"
-    stage("kt_s", lambda: _run(["train", "sft", "--stage", "kt", "--model", str(base), "--out", str(out / "kt"), *sft,
-                                "--lr-scheduler-type", "constant_with_warmup", "--learning-rate", str(plan.kt_lr),
-                                "--max-steps", str(plan.kt_steps),
+    stage("kt_s", lambda: _run(["train", "sft", "--stage", "kt", "--model", str(base), "--out", str(out / "kt"),
+                                *given, *sft, "--lr-scheduler-type", "constant_with_warmup", "--learning-rate",
+                                str(plan.kt_lr), "--max-steps", str(plan.kt_steps),
                                 "--per-device-train-batch-size", str(plan.kt_batch)], kt / "tarfas_lineage.json"))  # fmt: skip
-    stage("fi_s", lambda: _run(["train", "sft", "--stage", "fi", "--model", str(kt), "--out", str(out / "fi"), *sft,
-                                "--first-turn-weight", "0.9", "--lr-scheduler-type", "cosine", "--learning-rate", str(plan.fi_lr),
-                                "--max-steps", str(plan.fi_steps), "--per-device-train-batch-size", str(plan.fi_batch)],
+    fi_args = ["--first-turn-weight", "0.9", "--lr-scheduler-type", "cosine", "--per-device-train-batch-size",
+               str(plan.fi_batch)]  # fmt: skip
+    stage("fi_s", lambda: _run(["train", "sft", "--stage", "fi", "--model", str(kt), "--out", str(out / "fi"),
+                                *given, *sft, *fi_args, "--learning-rate", str(plan.fi_lr), "--max-steps", str(plan.fi_steps)],
                                fi / "tarfas_lineage.json"))  # fmt: skip
 
+    # Rejection sampling: the FI model investigates NUAA train faces at T = 1, and FI goes on with the valid
+    # investigations that reach the label (training/rejection.py); two shards, one here and one in the worker.
+    # Not fas-train's faces: the model is right mostly on their real ones, so what it keeps there is ~80% real.
+    sft_model, rs_counts = fi, []
+
+    def rejection_rounds() -> None:
+        nonlocal sft_model
+        for r in range(1, plan.rs_rounds + 1):
+            folders = [out / f"rs{r}-{k}" for k in range(2)]
+            runs = [(["train", "rs", "--model", str(sft_model), "--manifest", str(manifest), "--domains", "nuaa",
+                      "--split", "train", "--limit", str(2 * plan.rs_faces), "--seed", str(seed + r), "--num-shards",
+                      "2", "--shard", str(k), "--max-new-tokens", str(plan.max_new_tokens), "--batch-size",
+                      str(plan.eval_batch), "--out", str(f)], f / "manifest.json") for k, f in enumerate(folders)]  # fmt: skip
+            beside = pool.submit(_run, *runs[1])
+            _run(*runs[0])
+            beside.result()
+            stats = [read_dataset(f, verify=False).manifest["extra"]["stats"] for f in folders]
+            rs_counts.append({"sampled": sum(s["sampled"] for s in stats), "kept": sum(s["kept"] for s in stats)})
+            kept = [f for f, s in zip(folders, stats, strict=True) if s["kept"]]
+            if not kept:  # nothing to learn from (an untrained model): the model goes on unchanged
+                print(f"\n(rejection sampling round {r}: no investigation kept; no fine-tuning)", flush=True)
+                continue
+            nxt = out / f"rs{r}" / "model"
+            _run(["train", "sft", "--stage", "fi", "--model", str(sft_model), "--out", str(out / f"rs{r}"), "--data",
+                  ",".join(map(str, kept)), *sft, *fi_args, "--learning-rate", str(plan.rs_lr), "--max-steps",
+                  str(plan.rs_steps)], nxt / "tarfas_lineage.json")  # fmt: skip
+            sft_model = nxt
+
+    stage("rs_s", rejection_rounds)
+
     def run_grpo() -> None:
-        _run(["train", "grpo", "--model", str(fi), "--out", str(out / "grpo"), *common, "--threads", str(threads),
-              "--num-generations", str(plan.grpo_g), "--per-device-train-batch-size",
+        _run(["train", "grpo", "--model", str(sft_model), "--out", str(out / "grpo"), *given, *common, "--threads",
+              str(threads), "--num-generations", str(plan.grpo_g), "--per-device-train-batch-size",
               str(plan.grpo_g * plan.grpo_queries), "--max-steps", str(plan.grpo_steps), "--learning-rate",
               str(plan.grpo_lr), "--beta", str(plan.grpo_beta), "--temperature", "1.0", "--max-new-tokens",
               str(plan.max_new_tokens), "--max-completion-length", "2048", "--logging-steps", "1"],
              rl / "tarfas_lineage.json")  # fmt: skip
 
     # Held-out evaluation: the same dev images for both models (paired), each (model, mode) pass in its own
-    # process with one thread. The FI model's passes run in a second process while GRPO trains here, and of
+    # process with one thread. The SFT model's passes run in a second process while GRPO trains here, and of
     # the GRPO model's two passes one runs there and one here: on 2 cores the evaluation adds about one
     # pass's time after GRPO instead of four.
     job = dict(manifest=str(manifest), n=plan.n_eval, seed=seed, max_new_tokens=plan.max_new_tokens,
                batch_size=plan.eval_batch, threads=threads)  # fmt: skip
     results: dict[tuple[str, str], list] = {}
-    pending = {("fi", mode): pool.submit(eval_pass, str(fi), mode, **job) for mode in MODES}
+    pending = {("fi", mode): pool.submit(eval_pass, str(sft_model), mode, **job) for mode in MODES}
     stage("grpo_s", run_grpo)
     t = time.perf_counter()
     pending[("grpo", "greedy")] = pool.submit(eval_pass, str(rl), "greedy", **job)
@@ -263,6 +304,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
         "grpo_reward_last": _mean(rewards[-k:]),
         "grpo_steps": len(rewards),
         "fi_nll_later_turns_last": fi_log[-1].get("nll/later_turns") if fi_log else None,
+        "rs_kept": [f"{c['kept']}/{c['sampled']}" for c in rs_counts],  # rejection sampling, round by round
         "n_eval": len(labels),
         "model": plan.size,
         "seconds": round(time.perf_counter() - t_start, 1),
