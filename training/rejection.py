@@ -4,9 +4,9 @@ faces, kept when they follow the protocol from the fast answer to ``<answer>`` a
 The kept investigations are a dataset folder (source ``rejection-sampling``) that ``tarfas train sft
 --stage fi`` reads like an annotation folder: fine-tuning on a model's own valid samples (rejection-sampling
 fine-tuning: Zelikman et al., "STaR: Bootstrapping Reasoning With Reasoning", NeurIPS 2022; Yuan et al.,
-"Scaling Relationship on Learning Mathematical Reasoning with Large Language Models", 2023) removes the
-probability the model still puts on malformed turns where it samples, which teacher forcing on annotations
-never visits. Each investigation runs through the real agent loop, tools and parsers, sampled in lockstep
+"Scaling Relationship on Learning Mathematical Reasoning with Large Language Models", 2023) lowers the
+probability of malformed turns in the states the model's own samples reach, which teacher forcing on
+annotations never visits. Each investigation runs through the real agent loop, tools and parsers, sampled in lockstep
 batches as in training/policy_eval.py. Measured on the CPU pipeline: docs/training.md, "Fifth round".
 """
 
