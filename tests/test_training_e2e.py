@@ -1,6 +1,6 @@
 """The CPU end-to-end run, shortened (training/cli/nano_e2e.py --quick): nano model -> `tarfas annotate` ->
-KT -> FI -> rejection sampling -> DT-GRPO -> both models investigate held-out NUAA test images through the agent loop, every
-training step through the real `tarfas` commands. Skipped without fas-dev. The full run (micro model) and
+KT -> FI -> rejection sampling -> DT-GRPO -> both models investigate held-out NUAA test images through the
+agent loop, every training step through the real `tarfas` commands. Skipped without fas-dev. The full run (micro model) and
 its figures are in docs/training.md."""
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
 
     # Rejection sampling: the FI model investigates NUAA train faces at T = 1, and FI goes on with the valid
     # investigations that reach the label (training/rejection.py); two shards, one here and one in the worker.
-    # Not fas-train's faces: the model is right mostly on their real ones, so what it keeps there is ~80% real.
+    # Not fas-train's faces: the model is right mostly on their real ones, so 73% of what it kept there was real.
     sft_model, rs_counts = fi, []
 
     def rejection_rounds() -> None:
