@@ -95,6 +95,23 @@ def test_an_untrained_model_is_measured_as_invalid_and_unscored(nano, crop):
     assert m["mean_reward"] == pytest.approx(0.1 * -1 + 0.5 * -1)  # both format terms -1 (eq. 14), no tool term
 
 
+def test_apcer_and_bpcer_show_verdicts_skewed_to_one_class():
+    from training.policy_eval import ImageResult, metrics
+
+    res = [
+        ImageResult("real", "real", 0.1, True, None, "answer", 1),
+        ImageResult("real", None, None, False, "turn 1: no class", None, 0),  # no verdict: an error either way
+        ImageResult("spoof", "real", 0.4, True, None, "answer", 1),
+        ImageResult("spoof", "real", 0.3, True, None, "answer", 1),
+        ImageResult("spoof", "spoof", 0.8, True, None, "answer", 1),
+        ImageResult("spoof", "real", 0.2, True, None, "answer", 1),
+    ]
+    m = metrics(res)
+    assert m["apcer"] == pytest.approx(3 / 4) and m["bpcer"] == pytest.approx(1 / 2)
+    assert m["accuracy"] == pytest.approx(2 / 6)
+    assert metrics(res[:2])["apcer"] is None  # no attack among the images
+
+
 def test_paired_bootstrap_needs_the_same_images():
     from training.policy_eval import ImageResult, paired_bootstrap
 

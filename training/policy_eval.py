@@ -190,17 +190,23 @@ def evaluate_policy(
 
 # --- metrics --------------------------------------------------------------------------------------------
 def metrics(results: list[ImageResult]) -> dict:
-    """Accuracy (no verdict = wrong), AUC of the scores (images without a score count as 0.5), format rate."""
+    """Accuracy (no verdict = wrong), AUC of the scores (images without a score count as 0.5), format rate,
+    and APCER / BPCER of the verdicts (attacks not called spoof, real faces not called real: a missing verdict
+    counts against both), which show a verdict threshold that the AUC alone hides."""
     from sklearn.metrics import roc_auc_score
 
     y = np.array([r.label == "spoof" for r in results], dtype=int)
     correct = np.array([r.verdict == r.label for r in results], dtype=float)
+    apcer = float(1 - correct[y == 1].mean()) if y.any() else None
+    bpcer = float(1 - correct[y == 0].mean()) if (y == 0).any() else None
     scores = np.array([0.5 if r.score is None else r.score for r in results])
     auc = float(roc_auc_score(y, scores)) if 0 < y.sum() < len(y) else None
     return {
         "n": len(results),
         "accuracy": float(correct.mean()) if len(results) else None,
         "auc": auc,
+        "apcer": apcer,
+        "bpcer": bpcer,
         "format_ok": float(np.mean([r.format_ok for r in results])) if results else None,
         "no_verdict": sum(r.verdict is None for r in results),
         "answered": sum(r.source == "answer" for r in results),
