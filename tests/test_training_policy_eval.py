@@ -100,7 +100,7 @@ def test_apcer_and_bpcer_show_verdicts_skewed_to_one_class():
 
     res = [
         ImageResult("real", "real", 0.1, True, None, "answer", 1),
-        ImageResult("real", None, None, False, "turn 1: no class", None, 0),  # no verdict: an error either way
+        ImageResult("real", None, None, False, "turn 1: no class", None, 0),  # no verdict: a BPCER error
         ImageResult("spoof", "real", 0.4, True, None, "answer", 1),
         ImageResult("spoof", "real", 0.3, True, None, "answer", 1),
         ImageResult("spoof", "spoof", 0.8, True, None, "answer", 1),

@@ -191,8 +191,8 @@ def evaluate_policy(
 # --- metrics --------------------------------------------------------------------------------------------
 def metrics(results: list[ImageResult]) -> dict:
     """Accuracy (no verdict = wrong), AUC of the scores (images without a score count as 0.5), format rate,
-    and APCER / BPCER of the verdicts (attacks not called spoof, real faces not called real: a missing verdict
-    counts against both), which show a verdict threshold that the AUC alone hides."""
+    and APCER / BPCER of the verdicts (attacks not called spoof, real faces not called real: a face without a
+    verdict is an error of its class), which show a verdict threshold that the AUC alone hides."""
     from sklearn.metrics import roc_auc_score
 
     y = np.array([r.label == "spoof" for r in results], dtype=int)
