@@ -175,8 +175,9 @@ def evaluate_policy(
         source = traj.final.source if traj.final else None
         score = None
         if verdict is not None:
-            k = len(traj.turns) - 1 if source == "answer" else 0
-            if source != "answer":  # the fast-answer fallback: the last well-formed fast answer decides
+            if source == "answer":
+                k = len(traj.turns) - 1
+            else:  # the fast-answer fallback: the last well-formed fast answer decides
                 k = max(i for i, t in enumerate(traj.turns) if t.fast is not None)
             text = traj.turns[k].text
             pos = protocol.class_tag_offset(text)

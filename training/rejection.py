@@ -23,6 +23,7 @@ from core.dataset import DatasetWriter, read_dataset
 from .configs import RejectionSamplingConfig
 from .datasets import TrainingDataError
 from .policy_eval import investigate_batches, investigation_error
+from .rewards import final_answer
 
 SOURCE = "rejection-sampling"
 CHUNK = 256  # faces loaded at a time
@@ -35,7 +36,7 @@ def rejection_reason(traj, label: str, *, keep: str = "correct", max_tool_calls:
     error = investigation_error(traj, max_tool_calls=max_tool_calls)
     if error is not None:
         return f"format: {error}"
-    if keep == "correct" and (traj.final is None or traj.final.source != "answer" or traj.final.verdict != label):
+    if keep == "correct" and final_answer(traj) != label:
         return "wrong_verdict"
     return None
 

@@ -12,9 +12,9 @@ file is also a worked example of the commands):
    train split of fas-dev and a sample of ../shared/data/fas-train;
 3. ``tarfas train sft --stage kt`` then ``--stage fi`` (a = 0.9) on both annotation folders, all parameters,
    on both cores with bf16 autocast where the CPU has native bf16;
-4. rejection sampling, ``rs_rounds`` times: ``tarfas train rs`` (the model investigates NUAA train faces and
-   fas-train faces that no folder holds yet at T = 1; the investigations that follow the protocol and reach
-   the label are kept), then ``--stage fi`` on the kept ones;
+4. rejection sampling, ``rs_rounds`` times: ``tarfas train rs`` (the model investigates NUAA train faces at
+   T = 1; the investigations that follow the protocol and reach the label are kept), then ``--stage fi`` on
+   the kept ones;
 5. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from that SFT model;
 6. the SFT model and the DT-GRPO model investigate held-out NUAA **test** images of fas-dev through the agent
    loop (training/policy_eval.py: batched, the inference parsers, the class-token score): greedy for
