@@ -47,6 +47,10 @@ def test_pipeline_runs_end_to_end_on_fas_dev_and_prints_its_figures_last(fasdev,
     assert rl["base_model"]["path"] == str(sft.resolve())
     assert all(math.isfinite(h["loss"]) for h in kt["result"]["log"] + fi["result"]["log"] + rl["result"]["log"])
     assert "rewards/r_rsn/mean" in rl["result"]["log"][0] and "accuracy/final" in rl["result"]["log"][0]
+    # GRPO's queries: faces of fas-dev's other cameras, kept when the SFT model's fast answer is unsure
+    sel = rl["data_stats"]["query_selection"]
+    assert sel["candidates"] == 4 and sel["band"] == 0.01 and line["grpo_queries_kept"] == f"{sel['kept']}/4"
+    assert rl["config"]["domains"] == ["apfol", "rienheuver"] and rl["config"]["select_band"] == 0.01
     for key in ("sampled_format_ok", "auc_fi", "auc_grpo", "acc_fi", "acc_grpo", "grpo_reward_first",
                 "grpo_reward_last", "grpo_steps", "seconds", "delta_acc_ci95", "delta_auc_ci95", "dev_reward_fi",
                 "dev_reward_grpo", "delta_dev_reward_ci95", "rs_kept"):  # fmt: skip

@@ -227,6 +227,14 @@ class GRPOConfig:
     build_dir: str | None = field(
         default=None, metadata={"help": "where a manifest is turned into a dataset folder (default: OUT/data)"}
     )
+    select_band: float | None = field(
+        default=None,
+        metadata={
+            "help": "train only on queries whose fast-answer P(spoof) under the starting model lies in "
+            "[BAND, 1 - BAND] (one forward pass per candidate; a sure model gives unanimous groups and no "
+            "gradient); None: every query"
+        },
+    )
     # Parameters that control the model
     model: str = field(
         default="", metadata={"help": "base checkpoint folder, or the merged output of `train sft --merge`"}

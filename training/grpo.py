@@ -36,8 +36,9 @@ from core.protocol import STOP_STRINGS
 from core.registry import ToolRegistry
 
 from .configs import GRPOConfig
-from .datasets import grpo_queries, to_hf_dataset
+from .datasets import TrainingDataError, grpo_queries, to_hf_dataset
 from .lineage import write_lineage
+from .query_selection import check_band, fast_answer_p_spoof, select_uncertain
 from .rewards import fast_format, final_answer, make_reward_funcs, reasoning_format
 from .rollout import TokenPolicy, face_from_image, run_rollouts
 from .sft import load_data, load_policy_model, precision_flags, training_dtype
@@ -204,6 +205,8 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
         raise ValueError(
             f"per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a multiple of num_generations ({cfg.num_generations})"
         )
+    if cfg.select_band is not None:
+        check_band(cfg.select_band)  # before the data and the model load
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     reward_cfg = cfg.reward_config()
@@ -215,7 +218,6 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     data = load_data(cfg, out)
     rows = grpo_queries(data, max_examples=cfg.max_examples, seed=cfg.seed)
     print(f"[grpo {cfg.reward}] {len(rows)} queries; data: {data.stats}")
-    train_ds = to_hf_dataset([{"prompt": r["prompt"], "image": r["image"], "label": r["label"]} for r in rows])
 
     funcs, weights = make_reward_funcs(reward_cfg)
     # The training config first: under `accelerate launch` with DeepSpeed it registers DeepSpeed, which ZeRO-3
@@ -234,6 +236,24 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
         cfg.model, cfg.adapter, trainable_adapter=cfg.use_lora, merge_adapter=not cfg.use_lora,
         dtype=training_dtype(args, cfg.precision, use_lora=cfg.use_lora), attn_implementation=cfg.attn_implementation,
     )  # fmt: skip
+    if cfg.select_band is not None:  # the queries whose verdict the starting model is unsure of
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("--select-band reads the whole model in every process: it does not run under ZeRO-3")
+        model.to(args.device)
+        t0 = time.perf_counter()
+        rows, data.stats["query_selection"] = select_uncertain(
+            rows, fast_answer_p_spoof(model, processor, rows), cfg.select_band
+        )
+        data.stats["query_selection"]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[grpo {cfg.reward}] query selection: {data.stats['query_selection']}")
+        if not rows:
+            raise TrainingDataError(
+                f"no query has a fast-answer P(spoof) in [{cfg.select_band}, {1 - cfg.select_band}]: the model is "
+                "surer than that of every face given; use a smaller --select-band or give more queries"
+            )
+    train_ds = to_hf_dataset([{"prompt": r["prompt"], "image": r["image"], "label": r["label"]} for r in rows])
     peft_config = None
     if cfg.use_lora and cfg.adapter is None:
         peft_config = LoraConfig(

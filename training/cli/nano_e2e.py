@@ -15,7 +15,8 @@ file is also a worked example of the commands):
 4. rejection sampling, ``rs_rounds`` times: ``tarfas train rs`` (the model investigates NUAA train faces at
    T = 1; the investigations that follow the protocol and reach the label are kept), then ``--stage fi`` on
    the kept ones;
-5. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from that SFT model;
+5. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from that SFT model, on faces of fas-dev's other
+   cameras (apfol, rienheuver: no stage before saw them) whose fast answer it is unsure of (``--select-band``);
 6. the SFT model and the DT-GRPO model investigate held-out NUAA **test** images of fas-dev through the agent
    loop (training/policy_eval.py: batched, the inference parsers, the class-token score): greedy for
    accuracy and AUC, and sampled at T = 1 for the format rate and DT-GRPO's mean reward. Each pass runs in
@@ -26,8 +27,8 @@ The last line printed is one JSON object: ``sampled_format_ok`` (the SFT model a
 T = 1), ``sampled_format_ok_grpo``, ``auc_fi``, ``auc_grpo``, ``acc_fi``, ``acc_grpo``, ``dev_reward_fi``,
 ``dev_reward_grpo`` (``_fi``: that SFT model), the paired-bootstrap 95% intervals of the GRPO - SFT
 differences over the dev images, ``grpo_reward_first`` / ``grpo_reward_last`` (means over the first and last
-10% of steps), ``grpo_steps``, ``rs_kept`` (kept/sampled investigations of each rejection-sampling round) and
-``seconds``. Stages that already have an output are skipped on a re-run.
+10% of steps), ``grpo_steps``, ``grpo_queries_kept`` (queries kept by ``--select-band`` / candidates), ``rs_kept``
+(kept/sampled investigations of each rejection-sampling round) and ``seconds``. Stages that already have an output are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -67,8 +68,14 @@ class Plan:
     grpo_steps: int = 16
     grpo_g: int = 4
     grpo_queries: int = 2  # queries per step (x G completions)
-    grpo_lr: float = 1e-5  # 4e-5: greedy accuracy up, sampled format and dev reward down (docs/training.md)
-    grpo_beta: float = 0.0  # KL coefficient (the paper's 0); 0.2 with lr 4e-5 keeps the format (fourth round)
+    grpo_lr: float = 5e-5
+    grpo_beta: float = 0.0  # KL coefficient (the paper's 0)
+    # GRPO's queries: faces of fas-dev's other cameras (print attacks the SFT data never showed), of which only
+    # those the SFT model is unsure of are kept (`--select-band`: a sure model gives unanimous groups and no
+    # gradient; docs/training.md, seventh round)
+    grpo_pool_domains: str = "apfol,rienheuver"
+    grpo_pool: int = 384
+    grpo_select_band: float = 0.01
     max_new_tokens: int = 192  # per assistant turn (the annotations' longest is 177 tokens)
     sft_threads: int = 2  # KT and FI run alone: both cores (GRPO and the evaluation run one thread a process)
     n_eval: int = 128  # held-out NUAA test images
@@ -77,7 +84,8 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(size="nano", n_nuaa=12, n_train=0, nuaa_repeats=2, kt_steps=6, kt_batch=4, fi_steps=6, fi_batch=2, fi_lr=3e-3,
-             rs_rounds=1, rs_faces=2, rs_steps=2, grpo_steps=1, grpo_g=2, grpo_queries=1, max_new_tokens=24, n_eval=4, eval_batch=4)  # fmt: skip
+             rs_rounds=1, rs_faces=2, rs_steps=2, grpo_steps=1, grpo_g=2, grpo_queries=1, grpo_pool=4, max_new_tokens=24,
+             n_eval=4, eval_batch=4)  # fmt: skip
 
 
 def recipe_precision() -> str:
@@ -252,7 +260,9 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
     stage("rs_s", rejection_rounds)
 
     def run_grpo() -> None:
-        _run(["train", "grpo", "--model", str(sft_model), "--out", str(out / "grpo"), *given, *common, "--threads",
+        pool_args = ["--data", str(manifest), "--domains", plan.grpo_pool_domains, "--max-examples", str(plan.grpo_pool),
+                     "--select-band", str(plan.grpo_select_band)]  # fmt: skip
+        _run(["train", "grpo", "--model", str(sft_model), "--out", str(out / "grpo"), *pool_args, *common, "--threads",
               str(threads), "--num-generations", str(plan.grpo_g), "--per-device-train-batch-size",
               str(plan.grpo_g * plan.grpo_queries), "--max-steps", str(plan.grpo_steps), "--learning-rate",
               str(plan.grpo_lr), "--beta", str(plan.grpo_beta), "--temperature", "1.0", "--max-new-tokens",
@@ -283,7 +293,8 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
     # GRPO's objective: the mean reward of investigations sampled at T = 1, FI vs GRPO on the same dev images
     ci_sampled = paired_bootstrap(results[("fi", "sampled")], results[("grpo", "sampled")], seed=seed)
 
-    log = read_lineage(rl)["result"]["log"]
+    grpo_lineage = read_lineage(rl)
+    log, selection = grpo_lineage["result"]["log"], grpo_lineage["data_stats"].get("query_selection", {})
     rewards = [h["reward"] for h in log if "reward" in h]
     k = max(1, round(0.1 * len(rewards)))
     fi_log = read_lineage(fi)["result"]["log"]
@@ -303,6 +314,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
         "grpo_reward_first": _mean(rewards[:k]),
         "grpo_reward_last": _mean(rewards[-k:]),
         "grpo_steps": len(rewards),
+        "grpo_queries_kept": f"{selection.get('kept')}/{selection.get('candidates')}",  # --select-band
         "fi_nll_later_turns_last": fi_log[-1].get("nll/later_turns") if fi_log else None,
         "rs_kept": [f"{c['kept']}/{c['sampled']}" for c in rs_counts],  # rejection sampling, round by round
         "n_eval": len(labels),
