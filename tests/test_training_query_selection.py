@@ -43,6 +43,21 @@ def test_batched_fast_answer_score_is_each_querys_class_token_score(arch, tmp_pa
     assert not lm.model.training
 
 
+def test_batched_score_reads_the_class_token_when_the_tags_are_several_tokens(monkeypatch, data, tmp_path):
+    # A vocabulary without the tags as single tokens (as Qwen's): the score is read after the tokens both
+    # tags start with, not at the prompt's last position.
+    import core.mllm.nano as nano
+
+    split = [t for t in nano.NANO_PROTOCOL_TOKENS if t not in ("<Real>", "<Spoof>")] + ["<"]
+    monkeypatch.setattr(nano, "NANO_PROTOCOL_TOKENS", split)
+    lm = load_model_and_processor(nano.build_nano(tmp_path / "split_tags"))
+    assert lm.processor.tokenizer.tokenize("<Spoof>") == ["<", "Spoof", ">"]
+    rows = _rows(data, tmp_path / "build")
+    for row, p in zip(rows, fast_answer_p_spoof(lm.model, lm.processor, rows, batch_size=4), strict=True):
+        inp = _inputs(row, lm.processor)
+        assert p == pytest.approx(class_token_score(lm.model, lm.processor, inp.text, inp.images, "").p_spoof, abs=1e-5)
+
+
 def test_select_uncertain_keeps_the_band_and_says_what_it_kept():
     rows = [{"label": lab, "id": i} for i, lab in enumerate(["real", "spoof", "spoof", "real", "spoof"])]
     p = [0.001, 0.02, 0.5, 0.985, 0.9999]

@@ -18,8 +18,8 @@ from collections import Counter
 
 import torch
 
-from core.mllm.messages import to_processor_inputs
-from core.mllm.scoring import CLASS_STRINGS, split_point
+from core.mllm.messages import collate_left, to_processor_inputs
+from core.mllm.scoring import class_score_inputs
 
 from .shared_prefix import prefill_shared_prefix
 
@@ -34,19 +34,12 @@ def _inputs(row: dict, processor):
 
 
 def fast_answer_p_spoof(model, processor, rows: list[dict], *, batch_size: int = 16) -> list[float]:
-    """P(spoof) of each GRPO row's fast answer: the softmax over the ``<Spoof>``/``<Real>`` logits at the first
-    assistant token (:func:`core.mllm.scoring.class_token_score` with an empty assistant prefix). Rows run
-    ``batch_size`` at a time (those of a batch with the same length together), the prefix they share (system
-    prompt, up to the face) once a batch; only one batch's images are in memory at a time."""
+    """P(spoof) of each GRPO row's fast answer: :func:`core.mllm.scoring.class_token_score` with an empty
+    assistant prefix, for ``batch_size`` rows at a time (those of a batch with the same length together), the
+    prefix they share (system prompt, up to the face) computed once a batch; only one batch's images are in
+    memory at a time."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    if not rows:
-        return []
-    first = _inputs(rows[0], processor).text
-    ids_s = processor.tokenizer.encode(first + CLASS_STRINGS["spoof"], add_special_tokens=False)
-    ids_r = processor.tokenizer.encode(first + CLASS_STRINGS["real"], add_special_tokens=False)
-    k = split_point(ids_s, ids_r)
-    columns = [ids_s[k], ids_r[k]]
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     p_spoof: list[float] = []
@@ -57,31 +50,24 @@ def fast_answer_p_spoof(model, processor, rows: list[dict], *, batch_size: int =
             by_length: dict[int, list[tuple[int, object]]] = {}
             for i, row in enumerate(rows[b : b + batch_size]):
                 inp = _inputs(row, processor)
-                enc = processor(text=[inp.text], images=inp.images or None, return_tensors="pt")
+                # the class tokens depend only on the text before the tag: the same for every row
+                enc, (_, spoof_token, real_token) = class_score_inputs(processor, inp.text, inp.images, "")
                 by_length.setdefault(enc["input_ids"].shape[1], []).append((i, enc))
             scores = [0.0] * min(batch_size, len(rows) - b)
             for members in by_length.values():
-                batch = _stack([enc for _, enc in members])
-                batch = {
-                    key: v.to(device, dtype) if v.is_floating_point() else v.to(device) for key, v in batch.items()
-                }
+                batch = collate_left([enc for _, enc in members], processor.tokenizer.pad_token_id)
+                batch = dict(batch.to(device).to(dtype))  # (BatchFeature casts floating tensors only)
                 batch["labels"] = torch.full_like(batch["input_ids"], -100)  # nothing supervised: all shareable
                 with torch.no_grad():
                     suffix, _ = prefill_shared_prefix(model, batch)
                     suffix.pop("labels")
-                    logits = model(**suffix, logits_to_keep=1).logits[:, -1, columns].float()
+                    logits = model(**suffix, logits_to_keep=1).logits[:, -1, [spoof_token, real_token]].float()
                 for (i, _), p in zip(members, torch.softmax(logits, dim=-1)[:, 0].tolist(), strict=True):
                     scores[i] = p
             p_spoof += scores
     finally:
         model.train(was_training)
     return p_spoof
-
-
-def _stack(encodings: list) -> dict:
-    """Rows of equal length as one batch: every tensor concatenated along its first axis (token tensors are
-    (1, n) a row; image tensors are concatenated in row order, the order the model fills image tokens)."""
-    return {key: torch.cat([e[key] for e in encodings], dim=0) for key in encodings[0]}
 
 
 def check_band(band: float) -> None:

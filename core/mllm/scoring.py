@@ -32,10 +32,13 @@ def split_point(ids_spoof: list[int], ids_real: list[int]) -> int:
     raise ValueError("the <Spoof> and <Real> continuations tokenize identically")
 
 
-def class_token_score(model, processor, prompt_text: str, images, assistant_prefix: str) -> ClassTokenScore:
-    """P(spoof) at the class position after ``prompt_text + assistant_prefix`` (one forward pass over
-    the shared prefix, images included)."""
+def class_score_inputs(processor, prompt_text: str, images, assistant_prefix: str):
+    """The processor inputs of ``prompt_text + assistant_prefix`` followed by the class string, cut before the
+    first token where ``<Spoof>`` and ``<Real>`` differ (the logits at the last position score the class), and
+    ``(position, spoof_token, real_token)`` of that token. With a tokenizer that spells the tags in several
+    tokens (Qwen's), the tokens both tags start with stay in the inputs."""
     import torch
+    from transformers import BatchFeature
 
     def enc(cls):
         return processor(
@@ -46,9 +49,18 @@ def class_token_score(model, processor, prompt_text: str, images, assistant_pref
     ids_s, ids_r = es["input_ids"][0].tolist(), er["input_ids"][0].tolist()
     k = split_point(ids_s, ids_r)
     n = len(ids_s)
-    inputs = {
+    inputs = BatchFeature({
         key: (v[:, :k] if torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == (1, n) else v) for key, v in es.items()
-    }
+    })  # fmt: skip
+    return inputs, (k, ids_s[k], ids_r[k])
+
+
+def class_token_score(model, processor, prompt_text: str, images, assistant_prefix: str) -> ClassTokenScore:
+    """P(spoof) at the class position after ``prompt_text + assistant_prefix`` (one forward pass over
+    the shared prefix, images included)."""
+    import torch
+
+    inputs, (k, spoof_token, real_token) = class_score_inputs(processor, prompt_text, images, assistant_prefix)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     inputs = {
@@ -63,9 +75,9 @@ def class_token_score(model, processor, prompt_text: str, images, assistant_pref
     }
     with torch.no_grad():
         logits = model(**inputs, logits_to_keep=1).logits[0, -1].float()
-    pair = torch.stack([logits[ids_s[k]], logits[ids_r[k]]])
+    pair = torch.stack([logits[spoof_token], logits[real_token]])
     p = torch.softmax(pair, dim=0)[0].item()
-    return ClassTokenScore(p, k, ids_s[k], ids_r[k], (pair[0].item(), pair[1].item()))
+    return ClassTokenScore(p, k, spoof_token, real_token, (pair[0].item(), pair[1].item()))
 
 
 # Texts that come right before a class tag in protocol turns: a fast answer starts with it, an answer
