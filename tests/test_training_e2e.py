@@ -51,6 +51,11 @@ def test_pipeline_runs_end_to_end_on_fas_dev_and_prints_its_figures_last(fasdev,
     sel = rl["data_stats"]["query_selection"]
     assert sel["candidates"] == 4 and sel["band"] == 0.01 and line["grpo_queries_kept"] == f"{sel['kept']}/4"
     assert rl["config"]["domains"] == ["apfol", "rienheuver"] and rl["config"]["select_band"] == 0.01
+    # ... and the investigations the SFT model last learnt from are replayed beside (their FI loss joins GRPO's):
+    # what rejection sampling kept, or the annotations when it kept nothing
+    replayed = [str(tmp_path / f"rs1-{k}") for k in range(2) if stats[k]["kept"]] or [str(tmp_path / "ann-nuaa")]
+    assert rl["config"]["replay_data"] == replayed and rl["config"]["replay_coef"] == 1.0
+    assert all(h["replay/nll"] > 0 for h in rl["result"]["log"])
     for key in ("sampled_format_ok", "auc_fi", "auc_grpo", "acc_fi", "acc_grpo", "grpo_reward_first",
                 "grpo_reward_last", "grpo_steps", "seconds", "delta_acc_ci95", "delta_auc_ci95", "dev_reward_fi",
                 "dev_reward_grpo", "delta_dev_reward_ci95", "rs_kept"):  # fmt: skip

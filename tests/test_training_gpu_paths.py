@@ -377,9 +377,14 @@ def test_batched_generate_gets_padded_rows_with_their_attention_mask_and_the_sha
     face = face_from_image(crop)
     tool_sets = [None, ["FFTTool"], ["FFTTool", "LBPTool"]]  # different system prompts: different lengths
     lengths = {}
+    # All three streams open before any turn is submitted, and the batch waits for all three however long a
+    # loaded machine takes to encode a prompt (the default wait, 0.5 s, is a latency bound, not part of this test)
+    policy._batcher.max_wait_s = 60.0
+    ready = threading.Barrier(len(tool_sets))
 
     def one(tools):
         with policy.stream():
+            ready.wait()
             t = run(face, policy, AgentConfig(max_tool_calls=0, max_format_errors=0, allowed_tools=tools))
             lengths[str(tools)] = t.turns[0].notes["prompt_tokens"]
 

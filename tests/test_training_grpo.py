@@ -278,3 +278,74 @@ def test_loss_type_reaches_trl(nano, data, tmp_path):
     assert seen == {"loss_type": "dapo"}
     assert read_lineage(tmp_path / "dapo" / "model")["config"]["loss_type"] == "dapo"
     assert GRPOConfig().loss_type == "grpo"  # the paper's normalisation stays the default
+
+
+# --- replaying the SFT trajectories during RL (GRPOConfig.replay_data) ----------------------------------
+def test_replay_draws_every_trajectory_once_an_epoch_in_a_seeded_order(tmp_path):
+    from training.datasets import fi_examples, load_sources
+    from training.grpo import SFTReplay
+
+    rows = fi_examples(load_sources([str(write_dataset(tmp_path / "ann", n=5))], build_dir=tmp_path))
+    order = [SFTReplay(rows, lambda ex: [r["messages"] for r in ex], 2, seed=s) for s in (0, 0, 1)]  # a plain collator
+    a, b, c = ([r.next_batch() for _ in range(5)] for r in order)
+    assert a == b and a != c  # seeded
+    flat = [str(m) for batch in a for m in batch]
+    assert len(flat) == 10 and len(set(flat[:5])) == 5 and len(set(flat[5:])) == 5  # each epoch: every row once
+    with pytest.raises(ValueError, match="replay_batch"):
+        SFTReplay(rows, list, 0, seed=0)
+
+
+def test_replayed_fi_loss_is_added_to_the_grpo_loss_and_is_the_whole_gradient_when_groups_agree(nano, data, tmp_path):
+    # An untrained nano model breaks the format in every rollout: equal rewards, zero advantages, no GRPO
+    # gradient. With replay on, the loss gains replay_coef x the FI loss of the replayed batch, which is then
+    # the whole gradient; that FI loss is a*NLL(turn 1) + (1-a)*NLL(later turns) per supervised token.
+    import torch.nn.functional as F
+
+    from training.datasets import fi_examples, load_sources
+    from training.grpo import SFTReplay, replay_nll
+    from training.sft import TurnWeightedCollator, turn_weights
+
+    trainer = _grpo_trainer(nano, data, tmp_path, steps=1)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions([trainer.train_dataset[0]] * 2)
+    assert out["advantages"].abs().max() == 0
+    trainer.current_gradient_accumulation_steps = 1
+    grpo_only = trainer.compute_loss(trainer.model, out)
+    grpo_only.backward()
+    assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())
+    trainer.model.zero_grad()
+
+    rows = fi_examples(load_sources([str(data)], build_dir=tmp_path))
+    collator = TurnWeightedCollator(
+        trainer.processing_class, max_length=2048, assistant_only_loss=True, first_turn_weight=0.9
+    )
+    trainer.replay, trainer.replay_coef = SFTReplay(rows, collator, 2, seed=0), 0.5
+    total = trainer.compute_loss(trainer.model, out)
+    total.backward()
+    assert any(p.grad is not None and p.grad.any() for p in trainer.model.parameters())
+    nll = trainer._metrics["train"]["replay/nll"][-1]
+    assert total.item() == pytest.approx(grpo_only.item() + 0.5 * nll, rel=1e-5)
+
+    batch = collator([trainer.replay.dataset[i] for i in range(2)])
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = trainer.model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}).logits
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none", ignore_index=-100)
+        w = turn_weights(labels, 0.9)[:, 1:]
+        expected = (ce * w).sum() / (labels[:, 1:] != -100).sum()
+        assert replay_nll(trainer.model, dict(batch)).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_cli_train_grpo_with_replay_records_it_in_the_lineage_and_the_log(nano, data, tmp_path):
+    from app.cli import main
+
+    out = tmp_path / "replay"
+    rc = main(["train", "grpo", "--model", str(nano), "--data", str(data), "--out", str(out), "--replay-data", str(data),
+               "--replay-coef", "0.3", "--replay-batch", "1", "--num-generations", "2", "--per-device-train-batch-size",
+               "2", "--max-steps", "2", "--max-new-tokens", "8", "--max-completion-length", "200", "--threads", "1",
+               "--save-steps", "0"])  # fmt: skip
+    assert rc == 0
+    lin = read_lineage(out / "model")
+    assert lin["config"]["replay_data"] == [str(data)] and lin["config"]["replay_coef"] == 0.3
+    assert lin["data_stats"]["replay"]["trajectories"] == 2
+    assert all(math.isfinite(h["replay/nll"]) and h["replay/nll"] > 0 for h in lin["result"]["log"])

@@ -132,3 +132,45 @@ def test_paired_bootstrap_needs_the_same_images():
     )
     with pytest.raises(ValueError, match="same images"):
         paired_bootstrap(a, b[::-1])
+
+
+def test_draws_bootstrap_averages_each_face_over_its_draws_before_resampling_faces():
+    from training.policy_eval import ImageResult, draws_bootstrap
+
+    def r(label, verdict, ok, reward):
+        return ImageResult(label, verdict, 0.5, ok, None if ok else "turn 2: no answer", "answer", 1, reward=reward)
+
+    # model a: face 0 right once in two draws, face 1 always wrong; model b: both faces always right, one bad format
+    a = [
+        [r("real", "real", True, 0.58), r("spoof", "real", True, 0.0)],
+        [r("real", "spoof", True, 0.0), r("spoof", "real", True, 0.0)],
+    ]
+    b = [[r("real", "real", True, 0.58), r("spoof", "spoof", True, 0.58)], [r("real", "real", False, -0.5), r("spoof", "spoof", True, 0.58)]]  # fmt: skip
+    out = draws_bootstrap(a, b, n=500)
+    assert out["images"] == 2 and out["draws"] == [2, 2]
+    assert out["accuracy"] == [0.25, 1.0] and out["delta_accuracy"] == 0.75
+    assert out["format_ok"] == [1.0, 0.75] and out["delta_format_ok"] == -0.25
+    assert out["mean_reward"] == [0.145, 0.31] and out["delta_mean_reward"] == pytest.approx(0.165)
+    # per-face differences in accuracy are 0.5 and 1.0: every resample of faces lies between them
+    assert 0.5 <= out["delta_accuracy_ci95"][0] <= out["delta_accuracy_ci95"][1] <= 1.0
+    with pytest.raises(ValueError, match="same images"):
+        draws_bootstrap(a, [d[::-1] for d in b])
+    with pytest.raises(ValueError, match="at least one draw"):
+        draws_bootstrap(a, [])
+
+
+def test_compare_cli_finds_no_difference_between_a_model_and_itself(tmp_path_factory, fasdev, capsys):
+    import json
+
+    from training_support import nano_model
+
+    from training.cli.compare import main
+
+    nano = nano_model(tmp_path_factory)
+    assert main([str(nano), str(nano), "--manifest", str(fasdev / "manifest.csv"), "--faces", "2", "--draws", "2",
+                 "--max-new-tokens", "8", "--workers", "1"]) == 0  # fmt: skip
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["images"] == 2 and line["draws"] == [2, 2]
+    for key in ("format_ok", "mean_reward", "accuracy"):  # the same weights and seeds: the same investigations
+        assert line[key][0] == line[key][1] and line[f"delta_{key}_ci95"] == [0.0, 0.0]
+    assert main([str(nano), str(nano), "--manifest", str(fasdev / "manifest.csv"), "--draws", "0"]) == 2

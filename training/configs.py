@@ -292,6 +292,16 @@ class GRPOConfig:
     gamma: float = field(default=DEFAULT_GAMMA, metadata={"help": "gamma_k of every tool"})
     # Parameters that control the optimisation
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (paper: 0)"})
+    replay_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "SFT trajectories replayed during RL (dataset folders, as --data of `train sft --stage fi`): "
+            "their FI loss joins every step's loss, so the protocol learnt in SFT is not forgotten (InstructGPT's "
+            "PPO-ptx); empty: off (the paper)"
+        },
+    )
+    replay_coef: float = field(default=1.0, metadata={"help": "weight of the replayed FI loss (with replay_data)"})
+    replay_batch: int = field(default=2, metadata={"help": "replayed trajectories per step (with replay_data)"})
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = field(
         default="grpo",
         metadata={

@@ -23,6 +23,7 @@ GRPO loss, the optimizer, logging, accelerate/DeepSpeed) is TRL's.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,20 +37,57 @@ from core.protocol import STOP_STRINGS
 from core.registry import ToolRegistry
 
 from .configs import GRPOConfig
-from .datasets import TrainingDataError, grpo_queries, to_hf_dataset
+from .datasets import TrainingDataError, fi_examples, grpo_queries, load_sources, to_hf_dataset
 from .lineage import write_lineage
 from .query_selection import check_band, fast_answer_p_spoof, select_uncertain
 from .rewards import fast_format, final_answer, make_reward_funcs, reasoning_format
 from .rollout import TokenPolicy, face_from_image, run_rollouts
-from .sft import load_data, load_policy_model, precision_flags, training_dtype
+from .sft import TurnWeightedCollator, load_data, load_policy_model, precision_flags, training_dtype, weighted_nll
+
+
+class SFTReplay:
+    """FI batches drawn in a seeded, reshuffled order, for the replay loss (GRPOConfig.replay_data).
+
+    InstructGPT (Ouyang et al., 2022, "PPO-ptx") mixes the pre-training loss into PPO's to stop RL from
+    un-learning what came before; here what must not be forgotten is the protocol the SFT stages taught."""
+
+    def __init__(self, rows: list[dict], collator, batch_size: int, seed: int):
+        if batch_size < 1:
+            raise ValueError(f"replay_batch must be >= 1, got {batch_size}")
+        self.dataset = to_hf_dataset([{"messages": r["messages"], "images": r["images"]} for r in rows])
+        self.collator, self.batch_size = collator, batch_size
+        self._rng, self._order = random.Random(seed), []
+
+    def next_batch(self) -> dict:
+        picked = []
+        while len(picked) < self.batch_size:
+            if not self._order:
+                self._order = list(range(len(self.dataset)))
+                self._rng.shuffle(self._order)
+            picked.append(self._order.pop())
+        return self.collator([self.dataset[i] for i in picked])
+
+
+def replay_nll(model, batch: dict) -> torch.Tensor:
+    """The FI loss (training/sft.py: a on turn 1, 1 - a on later turns) of a collated batch. It computes the
+    logits of every position (batch x length x vocabulary: keep ``replay_batch`` small at a 152k vocabulary)."""
+    weights, labels = batch.pop("loss_weights"), batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    target = labels[:, 1:]
+    log_probs = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    log_probs = log_probs * (target != -100)
+    return weighted_nll(log_probs, weights.to(log_probs.device), (target != -100).sum())
 
 
 class DTGRPOTrainer(GRPOTrainer):
     """GRPOTrainer whose completions are whole CoT-VT investigations (see the module docstring)."""
 
-    def __init__(self, *args, agent_config: AgentConfig, **kwargs):
+    def __init__(
+        self, *args, agent_config: AgentConfig, replay: SFTReplay | None = None, replay_coef: float = 0.0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.agent_config = agent_config
+        self.replay, self.replay_coef = replay, replay_coef
         # TRL builds the forward pass over tool images (image processor on every image of a completion,
         # mm_token_type_ids from the image pad tokens) only when `self.tools` is set. Our tools run inside
         # the agent loop, so `tools` stays out of __init__ (no TRL tool loop) and is set here to the schemas.
@@ -126,6 +164,18 @@ class DTGRPOTrainer(GRPOTrainer):
         extra = {"trajectory": [r.trajectory for r in rollouts]}
         return prompt_ids, completion_ids, masks, completions, logprobs, extra, images, tool_images
 
+    # --- the GRPO loss, plus the replayed FI loss when asked ------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.replay is None or not model.training:
+            return loss
+        batch = {
+            k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in self.replay.next_batch().items()
+        }
+        nll = replay_nll(model, batch)
+        self._metrics["train"]["replay/nll"].append(self.accelerator.gather(nll.detach()).mean().item())
+        return loss + self.replay_coef * nll
+
     # --- accuracy and format rates per step, beside TRL's per-reward means ---------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -142,6 +192,8 @@ class DTGRPOTrainer(GRPOTrainer):
         m["format/reasoning_ok"].append(sum(reasoning_format(t) == 0 for t in trajs) / n)
         return rewards
 
+
+REPLAY_FIRST_TURN_WEIGHT = 0.9  # the replayed FI loss weighs turns as FI does (the paper's a)
 
 # GRPOConfig fields that trl.GRPOConfig takes under the same name and with the same meaning.
 TRL_GRPO_FIELDS = (
@@ -259,8 +311,21 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
         peft_config = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM"
         )
+    replay = None
+    if cfg.replay_data:
+        replay_data = load_sources(cfg.replay_data, build_dir=cfg.build_dir or out / "data")
+        replay_rows = fi_examples(replay_data, seed=cfg.seed)
+        data.stats["replay"] = {"trajectories": len(replay_rows), **replay_data.stats}
+        # Whole trajectories, never cut (a cut through an image's tokens breaks the processor)
+        collator = TurnWeightedCollator(processor, max_length=None, assistant_only_loss=True,
+                                        first_turn_weight=REPLAY_FIRST_TURN_WEIGHT)  # fmt: skip
+        replay = SFTReplay(replay_rows, collator, cfg.replay_batch, cfg.seed)
+        print(
+            f"[grpo {cfg.reward}] replaying {len(replay_rows)} SFT trajectories, {cfg.replay_batch} a step, x {cfg.replay_coef}"
+        )
     trainer = DTGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds, processing_class=processor,
-                            peft_config=peft_config, agent_config=agent_config, callbacks=callbacks)  # fmt: skip
+                            peft_config=peft_config, agent_config=agent_config, callbacks=callbacks, replay=replay,
+                            replay_coef=cfg.replay_coef)  # fmt: skip
     result = trainer.train()
     history = [h for h in trainer.state.log_history if "reward" in h]
     summary = {"train_loss": result.training_loss, "steps": trainer.state.global_step, "log": history,

@@ -247,3 +247,32 @@ def paired_bootstrap(a: list[ImageResult], b: list[ImageResult], *, n: int = 200
 
     return {"delta_acc_ci95": ci(d_acc), "delta_auc_ci95": ci(d_auc), "delta_reward_ci95": ci(d_reward),
             "bootstrap": n}  # fmt: skip
+
+
+def draws_bootstrap(a: list[list[ImageResult]], b: list[list[ImageResult]], *, n: int = 4000, seed: int = 0) -> dict:
+    """Several sampled draws of two models on the same images (``a[d][i]``: draw d, image i): each model's
+    valid-format rate, mean reward and accuracy, and 95% intervals of (b - a) from a paired bootstrap over
+    images of each image's mean over its draws (so the interval holds the draws' noise as well)."""
+    if not a or not b or any(len(d) != len(a[0]) for d in a + b):
+        raise ValueError("draws_bootstrap needs at least one draw of each model, all on the same images")
+    if any(x.label != y.label for d in a + b for x, y in zip(a[0], d, strict=True)):
+        raise ValueError("draws_bootstrap needs every draw on the same images in the same order")
+
+    def per_image(draws, key):
+        return np.array([[key(r) for r in d] for d in draws], dtype=float).mean(0)
+
+    keys = {
+        "format_ok": lambda r: r.format_ok,
+        "mean_reward": lambda r: r.reward,
+        "accuracy": lambda r: r.verdict == r.label,
+    }
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a[0]), (n, len(a[0])))
+    out = {"images": len(a[0]), "draws": [len(a), len(b)], "bootstrap": n}
+    for name, key in keys.items():
+        pa, pb = per_image(a, key), per_image(b, key)
+        delta = pb[idx].mean(1) - pa[idx].mean(1)
+        out[name] = [round(float(pa.mean()), 4), round(float(pb.mean()), 4)]
+        out[f"delta_{name}"] = round(float(pb.mean() - pa.mean()), 4)
+        out[f"delta_{name}_ci95"] = [round(float(np.percentile(delta, q)), 4) for q in (2.5, 97.5)]
+    return out

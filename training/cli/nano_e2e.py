@@ -16,7 +16,8 @@ file is also a worked example of the commands):
    T = 1; the investigations that follow the protocol and reach the label are kept), then ``--stage fi`` on
    the kept ones;
 5. ``tarfas train grpo`` (DT-GRPO, the paper's reward) from that SFT model, on faces of fas-dev's other
-   cameras (apfol, rienheuver: no stage before saw them) whose fast answer it is unsure of (``--select-band``);
+   cameras (apfol, rienheuver: no stage before saw them) whose fast answer it is unsure of (``--select-band``),
+   with the investigations rejection sampling kept replayed beside (``--replay-data``: their FI loss joins GRPO's);
 6. the SFT model and the DT-GRPO model investigate held-out NUAA **test** images of fas-dev through the agent
    loop (training/policy_eval.py: batched, the inference parsers, the class-token score): greedy for
    accuracy and AUC, and sampled at T = 1 for the format rate and DT-GRPO's mean reward. Each pass runs in
@@ -76,6 +77,10 @@ class Plan:
     grpo_pool_domains: str = "apfol,rienheuver"
     grpo_pool: int = 384
     grpo_select_band: float = 0.01
+    # The FI loss of the investigations rejection sampling kept (the SFT model's own valid, correct ones) joins
+    # GRPO's loss, so the format it learnt is not traded for the verdicts (`--replay-data`: eighth round)
+    grpo_replay_coef: float = 1.0
+    grpo_replay_batch: int = 2
     max_new_tokens: int = 192  # per assistant turn (the annotations' longest is 177 tokens)
     sft_threads: int = 2  # KT and FI run alone: both cores (GRPO and the evaluation run one thread a process)
     n_eval: int = 128  # held-out NUAA test images
@@ -133,10 +138,20 @@ MODES = {"greedy": 0.0, "sampled": 1.0}  # evaluation passes: name -> sampling t
 
 
 def eval_pass(
-    folder: str, mode: str, *, manifest: str, n: int, seed: int, max_new_tokens: int, batch_size: int, threads: int
+    folder: str,
+    mode: str,
+    *,
+    manifest: str,
+    n: int,
+    seed: int,
+    max_new_tokens: int,
+    batch_size: int,
+    threads: int,
+    draw: int = 0,
 ) -> list:
     """One evaluation pass of the model in ``folder`` over the held-out images (greedy or sampled at T = 1):
-    a list of :class:`training.policy_eval.ImageResult`. Runs in a worker process as well as here."""
+    a list of :class:`training.policy_eval.ImageResult`. ``seed`` picks the images; the pass samples with
+    ``seed + draw``. Runs in a worker process as well as here."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,7 +165,7 @@ def eval_pass(
     crops, labels, _ = held_out(Path(manifest), n, seed)
     lm = load_model_and_processor(folder)
     return evaluate_policy(lm.model, lm.processor, crops, labels, temperature=MODES[mode],
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)  # fmt: skip
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed + draw)  # fmt: skip
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -232,7 +247,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
     # Rejection sampling: the FI model investigates NUAA train faces at T = 1, and FI goes on with the valid
     # investigations that reach the label (training/rejection.py); two shards, one here and one in the worker.
     # Not fas-train's faces: the model is right mostly on their real ones, so 73% of what it kept there was real.
-    sft_model, rs_counts = fi, []
+    sft_model, rs_counts, replay = fi, [], list(data)  # replay: what the SFT model last learnt from
 
     def rejection_rounds() -> None:
         nonlocal sft_model
@@ -251,7 +266,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
             if not kept:  # nothing to learn from (an untrained model): the model goes on unchanged
                 print(f"\n(rejection sampling round {r}: no investigation kept; no fine-tuning)", flush=True)
                 continue
-            nxt = out / f"rs{r}" / "model"
+            nxt, replay[:] = out / f"rs{r}" / "model", kept
             _run(["train", "sft", "--stage", "fi", "--model", str(sft_model), "--out", str(out / f"rs{r}"), "--data",
                   ",".join(map(str, kept)), *sft, *fi_args, "--learning-rate", str(plan.rs_lr), "--max-steps",
                   str(plan.rs_steps)], nxt / "tarfas_lineage.json")  # fmt: skip
@@ -262,6 +277,9 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
     def run_grpo() -> None:
         pool_args = ["--data", str(manifest), "--domains", plan.grpo_pool_domains, "--max-examples", str(plan.grpo_pool),
                      "--select-band", str(plan.grpo_select_band)]  # fmt: skip
+        if plan.grpo_replay_coef:
+            pool_args += ["--replay-data", ",".join(map(str, dict.fromkeys(replay))), "--replay-coef",
+                          str(plan.grpo_replay_coef), "--replay-batch", str(plan.grpo_replay_batch)]  # fmt: skip
         _run(["train", "grpo", "--model", str(sft_model), "--out", str(out / "grpo"), *pool_args, *common, "--threads",
               str(threads), "--num-generations", str(plan.grpo_g), "--per-device-train-batch-size",
               str(plan.grpo_g * plan.grpo_queries), "--max-steps", str(plan.grpo_steps), "--learning-rate",
