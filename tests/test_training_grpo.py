@@ -286,13 +286,13 @@ def test_replay_draws_every_trajectory_once_an_epoch_in_a_seeded_order(tmp_path)
     from training.grpo import SFTReplay
 
     rows = fi_examples(load_sources([str(write_dataset(tmp_path / "ann", n=5))], build_dir=tmp_path))
-    order = [SFTReplay(rows, lambda ex: [r["messages"] for r in ex], 2, seed=s) for s in (0, 0, 1)]  # a plain collator
-    a, b, c = ([r.next_batch() for _ in range(5)] for r in order)
+    order = [SFTReplay(rows, 2, seed=s) for s in (0, 0, 1)]
+    a, b, c = ([[e["messages"] for e in r.next_batch()] for _ in range(5)] for r in order)
     assert a == b and a != c  # seeded
     flat = [str(m) for batch in a for m in batch]
     assert len(flat) == 10 and len(set(flat[:5])) == 5 and len(set(flat[5:])) == 5  # each epoch: every row once
     with pytest.raises(ValueError, match="replay_batch"):
-        SFTReplay(rows, list, 0, seed=0)
+        SFTReplay(rows, 0, seed=0)
 
 
 def test_replayed_fi_loss_is_added_to_the_grpo_loss_and_is_the_whole_gradient_when_groups_agree(nano, data, tmp_path):
@@ -319,7 +319,7 @@ def test_replayed_fi_loss_is_added_to_the_grpo_loss_and_is_the_whole_gradient_wh
     collator = TurnWeightedCollator(
         trainer.processing_class, max_length=2048, assistant_only_loss=True, first_turn_weight=0.9
     )
-    trainer.replay, trainer.replay_coef = SFTReplay(rows, collator, 2, seed=0), 0.5
+    trainer.replay, trainer.replay_coef = SFTReplay(rows, 2, seed=0), 0.5
     total = trainer.compute_loss(trainer.model, out)
     total.backward()
     assert any(p.grad is not None and p.grad.any() for p in trainer.model.parameters())

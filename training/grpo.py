@@ -46,26 +46,27 @@ from .sft import TurnWeightedCollator, load_data, load_policy_model, precision_f
 
 
 class SFTReplay:
-    """FI batches drawn in a seeded, reshuffled order, for the replay loss (GRPOConfig.replay_data).
+    """FI examples drawn in a seeded, reshuffled order, for the replay loss (GRPOConfig.replay_data); the
+    trainer collates them.
 
     InstructGPT (Ouyang et al., 2022, "PPO-ptx") mixes the pre-training loss into PPO's to stop RL from
     un-learning what came before; here what must not be forgotten is the protocol the SFT stages taught."""
 
-    def __init__(self, rows: list[dict], collator, batch_size: int, seed: int):
+    def __init__(self, rows: list[dict], batch_size: int, seed: int):
         if batch_size < 1:
             raise ValueError(f"replay_batch must be >= 1, got {batch_size}")
         self.dataset = to_hf_dataset([{"messages": r["messages"], "images": r["images"]} for r in rows])
-        self.collator, self.batch_size = collator, batch_size
+        self.batch_size = batch_size
         self._rng, self._order = random.Random(seed), []
 
-    def next_batch(self) -> dict:
+    def next_batch(self) -> list[dict]:
         picked = []
         while len(picked) < self.batch_size:
             if not self._order:
                 self._order = list(range(len(self.dataset)))
                 self._rng.shuffle(self._order)
             picked.append(self._order.pop())
-        return self.collator([self.dataset[i] for i in picked])
+        return [self.dataset[i] for i in picked]
 
 
 def replay_nll(model, batch: dict) -> torch.Tensor:
@@ -88,6 +89,9 @@ class DTGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.agent_config = agent_config
         self.replay, self.replay_coef = replay, replay_coef
+        # Whole trajectories, never cut (a cut through an image's tokens breaks the processor)
+        self.replay_collator = TurnWeightedCollator(self.processing_class, max_length=None, assistant_only_loss=True,
+                                                    first_turn_weight=REPLAY_FIRST_TURN_WEIGHT)  # fmt: skip
         # TRL builds the forward pass over tool images (image processor on every image of a completion,
         # mm_token_type_ids from the image pad tokens) only when `self.tools` is set. Our tools run inside
         # the agent loop, so `tools` stays out of __init__ (no TRL tool loop) and is set here to the schemas.
@@ -169,9 +173,8 @@ class DTGRPOTrainer(GRPOTrainer):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.replay is None or not model.training:
             return loss
-        batch = {
-            k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in self.replay.next_batch().items()
-        }
+        batch = self.replay_collator(self.replay.next_batch())
+        batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         nll = replay_nll(model, batch)
         self._metrics["train"]["replay/nll"].append(self.accelerator.gather(nll.detach()).mean().item())
         return loss + self.replay_coef * nll
@@ -270,6 +273,15 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     data = load_data(cfg, out)
     rows = grpo_queries(data, max_examples=cfg.max_examples, seed=cfg.seed)
     print(f"[grpo {cfg.reward}] {len(rows)} queries; data: {data.stats}")
+    replay = None
+    if cfg.replay_data:  # read before the model loads, so that bad replay data fails fast
+        replay_data = load_sources(cfg.replay_data, build_dir=cfg.build_dir or out / "data")
+        replay_rows = fi_examples(replay_data, seed=cfg.seed)
+        data.stats["replay"] = {"trajectories": len(replay_rows), **replay_data.stats}
+        replay = SFTReplay(replay_rows, cfg.replay_batch, cfg.seed)
+        print(
+            f"[grpo {cfg.reward}] replaying {len(replay_rows)} SFT trajectories, {cfg.replay_batch} a step, x {cfg.replay_coef}"
+        )
 
     funcs, weights = make_reward_funcs(reward_cfg)
     # The training config first: under `accelerate launch` with DeepSpeed it registers DeepSpeed, which ZeRO-3
@@ -310,18 +322,6 @@ def train_grpo(cfg: GRPOConfig, callbacks: list | None = None) -> Path:
     if cfg.use_lora and cfg.adapter is None:
         peft_config = LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_targets, task_type="CAUSAL_LM"
-        )
-    replay = None
-    if cfg.replay_data:
-        replay_data = load_sources(cfg.replay_data, build_dir=cfg.build_dir or out / "data")
-        replay_rows = fi_examples(replay_data, seed=cfg.seed)
-        data.stats["replay"] = {"trajectories": len(replay_rows), **replay_data.stats}
-        # Whole trajectories, never cut (a cut through an image's tokens breaks the processor)
-        collator = TurnWeightedCollator(processor, max_length=None, assistant_only_loss=True,
-                                        first_turn_weight=REPLAY_FIRST_TURN_WEIGHT)  # fmt: skip
-        replay = SFTReplay(replay_rows, collator, cfg.replay_batch, cfg.seed)
-        print(
-            f"[grpo {cfg.reward}] replaying {len(replay_rows)} SFT trajectories, {cfg.replay_batch} a step, x {cfg.replay_coef}"
         )
     trainer = DTGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train_ds, processing_class=processor,
                             peft_config=peft_config, agent_config=agent_config, callbacks=callbacks, replay=replay,

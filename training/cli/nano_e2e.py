@@ -250,7 +250,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
     sft_model, rs_counts, replay = fi, [], list(data)  # replay: what the SFT model last learnt from
 
     def rejection_rounds() -> None:
-        nonlocal sft_model
+        nonlocal sft_model, replay
         for r in range(1, plan.rs_rounds + 1):
             folders = [out / f"rs{r}-{k}" for k in range(2)]
             runs = [(["train", "rs", "--model", str(sft_model), "--manifest", str(manifest), "--domains", "nuaa",
@@ -266,7 +266,7 @@ def _pipeline(out: Path, manifest: Path, pool, *, quick: bool, threads: int, tra
             if not kept:  # nothing to learn from (an untrained model): the model goes on unchanged
                 print(f"\n(rejection sampling round {r}: no investigation kept; no fine-tuning)", flush=True)
                 continue
-            nxt, replay[:] = out / f"rs{r}" / "model", kept
+            nxt, replay = out / f"rs{r}" / "model", kept
             _run(["train", "sft", "--stage", "fi", "--model", str(sft_model), "--out", str(out / f"rs{r}"), "--data",
                   ",".join(map(str, kept)), *sft, *fi_args, "--learning-rate", str(plan.rs_lr), "--max-steps",
                   str(plan.rs_steps)], nxt / "tarfas_lineage.json")  # fmt: skip
