@@ -1,9 +1,9 @@
 """The networks of the offline policy, loaded from small safetensors files in ``assets/experts``.
 
 - The RGB network sees the face crop (or a zoomed region of it) and gives the fast answer. It is the
-  average of two linear probes on frozen ImageNet-pretrained features (MobileNetV2 and
-  EfficientNet-Lite0, :mod:`core.backbones`): networks trained on a few thousand faces, from scratch or
-  fine-tuned, learn the camera, not the attack.
+  average of three linear probes on frozen features: two ImageNet-pretrained trunks (MobileNetV2 and
+  EfficientNet-Lite0, :mod:`core.backbones`; networks trained on a few thousand faces, from scratch or
+  fine-tuned, learn the camera, not the attack) and colour texture (:mod:`core.texture`).
 - One expert per visual tool (paper §3.1.2, App. A.3, Fig. S9) sees only its tool's output image (never
   the RGB face) and predicts P(spoof trace): a small CNN.
 
@@ -30,14 +30,15 @@ from .backbones import IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, Efficie
 from .errors import WeightsError
 from .evidence import sigmoid
 from .registry import SPECS
+from .texture import colour_lbp_histograms
 
 EXPERT_TOOLS = [s.name for s in SPECS if s.has_expert]  # the paper trains no ZoomIn expert
 RGB = "RGB"  # key of the RGB face classifier in the bank
 ZOOM = "ZoomInTool"  # evidence key of the RGB network on the zoomed region (experts.json "zoom")
 DEFAULT_DIR = ASSETS_DIR / "experts"
 CROP_SIZE = 224
-FORMAT = 3  # 3: the RGB network holds several frozen trunks
-READABLE_FORMATS = (2, 3)  # 2: one MobileNetV2 trunk (state keys "trunk.*", renamed on load)
+FORMAT = 4  # 4: a trunk may be hand-made colour texture; 3: several frozen ImageNet trunks
+READABLE_FORMATS = (2, 3, 4)  # 2: one MobileNetV2 trunk (state keys "trunk.*", renamed on load)
 PROBE_KINDS = ("probe", "mobilenet_v2")
 
 
@@ -136,6 +137,37 @@ class FrozenTrunk(nn.Module):
         return torch.cat(pooled, 1)
 
 
+class ColourTextureTrunk(nn.Module):
+    """A trunk without weights: the colour LBP histograms of the face (:func:`core.texture.
+    colour_lbp_histograms`), which a probe reads as it reads the ImageNet trunks' features. It errs on
+    other cameras than the ImageNet trunks do (dark webcams, tight crops), so their average ranks
+    held-out cameras better than either (README, How the recipe was chosen)."""
+
+    arch = "colour_lbp"
+    taps: tuple[int, ...] = ()
+
+    def __init__(self, size: int = 64, radii: tuple[int, ...] = (1, 2)):
+        super().__init__()
+        self.size, self.radii = int(size), tuple(int(r) for r in radii)
+        self.dim = colour_lbp_histograms(np.zeros((self.size, self.size, 3), np.uint8), self.size, self.radii).size
+
+    def fuse(self) -> ColourTextureTrunk:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) RGB in [0, 1] -> (N, dim) histograms (the uint8 pixels the tensor was made from)."""
+        images = x.detach().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return torch.from_numpy(np.stack([colour_lbp_histograms(im, self.size, self.radii) for im in images]))
+
+
+def make_trunk(spec: dict) -> nn.Module:
+    """A trunk from its entry in experts.json: ``{"arch", "taps"}`` for an ImageNet trunk,
+    ``{"arch": "colour_lbp", "size", "radii"}`` for colour texture."""
+    if spec.get("arch") == ColourTextureTrunk.arch:
+        return ColourTextureTrunk(spec.get("size", 64), tuple(spec.get("radii", (1, 2))))
+    return FrozenTrunk(spec["arch"], tuple(spec["taps"]))
+
+
 def _fold_batch_norms(module: nn.Module) -> nn.Module:
     """Fold each BatchNorm2d registered right after a Conv2d into it (inference only), in place."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -152,21 +184,22 @@ def _fold_batch_norms(module: nn.Module) -> nn.Module:
 
 
 class FaceNet(nn.Module):
-    """The RGB network: linear probes on frozen ImageNet features. Each trunk (ImageNet weights, never
-    changed here) gives pooled statistics of some of its blocks; one linear layer maps all of them to
-    the spoof logit. Training fits one probe per trunk and averages them into that layer.
+    """The RGB network: linear probes on frozen features. Each ImageNet trunk (weights never changed
+    here) gives pooled statistics of some of its blocks, the colour texture trunk LBP histograms; one
+    linear layer maps all of them to the spoof logit. Training fits one probe per trunk and averages
+    them into that layer.
 
     Why frozen: measured leave-one-domain-out on ten capture domains, fine-tuning the whole network
     learned the training cameras (mean AUC 0.83) where a linear probe on mid-level features did not
     (0.89); Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform
-    Out-of-Distribution", ICLR 2022. Why two trunks: probes on two different networks err on different
-    cameras, and their average ranked better on held-out domains than either (README)."""
+    Out-of-Distribution", ICLR 2022. Why several trunks: probes on different features err on different
+    cameras, and their average ranked better on held-out domains than any one (README)."""
 
     def __init__(self, trunks: list[dict]):
         super().__init__()
         if not trunks:
             raise ValueError("the RGB network needs at least one trunk")
-        self.trunks = nn.ModuleList(FrozenTrunk(t["arch"], tuple(t["taps"])) for t in trunks)
+        self.trunks = nn.ModuleList(make_trunk(t) for t in trunks)
         self.head = nn.Linear(sum(t.dim for t in self.trunks), 1)
 
     @property
@@ -176,7 +209,8 @@ class FaceNet(nn.Module):
         return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) RGB in [0, 1] -> (N, D) pooled statistics of every trunk's tapped blocks."""
+        """(N, 3, H, W) RGB in [0, 1] -> (N, D) every trunk's features (pooled statistics of the ImageNet
+        trunks' tapped blocks, colour texture histograms), in trunk order."""
         return torch.cat([t(x) for t in self.trunks], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,8 +270,12 @@ class NetSpec:
 
 
 # Chosen leave-one-domain-out: MobileNetV2 blocks 7 + 11 among blocks 2..19, EfficientNet-Lite0 block 15
-# among 3..16 (README, Shipped weights).
-RGB_TRUNKS = ({"arch": "mobilenet_v2", "taps": [7, 11]}, {"arch": "efficientnet_lite0", "taps": [15]})
+# among 3..16, HSV LBP at 64 px among 32..224 px and RGB / HSV / YCbCr (README, How the recipe was chosen).
+RGB_TRUNKS = (
+    {"arch": "mobilenet_v2", "taps": [7, 11]},
+    {"arch": "efficientnet_lite0", "taps": [15]},
+    {"arch": "colour_lbp", "size": 64, "radii": [1, 2]},
+)
 
 
 def network_spec(key: str, rgb_size: int = 128) -> NetSpec:
@@ -394,8 +432,8 @@ class ExpertBank:
         return f"expert-rgb@{self.version}"
 
     def features(self, image: np.ndarray) -> np.ndarray:
-        """The RGB network's features of one 224x224 face crop: the pooled frozen ImageNet features its
-        linear probe reads (float64, shape (D,))."""
+        """The RGB network's features of one 224x224 face crop: what its linear probes read, the pooled
+        frozen ImageNet features and the colour texture histograms (float64, shape (D,))."""
         with torch.inference_mode():
             return self.nets[RGB].features(self.specs[RGB].tensor([image])).numpy()[0].astype(np.float64)
 

@@ -118,7 +118,7 @@ def tiny_manifest(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_config(tiny_manifest, tmp_path_factory):
-    """The ExpertTrainConfig that trained ``tiny_weights``: the real recipe (pretrained MobileNetV2 and EfficientNet-Lite0 trunks, tool
+    """The ExpertTrainConfig that trained ``tiny_weights``: the real recipe (pretrained MobileNetV2 and EfficientNet-Lite0 trunks, colour texture, tool
     experts, leave-one-domain-out fitting) at toy size: two epochs of 16 samples, a 64 px RGB input."""
     from training.experts import ExpertTrainConfig
 

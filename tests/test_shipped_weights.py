@@ -27,7 +27,7 @@ def test_shipped_bank_loads_with_recipe_threshold_and_every_network():
     bank = ExpertBank.load()
     assert set(bank.nets) == {RGB, *EXPERT_TOOLS}
     assert bank.specs[RGB].kind == "probe"
-    assert [t.arch for t in bank.nets[RGB].trunks] == ["mobilenet_v2", "efficientnet_lite0"]
+    assert [t.arch for t in bank.nets[RGB].trunks] == ["mobilenet_v2", "efficientnet_lite0", "colour_lbp"]
     assert len(META["recipe"]["manifests"]) == 2 and len(META["data"]["domains"]) == 10
     assert META["data"]["images"] > 8000 and len(META["data"]["digest"]) == 16
     assert 0.0 < META["policy"]["threshold"] < 1.0

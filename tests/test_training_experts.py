@@ -131,7 +131,7 @@ def test_the_lodo_row_of_a_domain_is_fitted_without_it():
 # --- the command on the tiny data -----------------------------------------------------------------------
 def test_experts_json_records_provenance(tiny_weights, tiny_config, tiny_manifest):
     meta = json.loads((tiny_weights / "experts.json").read_text())
-    assert meta["format"] == 3 and "torch" in meta["environment"]
+    assert meta["format"] == 4 and "torch" in meta["environment"]
     # recipe: the full config that trained the networks
     assert meta["recipe"] == dataclasses.asdict(tiny_config)
     # data: manifests (with their sha256), counts per domain, digest of the rows
@@ -144,6 +144,7 @@ def test_experts_json_records_provenance(tiny_weights, tiny_config, tiny_manifes
     assert meta["pretrained"]["mobilenet_v2"]["sha256"] == MOBILENET_V2_IMAGENET.sha256
     assert meta["pretrained"]["efficientnet_lite0"]["sha256"] == EFFICIENTNET_LITE0_IMAGENET.sha256
     assert meta["pretrained"]["efficientnet_lite0"]["taps"] == [15]
+    assert set(meta["pretrained"]) == {"mobilenet_v2", "efficientnet_lite0"}  # colour texture has no weights
     # LODO: one nested row per domain, and the policy's threshold from out-of-domain scores
     lodo = meta["lodo"]
     assert [r["domain"] for r in lodo["domains"]] == ["synthetic-a", "synthetic-b"]
@@ -184,12 +185,14 @@ def test_augmented_views_join_the_probe_fit_only(tiny_config, tiny_weights, tmp_
 
 
 def test_the_rgb_probe_keeps_the_imagenet_trunks(tiny_weights):
-    """Only the linear head of the RGB network is trained: both trunks are the pretrained files' tensors,
-    bit for bit."""
+    """Only the linear head of the RGB network is trained: both ImageNet trunks are the pretrained files'
+    tensors, bit for bit, and the colour texture trunk has no weights."""
     from core.backbones import load_pretrained_state
 
     net = ExpertBank.load(tiny_weights).nets[RGB]
-    mobilenet, lite = (t.net.state_dict() for t in net.trunks)
+    assert [t.arch for t in net.trunks] == ["mobilenet_v2", "efficientnet_lite0", "colour_lbp"]
+    assert not list(net.trunks[2].state_dict())
+    mobilenet, lite = (t.net.state_dict() for t in net.trunks[:2])
     pretrained = load_pretrained_state(MOBILENET_V2_IMAGENET)
     assert mobilenet and all(torch.equal(v, pretrained[k]) for k, v in mobilenet.items())
     pretrained = load_pretrained_state(EFFICIENTNET_LITE0_IMAGENET)
@@ -313,6 +316,33 @@ def test_the_shipped_bank_loads_the_tiny_one_too(tiny_weights):
     bank = ExpertBank.load(tiny_weights)
     assert set(bank.nets) == {RGB, *EXPERT_TOOLS}
     assert set(bank.calibration) == {RGB, *EXPERT_TOOLS, ZOOM}
+
+
+def test_a_format_3_bank_with_two_imagenet_trunks_and_no_texture_still_loads(tiny_weights, tmp_path, crop):
+    """Banks written before the colour texture trunk (format 3) load, and their RGB network is the two
+    ImageNet probes: that part of the head, on the same features."""
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "format3"
+    shutil.copytree(tiny_weights, old)
+    meta = json.loads((old / "experts.json").read_text())
+    new = ExpertBank.load(tiny_weights)
+    imagenet = sum(t.dim for t in new.nets[RGB].trunks[:2])
+    state = load_file(str(old / "rgb.safetensors"))
+    state["head.weight"] = state["head.weight"][:, :imagenet].clone()
+    save_file(state, str(old / "rgb.safetensors"))
+    meta["format"] = 3
+    meta["networks"][RGB]["arch"]["options"]["trunks"] = [
+        t for t in meta["networks"][RGB]["arch"]["options"]["trunks"] if t["arch"] != "colour_lbp"
+    ]
+    (old / "experts.json").write_text(json.dumps(meta))
+
+    bank = ExpertBank.load(old)
+    assert [t.arch for t in bank.nets[RGB].trunks] == ["mobilenet_v2", "efficientnet_lite0"]
+    with torch.inference_mode():
+        features = new.nets[RGB].features(new.specs[RGB].tensor([crop]))[0, :imagenet]
+        expected = float(features @ state["head.weight"][0] + state["head.bias"][0])
+    assert bank.raw_logits(RGB, [crop])[0] == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_format_2_bank_with_one_mobilenet_trunk_still_loads(tiny_weights, tmp_path, crop):

@@ -20,7 +20,8 @@ class ExpertTrainConfig:
     )
     domains: list[str] = field(default_factory=list, metadata={"help": "keep only these domains (empty = all)"})
     max_images: int | None = field(default=None, metadata={"help": "a seeded sample of this many images (smoke runs)"})
-    # the RGB network: linear probes on frozen ImageNet MobileNetV2 and EfficientNet-Lite0 features, averaged
+    # the RGB network: linear probes on frozen ImageNet MobileNetV2 and EfficientNet-Lite0 features and on
+    # HSV colour LBP histograms, averaged
     rgb_size: int = field(default=128, metadata={"help": "input side (the 224 crop is resized)"})
     rgb_c: list[float] = field(
         default_factory=lambda: [0.003, 0.01, 0.03, 0.1],

@@ -208,6 +208,8 @@ def pretrained_face_net(cfg: ExpertTrainConfig) -> torch.nn.Module:
     """The RGB network with its ImageNet trunks loaded and an untrained head."""
     net = network_spec(RGB, cfg.rgb_size).build()
     for trunk in net.trunks:
+        if trunk.arch not in PRETRAINED:  # colour texture has no weights
+            continue
         source = PRETRAINED[trunk.arch][1](blocks=trunk.taps[-1])
         state = {k: v for k, v in source.state_dict().items() if not k.startswith("classifier.")}
         trunk.net.load_state_dict(state, strict=True)
@@ -495,10 +497,10 @@ def train_experts(cfg: ExpertTrainConfig) -> Path:
     y, domain, raw = data.y[in_folds], data.domain[in_folds], {k: v[in_folds] for k, v in raw.items()}
     write_lodo_logits(out / "lodo_logits.csv", [i for i, keep in zip(data.ids, in_folds) if keep], domain, y, raw)
     meta = {
-        "description": "tarfas expert ensemble: RGB network (average of linear probes on frozen ImageNet MobileNetV2 and EfficientNet-Lite0 features) + one CNN per visual tool (paper Fig. S9)",
+        "description": "tarfas expert ensemble: RGB network (average of linear probes on frozen ImageNet MobileNetV2 and EfficientNet-Lite0 features and on HSV colour LBP histograms) + one CNN per visual tool (paper Fig. S9)",
         "recipe": asdict(cfg),
         "data": _data_meta(cfg, data),
-        "pretrained": {trunk.arch: _pretrained_meta(trunk) for trunk in face_net.trunks},
+        "pretrained": {trunk.arch: _pretrained_meta(trunk) for trunk in face_net.trunks if trunk.arch in PRETRAINED},
         "selection": {"by": "mean leave-one-domain-out AUC", "rgb_c": best_c, "epochs": epochs, "auc": selection},
         "environment": {"torch": torch.__version__, "python": platform.python_version()},
         "train_seconds": {"lodo": lodo_seconds, "total": None},

@@ -44,9 +44,10 @@ STAT_LABELS = {
 class ExpertPolicy:
     name = "expert"
     description = (
-        "Expert ensemble (offline default, no language model): an ImageNet-pretrained RGB face network "
-        "gives the fast answer, per-tool expert CNNs (TAR-FAS Fig. S9) read each tool image, tools are "
-        "chosen by expected information gain, and the reasoning text is written from the measured evidence."
+        "Expert ensemble (offline default, no language model): an RGB face network (linear probes on "
+        "ImageNet-pretrained features and colour texture) gives the fast answer, per-tool expert CNNs "
+        "(TAR-FAS Fig. S9) read each tool image, tools are chosen by expected information gain, and the "
+        "reasoning text is written from the measured evidence."
     )
 
     def __init__(
