@@ -163,9 +163,14 @@ class ColourTextureTrunk(nn.Module):
 def make_trunk(spec: dict) -> nn.Module:
     """A trunk from its entry in experts.json: ``{"arch", "taps"}`` for an ImageNet trunk,
     ``{"arch": "colour_lbp", "size", "radii"}`` for colour texture."""
-    if spec.get("arch") == ColourTextureTrunk.arch:
+    arch = spec.get("arch")
+    if arch == ColourTextureTrunk.arch:
         return ColourTextureTrunk(spec.get("size", 64), tuple(spec.get("radii", (1, 2))))
-    return FrozenTrunk(spec["arch"], tuple(spec["taps"]))
+    if arch not in TRUNK_ARCHS:
+        raise ValueError(
+            f"unknown trunk {arch!r}; expected one of {', '.join([*TRUNK_ARCHS, ColourTextureTrunk.arch])}"
+        )
+    return FrozenTrunk(arch, tuple(spec.get("taps", ())))
 
 
 def _fold_batch_norms(module: nn.Module) -> nn.Module:

@@ -404,3 +404,20 @@ def test_reusing_tool_experts_retrains_only_the_rgb_network(tiny_config, tiny_we
     (other / "experts.json").write_text(json.dumps(meta))
     with pytest.raises(WeightsError, match="other images"):
         train_experts(dataclasses.replace(tiny_config, reuse_tool_experts=str(other), out=str(tmp_path / "x")))
+
+
+@pytest.mark.parametrize(
+    "trunk, message",
+    [
+        ({"arch": "resnet50", "taps": [3]}, "unknown trunk 'resnet50'; expected one of .*colour_lbp"),
+        ({"arch": "mobilenet_v2"}, "taps"),
+    ],
+)
+def test_an_experts_json_naming_a_trunk_wrongly_is_refused_clearly(tiny_weights, tmp_path, trunk, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_weights, bad)
+    meta = json.loads((bad / "experts.json").read_text())
+    meta["networks"][RGB]["arch"]["options"]["trunks"][0] = trunk
+    (bad / "experts.json").write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match=f"describes the RGB network wrongly: {message}"):
+        ExpertBank.load(bad)
