@@ -151,6 +151,8 @@ def test_the_queue_takes_at_most_max_queue_investigations_and_frees_each_place_w
         )
         single = r.submit(REPLAY, filename="c.png", user="rita").wait(5)  # one file, or a re-run: the same bound
         assert single.state == "error" and single.error.startswith("the workbench is busy")
+        # a re-run needs the run it repeats to have started (under load the worker can still be starting)
+        wait_for(lambda: recorded(storage)[2] == 1, "the first investigation to start")
         rerun = r.rerun(held[0].investigation_id, user="rita", settings=RunSettings.make("scripted")).wait(5)
         assert rerun.state == "error" and rerun.error.startswith("the workbench is busy")
         assert recorded(storage)[:2] == (2, 2)
