@@ -7,7 +7,27 @@ import numpy as np
 from skimage.feature import local_binary_pattern
 
 LBP_POINTS = 8
-LBP_BINS = LBP_POINTS * (LBP_POINTS - 1) + 3  # "nri_uniform": 58 uniform patterns + 1 for the rest
+
+
+def nri_uniform_bins(points: int) -> int:
+    """Number of scikit-image's "nri_uniform" LBP codes: P(P-1) + 2 uniform patterns and one for the rest."""
+    return points * (points - 1) + 3
+
+
+LBP_BINS = nri_uniform_bins(LBP_POINTS)
+
+
+def lbp_codes(channel: np.ndarray, points: int, radius: float, method: str) -> np.ndarray:
+    """scikit-image's LBP codes of a 2-D image, with the border replicated: scikit-image reads outside
+    pixels as 0, which draws a false frame of codes."""
+    pad = int(np.ceil(radius))
+    padded = cv2.copyMakeBorder(channel, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    return local_binary_pattern(padded, points, radius, method=method)[pad:-pad, pad:-pad]
+
+
+def code_histogram(codes: np.ndarray, n_codes: int) -> np.ndarray:
+    """Share of the pixels with each code 0..n_codes-1."""
+    return np.bincount(codes.astype(np.int64).ravel(), minlength=n_codes)[:n_codes] / codes.size
 
 
 def colour_lbp_histograms(
@@ -17,7 +37,7 @@ def colour_lbp_histograms(
 
     The crop is shrunk to ``size`` x ``size`` (area averaging), converted to HSV (OpenCV's 8-bit
     scale), and each channel gets a non-rotation-invariant uniform LBP histogram per radius (``points``
-    neighbours; the border is replicated, as in :func:`core.tools.lbp_texture`). Each histogram is
+    neighbours; the border replicated by :func:`lbp_codes`, as for LBPTool). Each histogram is
     normalised to sum 1 and square-rooted (the Hellinger map), so that a linear model compares
     histograms as the Hellinger kernel does.
 
@@ -46,13 +66,10 @@ def colour_lbp_histograms(
     interp = cv2.INTER_AREA if max(image.shape[:2]) > size else cv2.INTER_LINEAR
     small = cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interp)
     hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
-    bins = points * (points - 1) + 3
-    pad = max(radii)
-    out = []
-    for channel in cv2.split(hsv):
-        padded = cv2.copyMakeBorder(channel, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        for radius in radii:
-            codes = local_binary_pattern(padded, points, radius, method="nri_uniform")[pad:-pad, pad:-pad]
-            hist = np.bincount(codes.astype(np.int64).ravel(), minlength=bins)[:bins] / codes.size
-            out.append(np.sqrt(hist))
+    bins = nri_uniform_bins(points)
+    out = [
+        np.sqrt(code_histogram(lbp_codes(channel, points, radius, "nri_uniform"), bins))
+        for channel in cv2.split(hsv)
+        for radius in radii
+    ]
     return np.concatenate(out).astype(np.float32)

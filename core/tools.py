@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import pywt
-from skimage.feature import local_binary_pattern
+
+from .texture import code_histogram, lbp_codes
 
 
 @dataclass
@@ -100,13 +101,9 @@ def lbp_texture(image: np.ndarray, points: int = 8, radius: float = 1.0) -> Tool
     Stats: ``entropy`` of the code histogram (bits) and ``nonuniform_fraction`` (share of pixels whose
     pattern is not uniform: noisy or grainy texture).
     """
-    gray = _gray(image)
-    # scikit-image reads outside pixels as 0, which draws a false frame: replicate the border instead.
-    pad = int(np.ceil(radius))
-    padded = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-    codes = local_binary_pattern(padded, points, radius, method="uniform")[pad:-pad, pad:-pad]
+    codes = lbp_codes(_gray(image), points, radius, "uniform")
     n_codes = points + 2
-    hist = np.bincount(codes.astype(np.int64).ravel(), minlength=n_codes)[:n_codes] / codes.size
+    hist = code_histogram(codes, n_codes)
     nz = hist[hist > 0]
     out = (codes * (255.0 / (n_codes - 1)) + 0.5).astype(np.uint8)
     return ToolOutput(out, {"entropy": float(-(nz * np.log2(nz)).sum()), "nonuniform_fraction": float(hist[-1])})
